@@ -1,0 +1,164 @@
+"""MonitorConfig: every knob of the monitor, validated at construction.
+
+Why validate eagerly: the monitor runs inside somebody's training job; a typo found at step
+5000 costs hours. Every check here fails at start-up with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+POSITION_SELECTORS = ("all", "prompt_end", "response")
+
+
+class ConfigError(ValueError):
+    """A bad setting, with a message that says how to fix it."""
+
+
+@dataclass
+class MonitorConfig:
+    """Settings of a :class:`~drift_monitor.monitor.DriftMonitor` and the callback.
+
+    ``saes`` maps a hook (a module name such as ``"model.layers.12"``) to an SAE source: a
+    local sae-lens directory, ``"release:sae_id"`` on the hub, or an SAE object. A list of
+    sources (or a ``None``/empty key) takes the hook from the SAE's ``cfg.metadata.hook_name``.
+    """
+
+    saes: Mapping[str, Any] | list[Any] = field(default_factory=dict)
+    probes: Any = "default"  # "default" | path to JSONL | ProbeSet
+    every_n_steps: int = 50
+    db_path: str | None = "drift.duckdb"
+    run_name: str | None = None
+    batch_size: int = 16
+    max_length: int = 128
+    #: "all" | "prompt_end" | "response", or {category: selector} (others get "all").
+    positions: str | Mapping[str, str] = "all"
+    prompt_end_tokens: int = 4
+    include_bos: bool = False
+    device: str | None = None  # None: the model's device
+    sae_dtype: str | None = None  # None: keep the SAE's dtype
+    #: Stop the forward after the deepest hooked layer. "auto" disables it for sharded models.
+    early_stop: bool | str = "auto"
+    topk_jaccard_k: int = 100
+    dense_density: float = 0.1
+    drift_ratio: float = 2.0
+    drift_min_firings: int = 5
+    refusal_max_base_density: float = 0.3
+    refusal_top_k: int = 20
+    refusal_z_threshold: float = 3.5
+    harmful_category: str = "harmful"
+    harmless_category: str = "harmless"
+    baseline_cache_dir: str | None = None  # None: ~/.cache/drift_monitor/baselines
+    fail_fast: bool = False
+    show_progress: bool = True
+    # Export / callback settings (used by the callback and exporters).
+    prometheus_port: int | None = None
+    prometheus_host: str = "127.0.0.1"
+    pushgateway_url: str | None = None
+    snapshot_on_save: bool = False
+    snapshot_on_evaluate: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if isinstance(self.saes, Mapping):
+            if not self.saes:
+                raise ConfigError("MonitorConfig.saes is empty: give at least one {hook: sae_source}")
+        elif isinstance(self.saes, (list, tuple)):
+            if not self.saes:
+                raise ConfigError("MonitorConfig.saes is empty: give at least one SAE source")
+        else:
+            raise ConfigError(
+                f"MonitorConfig.saes must be a dict {{hook: source}} or a list of sources, got {type(self.saes).__name__}"
+            )
+        _positive("every_n_steps", self.every_n_steps)
+        _positive("batch_size", self.batch_size)
+        _positive("max_length", self.max_length)
+        _positive("prompt_end_tokens", self.prompt_end_tokens)
+        _positive("topk_jaccard_k", self.topk_jaccard_k)
+        if self.drift_ratio <= 1:
+            raise ConfigError(f"drift_ratio must be > 1 (a 2x change is 2.0), got {self.drift_ratio}")
+        if not 0 < self.refusal_max_base_density <= 1:
+            raise ConfigError("refusal_max_base_density must be in (0, 1]")
+        if self.early_stop not in (True, False, "auto"):
+            raise ConfigError(f"early_stop must be True, False or 'auto', got {self.early_stop!r}")
+        sels = self.positions.values() if isinstance(self.positions, Mapping) else [self.positions]
+        for sel in sels:
+            if sel not in POSITION_SELECTORS:
+                raise ConfigError(f"unknown position selector {sel!r}; use one of {POSITION_SELECTORS}")
+
+    def selector_for(self, category: str) -> str:
+        """The position selector used for tokens of ``category``."""
+        if isinstance(self.positions, Mapping):
+            return self.positions.get(category, "all")
+        return self.positions
+
+    def sae_items(self) -> list[tuple[str | None, Any]]:
+        """(hook or None, source) pairs; None means "take the hook from the SAE's metadata"."""
+        if isinstance(self.saes, Mapping):
+            return [(k or None, v) for k, v in self.saes.items()]
+        return [(None, s) for s in self.saes]
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe settings (SAE objects and ProbeSets are replaced by a description)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "saes":
+                v = {str(h): _describe(s) for h, s in self.sae_items()}
+            elif f.name == "probes":
+                v = _describe(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MonitorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            import difflib
+
+            hints = [f"{u!r} (did you mean {difflib.get_close_matches(u, known, 1)[0]!r}?)"
+                     if difflib.get_close_matches(u, known, 1) else repr(u) for u in unknown]
+            raise ConfigError(f"unknown MonitorConfig setting(s): {', '.join(hints)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "MonitorConfig":
+        """Load from a ``.yaml``/``.yml`` or ``.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        return cls.from_dict(data)
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _describe(obj: Any) -> Any:
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    name = getattr(obj, "name", None)
+    return f"<{type(obj).__name__}{' ' + str(name) if name else ''}>"

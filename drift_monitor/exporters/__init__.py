@@ -1,0 +1,1 @@
+"""Exporters that take plain records (Snapshot, Alert), never models."""

@@ -1,0 +1,203 @@
+"""Pure metric functions of DESIGN.md §5. Torch only: no transformers, no I/O.
+
+Two kinds: per-token functions used while streaming (cosine, top-k Jaccard), and functions
+of accumulated sums (see ``stats.HookStats``) that turn them into the contract's metrics.
+Every formula here is checked against an independent NumPy/loop implementation in
+``tests/test_metrics.py``; change both or neither.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_EPS = 1e-12
+
+
+# ------------------------------------------------------------------------- per-token functions
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a_t, b_t) for each row, in float64; 0 where either row is the zero vector."""
+    a = a.double()
+    b = b.double()
+    num = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(den > 0, num / den.clamp_min(_EPS), torch.zeros_like(num))
+
+
+def topk_indices(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest codes per row, largest first (int32 to halve the cache)."""
+    k = min(k, codes.shape[-1])
+    return torch.topk(codes, k, dim=-1, sorted=True).indices.to(torch.int32)
+
+
+def topk_jaccard_rows(
+    idx: torch.Tensor, l0: torch.Tensor, idx0: torch.Tensor, l0_base: torch.Tensor, k_max: int, chunk: int = 2048
+) -> torch.Tensor:
+    """The paper's feature intersection ratio per token.
+
+    K_t / K⁰_t are the first k_t entries of each side's sorted top indices, with
+    k_t = min(L0_t, L0⁰_t, k_max). Jaccard = |K ∩ K⁰| / |K ∪ K⁰| = i / (2k − i).
+    When k_t = 0 the ratio is 1 if neither side fires and 0 if only one does.
+    Vectorised: a [chunk, K, K] equality test, never a loop over tokens.
+    """
+    K = idx.shape[-1]
+    k = torch.minimum(torch.minimum(l0, l0_base), torch.tensor(min(k_max, K), device=l0.device)).long()
+    out = torch.empty(idx.shape[0], dtype=torch.float64, device=idx.device)
+    ar = torch.arange(K, device=idx.device)
+    for s in range(0, idx.shape[0], chunk):  # chunks of tokens bound memory; not a per-token loop
+        kk = k[s:s + chunk]
+        m = ar[None, :] < kk[:, None]
+        eq = (idx[s:s + chunk, :, None] == idx0[s:s + chunk, None, :]) & m[:, :, None] & m[:, None, :]
+        inter = eq.sum((1, 2)).double()
+        union = 2 * kk.double() - inter
+        both_silent = (l0[s:s + chunk] == 0) & (l0_base[s:s + chunk] == 0)
+        out[s:s + chunk] = torch.where(kk > 0, inter / union.clamp_min(1), both_silent.double())
+    return out
+
+
+# ------------------------------------------------------------------------- distribution functions
+def js_distance(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen–Shannon distance (base 2, in [0, 1]) between two non-negative vectors, normalised to sum 1.
+
+    Two all-zero vectors are at distance 0; one all-zero vector is at distance 1.
+    """
+    p = p.double()
+    q = q.double()
+    sp, sq = float(p.sum()), float(q.sum())
+    if sp <= 0 and sq <= 0:
+        return 0.0
+    if sp <= 0 or sq <= 0:
+        return 1.0
+    p = p / sp
+    q = q / sq
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor) -> torch.Tensor:
+        return torch.where(a > 0, a * torch.log2(a / m.clamp_min(1e-300)), torch.zeros_like(a)).sum()
+
+    js = 0.5 * kl(p) + 0.5 * kl(q)
+    return float(js.clamp_min(0).sqrt())
+
+
+def average_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n with ties given their average rank (what Spearman's rho needs: many zeros tie)."""
+    v = v.double()
+    order = torch.argsort(v, stable=True)
+    sorted_v = v[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_v, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2  # mean of the 1-based ranks start..end of each tie group
+    ranks = torch.empty_like(v)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation with average ranks for ties; NaN if either side is constant."""
+    ra = average_ranks(a)
+    rb = average_ranks(b)
+    ra = ra - ra.mean()
+    rb = rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    if den == 0:
+        return math.nan
+    return float((ra * rb).sum()) / den
+
+
+def robust_z(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(s − median) / (1.4826·MAD) over the valid entries; NaN elsewhere.
+
+    A sparse SAE often has MAD = 0 (most features never move), which would make every
+    non-median score infinite; then the mean absolute deviation (×1.2533, the normal-consistent
+    factor) is used instead, and if that is 0 too, any score above the median is +inf.
+    """
+    s = scores.double()
+    if valid is None:
+        valid = torch.isfinite(s)
+    out = torch.full_like(s, math.nan)
+    v = s[valid]
+    if v.numel() == 0:
+        return out
+    med = v.median()
+    dev = (v - med).abs()
+    scale = 1.4826 * dev.median()
+    if scale == 0:
+        scale = 1.2533 * dev.mean()
+    if scale == 0:
+        z = torch.where(v > med, math.inf, torch.where(v < med, -math.inf, 0.0)).double()
+    else:
+        z = (v - med) / scale
+    out[valid] = z
+    return out
+
+
+# ------------------------------------------------------------------------- metrics from sums
+def explained_variance(sq_err: torch.Tensor, x_sq: torch.Tensor, x_sum: torch.Tensor, n: torch.Tensor) -> float:
+    """1 − Σ‖x−x̂‖² / Σ‖x−x̄‖², with Σ‖x−x̄‖² = Σ‖x‖² − ‖Σx‖²/n (float64 sums)."""
+    n = float(n)
+    if n <= 0:
+        return math.nan
+    total = float(x_sq) - float((x_sum.double() ** 2).sum()) / n
+    if total <= 0:
+        return math.nan
+    return 1.0 - float(sq_err) / total
+
+
+def centered_ss(x_sq: torch.Tensor, x_sum: torch.Tensor, n: torch.Tensor) -> float:
+    """Σ_t ‖x_t − x̄‖² from sums."""
+    n = float(n)
+    if n <= 0:
+        return math.nan
+    return float(x_sq) - float((x_sum.double() ** 2).sum()) / n
+
+
+def log_density_ratio(density: torch.Tensor, base_density: torch.Tensor, n_tokens: float) -> torch.Tensor:
+    """log10((density + ε) / (density⁰ + ε)), ε = 1 / n_tokens."""
+    eps = 1.0 / max(float(n_tokens), 1.0)
+    return torch.log10((density.double() + eps) / (base_density.double() + eps))
+
+
+def features_drifted_ratio(
+    count: torch.Tensor, base_count: torch.Tensor, ldr: torch.Tensor, ratio: float = 2.0, min_firings: int = 5
+) -> float:
+    """Share of features alive in either model whose density changed > ``ratio``× with support.
+
+    Support: at least ``min_firings`` firings in one of the two models.
+    """
+    alive = (count > 0) | (base_count > 0)
+    n_alive = int(alive.sum())
+    if n_alive == 0:
+        return 0.0
+    support = torch.maximum(count, base_count) >= min_firings
+    drifted = alive & support & (ldr.abs() > math.log10(ratio))
+    return int(drifted.sum()) / n_alive
+
+
+def refusal_scores(
+    harmful_drift: torch.Tensor, harmless_drift: torch.Tensor, base_density: torch.Tensor, max_base_density: float
+) -> torch.Tensor:
+    """harmful_drift − harmless_drift for features with base density < the cut-off, NaN otherwise."""
+    score = harmful_drift.double() - harmless_drift.double()
+    return torch.where(base_density < max_base_density, score, torch.full_like(score, math.nan))
+
+
+def emerging_features(score: torch.Tensor, z: torch.Tensor, top_k: int, z_threshold: float) -> list[int]:
+    """The top ``top_k`` features by score whose robust z exceeds the threshold (and score > 0)."""
+    s = torch.where(torch.isfinite(score), score, torch.full_like(score, -math.inf))
+    k = min(top_k, int(torch.isfinite(s).sum()))
+    if k == 0:
+        return []
+    top = torch.topk(s, k).indices
+    keep = (z[top] > z_threshold) & (score[top] > 0)
+    return [int(i) for i in top[keep]]
+
+
+def direction_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b) of two vectors; NaN if either is zero or non-finite."""
+    a = a.double()
+    b = b.double()
+    den = float(a.norm() * b.norm())
+    if not math.isfinite(den) or den == 0:
+        return math.nan
+    return float((a * b).sum()) / den

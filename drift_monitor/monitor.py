@@ -1,0 +1,287 @@
+"""DriftMonitor: the base snapshot once, then a Snapshot of any later model at a step.
+
+This is the public API the callback, the scan, the demo and the tests build on:
+
+    mon = DriftMonitor(MonitorConfig(saes={"model.layers.4": sae_dir}), tokenizer)
+    base = mon.baseline(base_model)          # step 0; cached on disk
+    snap = mon.snapshot(model, step=100)     # paired against the base, token by token
+    snap.metric("model.layers.4", "explained_variance")
+
+One probe pass = one forward per batch with hooks attached only for that pass, stopped
+after the deepest hooked layer when that is safe, the SAE applied to the selected tokens
+only, and streaming sums (``stats.HookStats``) instead of stored feature matrices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import metrics as M
+from .capture import ActivationCapture, hidden_size, is_sharded, model_device, probe_mode, resolve_module
+from .config import MonitorConfig
+from .probes import PreparedProbes, ProbeBatch, ProbeSet, prepare_probes
+from .records import Snapshot
+from .saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
+from .stats import HookStats, MetricSettings, PairedBatch
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "1"
+
+
+@dataclass
+class _HookBase:
+    """The base model's state at one hook: its sums and, per batch, what pairing needs."""
+
+    stats: HookStats
+    pairs: dict[int, PairedBatch]  # batch index -> base tensors at that batch's selected tokens
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: config + names/shapes + a strided sample of each tensor.
+
+    Why sampled: hashing every weight of a 7B model reads 14 GB; a few thousand values per
+    tensor tell apart any two checkpoints a user will realistically compare.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "to_json_string"):
+        h.update(cfg.to_json_string(use_diff=False).encode())
+    h.update(type(model).__name__.encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class DriftMonitor:
+    """Runs the probe pass and turns it into :class:`~drift_monitor.records.Snapshot` records."""
+
+    def __init__(self, config: MonitorConfig, tokenizer: Any, *, categories: list[str] | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.probe_set = ProbeSet.resolve(config.probes)
+        self.probes: PreparedProbes = prepare_probes(
+            self.probe_set, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+            selector_for=config.selector_for, prompt_end_tokens=config.prompt_end_tokens,
+            include_bos=config.include_bos, categories=categories,
+        )
+        self.settings = MetricSettings(
+            topk_jaccard_k=config.topk_jaccard_k, dense_density=config.dense_density,
+            drift_ratio=config.drift_ratio, drift_min_firings=config.drift_min_firings,
+            refusal_max_base_density=config.refusal_max_base_density, refusal_top_k=config.refusal_top_k,
+            refusal_z_threshold=config.refusal_z_threshold, harmful_category=config.harmful_category,
+            harmless_category=config.harmless_category,
+        )
+        device = config.device or "cpu"
+        self.saes: list[HookedSAE] = [bind_sae(h, src, device, config.sae_dtype) for h, src in config.sae_items()]
+        hooks = [s.hook for s in self.saes]
+        if len(set(hooks)) != len(hooks):
+            raise ValueError(f"two SAEs on the same hook: {hooks}; give one SAE per hook")
+        self._base: dict[str, _HookBase] | None = None
+        self.base_snapshot: Snapshot | None = None
+        self.base_fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def hooks(self) -> list[str]:
+        return [s.hook for s in self.saes]
+
+    @property
+    def probe_hash(self) -> str:
+        return self.probes.hash
+
+    def baseline(self, base_model: nn.Module, *, use_cache: bool = True) -> Snapshot:
+        """Measure the base model (step 0). Cached on disk, keyed by model + SAEs + probes."""
+        t0 = time.perf_counter()
+        self.base_fingerprint = model_fingerprint(base_model)
+        modules = self._bind(base_model)
+        path = self._cache_path(self.base_fingerprint) if use_cache else None
+        base = self._load_cache(path, base_model) if path is not None else None
+        if base is None:
+            stats, pairs = self._probe_pass(base_model, modules, base=None, desc="baseline")
+            base = {h: _HookBase(stats[h], pairs[h]) for h in stats}
+            if path is not None:
+                self._save_cache(path, base)
+        else:
+            log.info("baseline loaded from cache %s", path)
+        self._base = base
+        hooks = {h: b.stats.compute(b.stats, h, self.settings) for h, b in base.items()}
+        self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
+                                      n_tokens=self._n_tokens(base), duration_s=time.perf_counter() - t0,
+                                      is_base=True)
+        return self.base_snapshot
+
+    def snapshot(self, model: nn.Module, step: int) -> Snapshot:
+        """Measure ``model`` at ``step`` against the baseline. Every rank must call it."""
+        if self._base is None:
+            raise RuntimeError("call DriftMonitor.baseline(base_model) before snapshot(); the base is step 0")
+        t0 = time.perf_counter()
+        modules = self._bind(model)
+        stats, _ = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
+        hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings) for h in stats}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return Snapshot(step=step, hooks=hooks, probe_hash=self.probe_hash,
+                        n_tokens=int(sum(float(s.n.sum()) for s in stats.values()) / max(len(stats), 1)),
+                        duration_s=time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ the probe pass
+    def _bind(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Resolve every hook on this model and check each SAE's width against it."""
+        modules: dict[str, nn.Module] = {}
+        width = hidden_size(model)
+        for s in self.saes:
+            name, module = resolve_module(model, s.hook)
+            out_w = getattr(module, "out_features", None) or getattr(module, "embedding_dim", None) or width
+            check_d_in(s, out_w, name)
+            modules[s.hook] = module
+        return modules
+
+    def _early_stop(self, model: nn.Module) -> bool:
+        if self.config.early_stop == "auto":
+            return not is_sharded(model)
+        return bool(self.config.early_stop)
+
+    def _my_batches(self) -> list[tuple[int, bool]]:
+        """(batch index, counts?) for this rank. Ranks run equally many forwards (FSDP needs
+        every rank in every forward); a rank short of batches repeats one and ignores it."""
+        rank, world = _dist_info()
+        n = len(self.probes.batches)
+        mine = [(i, True) for i in range(rank, n, world)]
+        per_rank = -(-n // world)
+        while len(mine) < per_rank:
+            mine.append((mine[0][0] if mine else 0, False))
+        return mine
+
+    @torch.no_grad()
+    def _probe_pass(self, model: nn.Module, modules: dict[str, nn.Module], base: dict[str, _HookBase] | None,
+                    desc: str) -> tuple[dict[str, HookStats], dict[str, dict[int, PairedBatch]]]:
+        device = torch.device(self.config.device) if self.config.device else model_device(model)
+        for s in self.saes:
+            s.sae.to(device)
+        cats = self.probes.categories
+        k_max = self.settings.topk_jaccard_k
+        stats = {s.hook: HookStats(cats, s.d_in, s.d_sae, device) for s in self.saes}
+        pairs: dict[str, dict[int, PairedBatch]] = {s.hook: {} for s in self.saes}
+        forward = _forward_fn(model)
+        batches = self._my_batches()
+        rank, _ = _dist_info()
+        with probe_mode(model), ActivationCapture(modules, early_stop=self._early_stop(model)) as cap:
+            for bi, counts in _progress(batches, desc, self.config.show_progress and rank == 0):
+                batch: ProbeBatch = self.probes.batches[bi].to(device)
+                acts = cap.run(lambda: forward(batch))
+                if not counts:
+                    continue
+                cat = batch.category[:, None].expand_as(batch.select)[batch.select]
+                for s in self.saes:
+                    x = acts[s.hook][batch.select]  # [n, d]: only selected tokens reach the SAE
+                    x_in = x.to(s.sae.dtype)
+                    codes = s.sae.encode(x_in)
+                    x_hat = s.sae.decode(codes)
+                    top = M.topk_indices(codes, k_max)
+                    pair = base[s.hook].pairs[bi] if base is not None else None
+                    if base is None:  # the base pass: keep what pairing needs, and pair with itself
+                        pair = PairedBatch(x.detach().clone(), top, (codes > 0).sum(1).to(torch.int32))
+                        pairs[s.hook][bi] = pair
+                    else:
+                        pair = PairedBatch(pair.x.to(device), pair.top_idx.to(device), pair.l0.to(device))
+                    stats[s.hook].update(x_in, x_hat, codes, cat, pair=pair, k_max=k_max, top_idx=top)
+        for st in stats.values():
+            st.all_reduce()
+        return stats, pairs
+
+    # ------------------------------------------------------------------ baseline cache
+    def _cache_path(self, fingerprint: str) -> Path:
+        rank, world = _dist_info()
+        root = Path(self.config.baseline_cache_dir or os.environ.get("DRIFT_MONITOR_CACHE")
+                    or Path.home() / ".cache" / "drift_monitor" / "baselines")
+        key = json.dumps({"v": CACHE_VERSION, "model": fingerprint, "probes": self.probe_hash,
+                          "saes": {s.hook: sae_fingerprint(s.sae) for s in self.saes},
+                          "k": self.settings.topk_jaccard_k, "batch": self.config.batch_size,
+                          "early": str(self.config.early_stop), "world": world}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return root / digest / f"rank{rank}.safetensors"
+
+    def _save_cache(self, path: Path, base: dict[str, _HookBase]) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (h, b) in enumerate(base.items()):
+            for name, t in b.stats.state_dict().items():
+                tensors[f"{i}/stats/{name}"] = t.contiguous()
+            for bi, p in b.pairs.items():
+                tensors[f"{i}/pair/{bi}/x"] = p.x.cpu().contiguous()
+                tensors[f"{i}/pair/{bi}/top"] = p.top_idx.cpu().contiguous()
+                tensors[f"{i}/pair/{bi}/l0"] = p.l0.cpu().contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"hooks": json.dumps(list(base))})
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+
+    def _load_cache(self, path: Path, model: nn.Module) -> dict[str, _HookBase] | None:
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            out: dict[str, _HookBase] = {}
+            with safe_open(str(path), framework="pt") as fh:
+                keys = set(fh.keys())
+                for i, s in enumerate(self.saes):
+                    state = {k.split("/")[-1]: fh.get_tensor(k) for k in keys if k.startswith(f"{i}/stats/")}
+                    st = HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, state)
+                    pairs = {}
+                    for bi, _ in self._my_batches():
+                        pfx = f"{i}/pair/{bi}/"
+                        if pfx + "x" in keys:
+                            pairs[bi] = PairedBatch(fh.get_tensor(pfx + "x"), fh.get_tensor(pfx + "top"),
+                                                    fh.get_tensor(pfx + "l0"))
+                    out[s.hook] = _HookBase(st, pairs)
+            return out
+        except Exception as e:  # a corrupt cache is recomputed, never fatal
+            log.warning("ignoring unreadable baseline cache %s (%s)", path, e)
+            return None
+
+    @staticmethod
+    def _n_tokens(base: dict[str, _HookBase]) -> int:
+        return int(next(iter(base.values())).stats.n.sum()) if base else 0
+
+
+def _forward_fn(model: nn.Module) -> Callable[[ProbeBatch], object]:
+    cfg = getattr(model, "config", None)
+    kwargs: dict[str, Any] = {"use_cache": False} if cfg is not None and hasattr(cfg, "use_cache") else {}
+
+    def forward(batch: ProbeBatch) -> object:
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+
+    return forward
+
+
+def _progress(items: list, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=f"drift-monitor {desc}", unit="batch", leave=False)

@@ -1,0 +1,257 @@
+"""Streaming sufficient statistics of one hook: update per batch, merge, all-reduce, compute.
+
+Modelled on torchmetrics' ``Metric``: everything accumulated is a sum, a count or a max, so
+batches can be processed in any order, shards merged, and ranks all-reduced with SUM/MAX,
+and the result is the same as one pass over the whole probe set. Token-space sums are kept
+in float64 because explained variance subtracts two large numbers (Σ‖x‖² − ‖Σx‖²/n).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from . import metrics as M
+from .records import ALL, FeatureStats, HookResult, RefusalFeatures
+
+
+@dataclass
+class PairedBatch:
+    """What the base model left at one batch's selected tokens, for paired metrics."""
+
+    x: torch.Tensor  # [n, d] base activations (model dtype)
+    top_idx: torch.Tensor  # [n, K] int32, base codes' top indices, largest first
+    l0: torch.Tensor  # [n] int32, base L0 per token
+
+
+@dataclass
+class MetricSettings:
+    """The knobs of §5 that change a computed number (a subset of MonitorConfig)."""
+
+    topk_jaccard_k: int = 100
+    dense_density: float = 0.1
+    drift_ratio: float = 2.0
+    drift_min_firings: int = 5
+    refusal_max_base_density: float = 0.3
+    refusal_top_k: int = 20
+    refusal_z_threshold: float = 3.5
+    harmful_category: str = "harmful"
+    harmless_category: str = "harmless"
+
+
+_SUM_FIELDS = ("n", "l0_sum", "sq_err_sum", "x_sum", "x_sq_sum", "cos_sum", "nonfinite",
+               "fire_count", "act_sum", "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired")
+_MAX_FIELDS = ("act_max",)
+
+
+@dataclass
+class HookStats:
+    """Per-category sums for one hook. C categories, d model width, d_sae features."""
+
+    categories: list[str]
+    d: int
+    d_sae: int
+    device: torch.device | str = "cpu"
+    n: torch.Tensor = field(init=False)  # [C] tokens
+    l0_sum: torch.Tensor = field(init=False)  # [C] Σ L0_t
+    sq_err_sum: torch.Tensor = field(init=False)  # [C] Σ ‖x − x̂‖²
+    x_sum: torch.Tensor = field(init=False)  # [C, d] Σ x
+    x_sq_sum: torch.Tensor = field(init=False)  # [C] Σ ‖x‖²
+    cos_sum: torch.Tensor = field(init=False)  # [C] Σ cos(x, x̂)
+    nonfinite: torch.Tensor = field(init=False)  # [C] tokens dropped for NaN/inf activations
+    fire_count: torch.Tensor = field(init=False)  # [C, d_sae] Σ 1[f > 0]
+    act_sum: torch.Tensor = field(init=False)  # [C, d_sae] Σ f
+    act_max: torch.Tensor = field(init=False)  # [C, d_sae] max f (−inf before any token)
+    pair_sq_diff: torch.Tensor = field(init=False)  # [C] Σ ‖x − x⁰‖²
+    pair_cos_sum: torch.Tensor = field(init=False)  # [C] Σ cos(x, x⁰)
+    jaccard_sum: torch.Tensor = field(init=False)  # [C] Σ top-k Jaccard
+    n_paired: torch.Tensor = field(init=False)  # [C] tokens with a base pair
+
+    def __post_init__(self) -> None:
+        C, dev = len(self.categories), self.device
+        f64 = dict(dtype=torch.float64, device=dev)
+        for name in ("n", "l0_sum", "sq_err_sum", "x_sq_sum", "cos_sum", "nonfinite",
+                     "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired"):
+            setattr(self, name, torch.zeros(C, **f64))
+        self.x_sum = torch.zeros(C, self.d, **f64)
+        self.fire_count = torch.zeros(C, self.d_sae, **f64)
+        self.act_sum = torch.zeros(C, self.d_sae, **f64)
+        self.act_max = torch.full((C, self.d_sae), -math.inf, dtype=torch.float32, device=dev)
+
+    # ------------------------------------------------------------------ streaming
+    @torch.no_grad()
+    def update(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        codes: torch.Tensor,
+        cat: torch.Tensor,
+        pair: PairedBatch | None = None,
+        k_max: int = 100,
+        top_idx: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch of selected tokens: x, x̂ [n, d], codes [n, d_sae], cat [n] (long)."""
+        C = len(self.categories)
+        finite = torch.isfinite(x).all(-1)
+        if not bool(finite.all()):
+            self.nonfinite.index_add_(0, cat[~finite], torch.ones_like(cat[~finite], dtype=torch.float64))
+            x, x_hat, codes, cat = x[finite], x_hat[finite], codes[finite], cat[finite]
+            if top_idx is not None:
+                top_idx = top_idx[finite]
+            if pair is not None:
+                pair = PairedBatch(pair.x[finite], pair.top_idx[finite], pair.l0[finite])
+        if x.shape[0] == 0:
+            return
+        x64 = x.double()
+        one64 = F.one_hot(cat, C).T.double()  # [C, n]: per-category sums as small matmuls
+        self.n += one64.sum(1)
+        self.x_sum += one64 @ x64
+        self.x_sq_sum += one64 @ (x64 * x64).sum(1)
+        err = x64 - x_hat.double()
+        self.sq_err_sum += one64 @ (err * err).sum(1)
+        self.cos_sum += one64 @ M.cosine_rows(x, x_hat)
+
+        active = codes > 0
+        l0 = active.sum(1)
+        self.l0_sum += one64 @ l0.double()
+        one32 = one64.to(codes.dtype)
+        self.fire_count += (one32 @ active.to(codes.dtype)).double()
+        self.act_sum += (one32 @ codes).double()
+        for c in torch.unique(cat).tolist():  # a loop over categories (a handful), never tokens
+            self.act_max[c] = torch.maximum(self.act_max[c], codes[cat == c].amax(0).float())
+
+        if pair is not None:
+            x0 = pair.x.double()
+            d0 = x64 - x0
+            self.pair_sq_diff += one64 @ (d0 * d0).sum(1)
+            self.pair_cos_sum += one64 @ M.cosine_rows(x, pair.x)
+            if top_idx is None:
+                top_idx = M.topk_indices(codes, k_max)
+            jac = M.topk_jaccard_rows(top_idx, l0, pair.top_idx, pair.l0.to(l0.device), k_max)
+            self.jaccard_sum += one64 @ jac
+            self.n_paired += one64.sum(1)
+
+    def merge(self, other: "HookStats") -> "HookStats":
+        """Fold another shard's sums into this one (same categories and sizes)."""
+        if other.categories != self.categories or other.d_sae != self.d_sae or other.d != self.d:
+            raise ValueError("cannot merge statistics of different hooks or category sets")
+        for name in _SUM_FIELDS:
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        self.act_max = torch.maximum(self.act_max, other.act_max.to(self.device))
+        return self
+
+    def all_reduce(self, group: object | None = None) -> "HookStats":
+        """SUM the sums and MAX the maxes over a torch.distributed group (one collective each)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return self
+        flat = torch.cat([getattr(self, n).reshape(-1) for n in _SUM_FIELDS])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for n in _SUM_FIELDS:
+            t = getattr(self, n)
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        dist.all_reduce(self.act_max, op=dist.ReduceOp.MAX, group=group)
+        return self
+
+    # ------------------------------------------------------------------ persistence (baseline cache)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n).cpu() for n in _SUM_FIELDS + _MAX_FIELDS}
+
+    @classmethod
+    def from_state_dict(cls, categories: list[str], d: int, d_sae: int, state: dict[str, torch.Tensor],
+                        device: torch.device | str = "cpu") -> "HookStats":
+        st = cls(categories, d, d_sae, device)
+        for n in _SUM_FIELDS + _MAX_FIELDS:
+            getattr(st, n).copy_(state[n])
+        return st
+
+    # ------------------------------------------------------------------ results
+    def _category_feature_stats(self, base: "HookStats", c: int | None) -> FeatureStats:
+        sel = (lambda t: t.sum(0)) if c is None else (lambda t: t[c])
+        n = float(sel(self.n))
+        n0 = float(sel(base.n))
+        count, count0 = sel(self.fire_count), sel(base.fire_count)
+        density = count / max(n, 1.0)
+        density0 = count0 / max(n0, 1.0)
+        mean_act = sel(self.act_sum) / max(n, 1.0)
+        mean_act0 = sel(base.act_sum) / max(n0, 1.0)
+        mx = self.act_max.amax(0) if c is None else self.act_max[c]
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).double()
+        ldr = M.log_density_ratio(density, density0, n)
+        name = ALL if c is None else self.categories[c]
+        np_ = lambda t: t.cpu().numpy()  # noqa: E731
+        return FeatureStats(name, int(n), np_(count), np_(count0), np_(density), np_(mean_act), np_(mx),
+                            np_(mean_act - mean_act0), np_(ldr))
+
+    def compute(self, base: "HookStats", hook: str, settings: MetricSettings) -> HookResult:
+        """The §5 metrics of this (current) model against ``base`` (the base model's stats)."""
+        s = settings
+        n = self.n.sum()
+        base_ev = M.explained_variance(base.sq_err_sum.sum(), base.x_sq_sum.sum(), base.x_sum.sum(0), base.n.sum())
+        ev = M.explained_variance(self.sq_err_sum.sum(), self.x_sq_sum.sum(), self.x_sum.sum(0), n)
+        n_f = float(n)
+        count = self.fire_count.sum(0)
+        base_count = base.fire_count.sum(0)
+        density = count / max(n_f, 1.0)
+        base_density = base_count / max(float(base.n.sum()), 1.0)
+        ldr = M.log_density_ratio(density, base_density, n_f)
+        n_pair = float(self.n_paired.sum())
+        nan = math.nan
+        metrics: dict[str, float] = {
+            "n_tokens": n_f,
+            "l0": float(self.l0_sum.sum()) / n_f if n_f else nan,
+            "mse": float(self.sq_err_sum.sum()) / (n_f * self.d) if n_f else nan,
+            "explained_variance": ev,
+            "fvu": 1.0 - ev,
+            "cosine": float(self.cos_sum.sum()) / n_f if n_f else nan,
+            "dead_fraction": float((count == 0).double().mean()),
+            "dense_fraction": float((density > s.dense_density).double().mean()),
+            "base_explained_variance": base_ev,
+            "explained_variance_delta": ev - base_ev,
+            "act_relative_mse": (float(self.pair_sq_diff.sum()) /
+                                 M.centered_ss(base.x_sq_sum.sum(), base.x_sum.sum(0), base.n.sum())) if n_pair else nan,
+            "act_cosine": float(self.pair_cos_sum.sum()) / n_pair if n_pair else nan,
+            "topk_jaccard": float(self.jaccard_sum.sum()) / n_pair if n_pair else nan,
+            "features_drifted_ratio": M.features_drifted_ratio(count, base_count, ldr, s.drift_ratio,
+                                                              s.drift_min_firings),
+            "density_js": M.js_distance(density, base_density),
+            "density_spearman": M.spearman(density, base_density),
+            "nonfinite_fraction": float(self.nonfinite.sum()) / max(n_f + float(self.nonfinite.sum()), 1.0),
+        }
+        features = {ALL: self._category_feature_stats(base, None)}
+        for c, name in enumerate(self.categories):
+            features[name] = self._category_feature_stats(base, c)
+        refusal = None
+        cats = self.categories
+        if s.harmful_category in cats and s.harmless_category in cats:
+            refusal = self._refusal(base, base_density, features, metrics, s)
+        return HookResult(hook=hook, d_sae=self.d_sae, metrics=metrics, features=features, refusal=refusal)
+
+    def _refusal(self, base: "HookStats", base_density: torch.Tensor, features: dict[str, FeatureStats],
+                 metrics: dict[str, float], s: MetricSettings) -> RefusalFeatures:
+        h = self.categories.index(s.harmful_category)
+        hl = self.categories.index(s.harmless_category)
+        hd = torch.from_numpy(features[s.harmful_category].drift)
+        hld = torch.from_numpy(features[s.harmless_category].drift)
+        score = M.refusal_scores(hd, hld, base_density.cpu(), s.refusal_max_base_density)
+        z = M.robust_z(score)
+        emerging = M.emerging_features(score, z, s.refusal_top_k, s.refusal_z_threshold)
+        finite = score[torch.isfinite(score)]
+        metrics["max_refusal_score"] = float(finite.max()) if finite.numel() else math.nan
+        metrics["n_emerging_refusal_features"] = float(len(emerging))
+
+        def direction(st: HookStats) -> torch.Tensor:
+            return st.x_sum[h] / st.n[h].clamp_min(1) - st.x_sum[hl] / st.n[hl].clamp_min(1)
+
+        metrics["refusal_direction_cosine"] = M.direction_cosine(direction(self), direction(base))
+        return RefusalFeatures(hd.numpy(), hld.numpy(), score.numpy(), z.numpy(), emerging)
+
+
+def stats_fields() -> list[str]:
+    return [f.name for f in fields(HookStats)]
