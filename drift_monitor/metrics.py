@@ -105,6 +105,13 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / den
 
 
+def _median(v: torch.Tensor) -> torch.Tensor:
+    """The textbook median (mean of the two middle values for even n); torch.median takes the lower one."""
+    s = torch.sort(v).values
+    n = s.numel()
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
 def robust_z(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(s − median) / (1.4826·MAD) over the valid entries; NaN elsewhere.
 
@@ -119,9 +126,9 @@ def robust_z(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.T
     v = s[valid]
     if v.numel() == 0:
         return out
-    med = v.median()
+    med = _median(v)
     dev = (v - med).abs()
-    scale = 1.4826 * dev.median()
+    scale = 1.4826 * _median(dev)
     if scale == 0:
         scale = 1.2533 * dev.mean()
     if scale == 0:

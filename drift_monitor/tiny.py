@@ -82,7 +82,11 @@ def build_sae(d_in: int, d_sae: int, *, hook_name: str | None = None, seed: int 
         if calibrate is not None:
             sae.b_dec.copy_(calibrate.mean(0))
             pre = (calibrate - calibrate.mean(0)) @ sae.W_enc
-            q = torch.quantile(pre, 1 - target_density, dim=0)
+            # densities spread log-uniformly over [target/4, 4·target], as in a trained SAE
+            dens = target_density * 4 ** (2 * torch.rand(d_sae) - 1)
+            srt = torch.sort(pre, dim=0).values
+            row = ((1 - dens.clamp(max=0.99)) * (pre.shape[0] - 1)).long()
+            q = srt.gather(0, row[None, :])[0]
             sae.b_enc.copy_(-q)
         else:
             sae.b_enc.fill_(-math.sqrt(2.0 / d_in))

@@ -1,0 +1,204 @@
+"""Every §5 metric against the independent naive implementation in tests/naive.py, to 1e-5.
+
+Level A feeds HookStats random tensors in uneven batches with categories (and checks that
+merged shards give the same numbers). Level B runs the whole DriftMonitor on a float64
+tiny Llama with a different position selector per category, against per-sequence
+unbatched forwards, so masks, BOS exclusion, padding, sorting and the early stop are
+checked too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
+from drift_monitor import metrics as M
+from drift_monitor.stats import HookStats, MetricSettings, PairedBatch
+from drift_monitor.tiny import build_llama, build_sae, build_tokenizer
+
+from naive import SCALARS, reference
+
+TOL = 1e-5
+CATS = ["harmful", "harmless", "general", "code"]
+
+
+def _assert_close(name, got, want, tol=TOL):
+    if isinstance(want, float) and math.isnan(want):
+        assert math.isnan(got), f"{name}: got {got}, want NaN"
+        return
+    assert got == pytest.approx(want, abs=tol, rel=tol), f"{name}: got {got}, want {want}"
+
+
+def _check_against_reference(result, ref, check_refusal=True):
+    for name in SCALARS:
+        _assert_close(name, result.metrics[name], float(ref[name]))
+    for cat, cols in ref["features"].items():
+        fs = result.features[cat]
+        for col in ("density", "mean_act", "max_act", "drift", "log_density_ratio", "count", "base_count"):
+            np.testing.assert_allclose(getattr(fs, col), cols[col], atol=TOL, rtol=TOL, err_msg=f"{cat}.{col}")
+    if check_refusal:
+        r = result.refusal
+        np.testing.assert_allclose(r.refusal_score, ref["refusal_score"], atol=TOL, rtol=TOL, equal_nan=True)
+        np.testing.assert_allclose(r.z_score, ref["z"], atol=1e-4, rtol=1e-4, equal_nan=True)
+        assert sorted(r.emerging) == ref["emerging"]
+        _assert_close("max_refusal_score", result.metrics["max_refusal_score"], float(ref["max_refusal_score"]))
+        _assert_close("refusal_direction_cosine", result.metrics["refusal_direction_cosine"],
+                      float(ref["refusal_direction_cosine"]))
+
+
+def _random_case(seed=0, N=700, d=24, S=200):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(N, d, generator=g, dtype=torch.float64) + 0.5
+    x = 1.25 * x0 + 0.4 * torch.randn(N, d, generator=g, dtype=torch.float64)
+    # a planted harmful-only shift so refusal scores have a real outlier
+    cat = torch.randint(0, len(CATS), (N,), generator=g)
+    sae = build_sae(d, S, calibrate=x0.float(), target_density=0.06, seed=seed).double()
+    x[cat == 0] += 3.0 * sae.W_dec[7].detach()
+    with torch.no_grad():
+        f, f0 = sae.encode(x), sae.encode(x0)
+        xh, xh0 = sae.decode(f), sae.decode(f0)
+    return x, xh, f, x0, xh0, f0, cat, sae
+
+
+def _stream(x, xh, f, x0, xh0, f0, cat, S, d, splits, k_max=100):
+    cur = HookStats(CATS, d, S)
+    base = HookStats(CATS, d, S)
+    for lo, hi in zip(splits[:-1], splits[1:]):
+        sl = slice(lo, hi)
+        top0 = M.topk_indices(f0[sl], k_max)
+        pair0 = PairedBatch(x0[sl], top0, (f0[sl] > 0).sum(1).int())
+        base.update(x0[sl], xh0[sl], f0[sl], cat[sl], pair=pair0, k_max=k_max)
+        cur.update(x[sl], xh[sl], f[sl], cat[sl], pair=pair0, k_max=k_max)
+    return cur, base
+
+
+def test_stats_match_naive_reference_on_random_tensors():
+    x, xh, f, x0, xh0, f0, cat, sae = _random_case()
+    N, d = x.shape
+    S = f.shape[1]
+    cur, base = _stream(x, xh, f, x0, xh0, f0, cat, S, d, [0, 13, 200, 201, 512, N])
+    result = cur.compute(base, "h", MetricSettings())
+    ref = reference(x, xh, f, x0, xh0, f0, [CATS[i] for i in cat], CATS)
+    assert ref["features_drifted_ratio"] > 0.05, "the case must exercise drift"
+    assert ref["emerging"], "the case must have an emerging refusal feature"
+    assert 7 in result.refusal.emerging
+    _check_against_reference(result, ref)
+
+
+def test_base_against_itself_is_identity():
+    x, xh, f, x0, xh0, f0, cat, sae = _random_case(seed=3)
+    N, d = x.shape
+    _, base = _stream(x, xh, f, x0, xh0, f0, cat, f.shape[1], d, [0, 300, N])
+    r = base.compute(base, "h", MetricSettings()).metrics
+    assert r["act_relative_mse"] == 0 and r["act_cosine"] == pytest.approx(1) and r["topk_jaccard"] == 1
+    assert r["features_drifted_ratio"] == 0 and r["density_js"] == 0 and r["explained_variance_delta"] == 0
+
+
+def test_merged_shards_equal_one_pass():
+    x, xh, f, x0, xh0, f0, cat, sae = _random_case(seed=1)
+    N, d = x.shape
+    S = f.shape[1]
+    whole, base = _stream(x, xh, f, x0, xh0, f0, cat, S, d, [0, N])
+    a, _ = _stream(x[:250], xh[:250], f[:250], x0[:250], xh0[:250], f0[:250], cat[:250], S, d, [0, 250])
+    b, _ = _stream(x[250:], xh[250:], f[250:], x0[250:], xh0[250:], f0[250:], cat[250:], S, d, [0, N - 250])
+    merged = a.merge(b).compute(base, "h", MetricSettings())
+    one = whole.compute(base, "h", MetricSettings())
+    for k, v in one.metrics.items():
+        _assert_close(k, merged.metrics[k], v, tol=1e-9)
+
+
+def test_topk_jaccard_edge_cases():
+    idx = torch.tensor([[3, 1, 2], [0, 1, 2], [5, 6, 7]], dtype=torch.int32)
+    idx0 = torch.tensor([[1, 3, 9], [0, 1, 2], [8, 9, 4]], dtype=torch.int32)
+    l0 = torch.tensor([3, 0, 2])
+    l00 = torch.tensor([2, 0, 0])
+    out = M.topk_jaccard_rows(idx, l0, idx0, l00, k_max=100)
+    # row 0: k=2, {3,1} vs {1,3} -> 1; row 1: both silent -> 1; row 2: base silent -> 0
+    assert out.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_robust_z_mad_zero_fallback():
+    s = torch.tensor([0.0] * 50 + [5.0, 0.1])
+    z = M.robust_z(s)
+    assert z[50] > z[51] > 0 and torch.isfinite(z).all()
+
+
+# --------------------------------------------------------------------------- level B: whole monitor
+@pytest.fixture(scope="module")
+def probe_world():
+    records = []
+    for c in CATS:
+        for i in range(9):
+            r = {"id": f"{c}-{i}", "category": c, "prompt": f"{c} prompt number {i} " + "word " * (i % 5)}
+            if c == "code":
+                r["response"] = "x = 1 " * (1 + i % 4)
+            records.append(r)
+    ps = ProbeSet.from_records(records, name="mixed")
+    tok = build_tokenizer([r["prompt"] for r in records] + ["x = 1"])
+    torch.manual_seed(0)
+    base = build_llama(len(tok), hidden=32, layers=3, heads=4).double()
+    cur = build_llama(len(tok), hidden=32, layers=3, heads=4).double()
+    with torch.no_grad():  # the "fine-tuned" model: the base with perturbed weights
+        cur.load_state_dict(base.state_dict())
+        for p in cur.parameters():
+            p.add_(0.2 * torch.randn_like(p) * p.std().clamp_min(1e-3))
+    return ps, tok, base, cur
+
+
+def _per_sequence_activations(model, mon, hook_layer):
+    """Unbatched forwards, one probe at a time; positions chosen by loops from the design text."""
+    xs, cats = [], []
+    cfg = mon.config
+    for it in mon.probes.items:
+        ids = torch.tensor([it.input_ids])
+        with torch.no_grad():
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states[hook_layer + 1][0]
+        sel = cfg.selector_for(it.record.category)
+        n = len(it.input_ids)
+        if sel == "all":
+            pos = list(range(n))
+        elif sel == "prompt_end":
+            pos = list(range(max(0, it.prompt_len - cfg.prompt_end_tokens), it.prompt_len))
+        else:
+            pos = list(range(it.prompt_len, n))
+        pos = [p for p in pos if not (p == 0 and it.input_ids[0] == mon.tokenizer.bos_token_id)]
+        for p in pos:
+            xs.append(hs[p])
+            cats.append(it.record.category)
+    return torch.stack(xs), cats
+
+
+def test_monitor_matches_naive_reference_end_to_end(probe_world, tmp_path):
+    ps, tok, base_model, cur_model = probe_world
+    hook_layer = 1
+    hook = f"model.layers.{hook_layer}"
+    cfg_kwargs = dict(probes=ps, batch_size=5, positions={"harmful": "prompt_end", "harmless": "prompt_end",
+                                                           "code": "response"},
+                      baseline_cache_dir=str(tmp_path), show_progress=False, drift_min_firings=2)
+    # calibrate the SAE on base activations so codes are sparse
+    probe_cfg = MonitorConfig(saes={hook: build_sae(32, 96)}, **cfg_kwargs)
+    mon0 = DriftMonitor(probe_cfg, tok)
+    x0, _ = _per_sequence_activations(base_model, mon0, hook_layer)
+    sae = build_sae(32, 96, calibrate=x0.float(), target_density=0.1).double()
+    mon = DriftMonitor(MonitorConfig(saes={hook: sae}, **cfg_kwargs), tok)
+    mon.baseline(base_model)
+    snap = mon.snapshot(cur_model, step=10)
+
+    x0, cats = _per_sequence_activations(base_model, mon, hook_layer)
+    x, cats2 = _per_sequence_activations(cur_model, mon, hook_layer)
+    assert cats == cats2 and len(cats) == snap.n_tokens
+    with torch.no_grad():
+        f, f0 = sae.encode(x), sae.encode(x0)
+        xh, xh0 = sae.decode(f), sae.decode(f0)
+    ref = reference(x, xh, f, x0, xh0, f0, cats, mon.probes.categories)
+    _check_against_reference(snap.hooks[hook], ref)
+    # the cached baseline gives the same snapshot
+    mon2 = DriftMonitor(MonitorConfig(saes={hook: sae}, **cfg_kwargs), tok)
+    mon2.baseline(base_model)
+    snap2 = mon2.snapshot(cur_model, step=10)
+    for k, v in snap.hooks[hook].metrics.items():
+        _assert_close(k, snap2.hooks[hook].metrics[k], v, tol=1e-12)
