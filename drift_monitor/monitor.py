@@ -199,8 +199,8 @@ class DriftMonitor:
                     x = acts[s.hook][batch.select]  # [n, d]: only selected tokens reach the SAE
                     x_in = x.to(s.sae.dtype)
                     codes = s.sae.encode(x_in)
-                    x_hat = s.sae.decode(codes)
                     top = M.topk_indices(codes, k_max)
+                    x_hat = _decode(s, codes, top)
                     pair = base[s.hook].pairs[bi] if base is not None else None
                     if base is None:  # the base pass: keep what pairing needs, and pair with itself
                         pair = PairedBatch(x.detach().clone(), top, (codes > 0).sum(1).to(torch.int32))
@@ -267,6 +267,13 @@ class DriftMonitor:
     @staticmethod
     def _n_tokens(base: dict[str, _HookBase]) -> int:
         return int(next(iter(base.values())).stats.n.sum()) if base else 0
+
+
+def _decode(s: HookedSAE, codes: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """x̂: the sparse decode when every firing feature is in the top-k, else the SAE's own decode."""
+    if s.sparse_decode is not None and int((codes > 0).sum(1).max()) <= top.shape[1]:
+        return s.sparse_decode(codes, top)
+    return s.sae.decode(codes)
 
 
 def _forward_fn(model: nn.Module) -> Callable[[ProbeBatch], object]:

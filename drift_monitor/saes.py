@@ -11,9 +11,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 
 class SAELoadError(ValueError):
@@ -27,6 +28,7 @@ class HookedSAE:
     hook: str  # the name the user gave (or the SAE's metadata hook_name)
     sae: Any  # sae_lens.SAE
     source: str
+    sparse_decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def d_in(self) -> int:
@@ -82,7 +84,37 @@ def bind_sae(hook: str | None, source: Any, device: str | torch.device, dtype: s
                 f"SAE {_describe(source)} names no hook (cfg.metadata.hook_name is empty); "
                 "give it as MonitorConfig(saes={'model.layers.N': source})"
             )
-    return HookedSAE(hook=hook, sae=sae, source=_describe(source))
+    return HookedSAE(hook=hook, sae=sae, source=_describe(source), sparse_decode=sparse_decoder(sae))
+
+
+def sparse_decoder(sae: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """An exact decode from each token's top-k codes, for SAEs whose decode is ``f @ W_dec + b_dec``.
+
+    Why: a dense decode costs as much as the encode (n × d_sae × d), but a trained SAE fires
+    ~10–100 of 16k–131k features per token, and the probe pass already has each token's top
+    indices (for the Jaccard metric). When every firing feature is among them, summing those
+    decoder rows (``embedding_bag``) gives the same x̂ for a fraction of the work. Returns None
+    for architectures or settings where that identity does not hold (then ``sae.decode`` runs).
+    """
+    try:
+        from sae_lens import JumpReLUSAE, StandardSAE, TopKSAE
+    except ImportError:  # pragma: no cover
+        return None
+    cfg = sae.cfg
+    dec = getattr(type(sae), "decode", None)
+    plain = dec in (StandardSAE.decode, JumpReLUSAE.decode) or (
+        dec is TopKSAE.decode and not getattr(cfg, "rescale_acts_by_decoder_norm", False))
+    hook = getattr(sae, "hook_sae_recons", None)
+    if (not plain or getattr(cfg, "normalize_activations", "none") != "none"
+            or getattr(cfg, "reshape_activations", "none") != "none" or (hook is not None and hook._forward_hooks)):
+        return None
+
+    def decode(codes: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        idx = top_idx.long()
+        vals = codes.gather(1, idx).to(sae.W_dec.dtype)
+        return F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+
+    return decode
 
 
 def check_d_in(hsae: HookedSAE, width: int | None, module_name: str) -> None:

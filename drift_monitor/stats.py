@@ -130,7 +130,7 @@ class HookStats:
             self.pair_cos_sum += one64 @ M.cosine_rows(x, pair.x)
             if top_idx is None:
                 top_idx = M.topk_indices(codes, k_max)
-            jac = M.topk_jaccard_rows(top_idx, l0, pair.top_idx, pair.l0.to(l0.device), k_max)
+            jac = M.topk_jaccard_rows(top_idx, l0, pair.top_idx, pair.l0.to(l0.device), k_max, d_sae=self.d_sae)
             self.jaccard_sum += one64 @ jac
             self.n_paired += one64.sum(1)
 

@@ -196,3 +196,21 @@ def test_hub_release_goes_to_the_download(monkeypatch):
         load_sae("gpt2-small-res-jb:blocks.8.hook_resid_pre")
     assert calls and calls[0][0] == "jbloom/GPT2-Small-SAEs-Reformatted"
     assert "blocks.8.hook_resid_pre" in calls[0][1]
+
+
+def test_sparse_decode_equals_dense_decode():
+    from drift_monitor.metrics import topk_indices
+    from drift_monitor.saes import sparse_decoder
+
+    x = torch.randn(300, 16)
+    for arch in ("standard", "topk"):
+        sae = build_sae(16, 200, calibrate=x, target_density=0.05, architecture=arch, k=8)
+        codes = sae.encode(x)
+        top = topk_indices(codes, 100)
+        assert int((codes > 0).sum(1).max()) <= 100
+        dec = sparse_decoder(sae)
+        assert dec is not None, arch
+        torch.testing.assert_close(dec(codes, top), sae.decode(codes), atol=1e-5, rtol=1e-5)
+    sae = build_sae(16, 200)
+    sae.cfg.normalize_activations = "layer_norm"
+    assert sparse_decoder(sae) is None, "a decode with extra steps must not take the shortcut"
