@@ -55,6 +55,17 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` AND-ed over the ranks (one tiny collective); ``flag`` itself outside a group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A cheap identity of a model's weights: config + names/shapes + a strided sample of each tensor.
 
@@ -119,6 +130,11 @@ class DriftMonitor:
         modules = self._bind(base_model)
         path = self._cache_path(self.base_fingerprint) if use_cache else None
         base = self._load_cache(path, base_model) if path is not None else None
+        device = torch.device(self.config.device) if self.config.device else model_device(base_model)
+        if path is not None and not _on_every_rank(base is not None, device):
+            # A hit here but a miss (missing or unreadable file) on another rank: that rank's
+            # probe pass has collectives, so every rank must run it, or they pair up wrongly.
+            base = None
         if base is None:
             stats, pairs = self._probe_pass(base_model, modules, base=None, desc="baseline")
             base = {h: _HookBase(stats[h], pairs[h]) for h in stats}
@@ -291,4 +307,5 @@ def _progress(items: list, desc: str, enabled: bool):
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=f"drift-monitor {desc}", unit="batch", leave=False)
+    # disable=None: tqdm switches itself off when stderr is not a terminal (CI logs, files)
+    return tqdm(items, desc=f"drift-monitor {desc}", unit="batch", leave=False, disable=None)

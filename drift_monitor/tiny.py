@@ -88,6 +88,13 @@ def build_sae(d_in: int, d_sae: int, *, hook_name: str | None = None, seed: int 
             row = ((1 - dens.clamp(max=0.99)) * (pre.shape[0] - 1)).long()
             q = srt.gather(0, row[None, :])[0]
             sae.b_enc.copy_(-q)
+            # one least-squares gain on the codes, so x̂ has the right scale (an overcomplete random
+            # frame with W_enc = W_decᵀ overshoots by about d_sae·density/d_in)
+            centred = calibrate - calibrate.mean(0)
+            recon = torch.relu(pre - q) @ sae.W_dec
+            gain = (centred * recon).sum() / (recon * recon).sum().clamp_min(1e-12)
+            sae.W_enc.mul_(gain)
+            sae.b_enc.mul_(gain)
         else:
             sae.b_enc.fill_(-math.sqrt(2.0 / d_in))
     sae.eval()

@@ -1,0 +1,96 @@
+"""`drift-monitor` command line. Subcommands stay thin: the work lives in the library.
+
+Why errors are caught here: a user who mistypes a path should read one line that names the
+fix, not a traceback; ``--debug`` brings the traceback back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from . import __version__
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
+    if args.prompts:
+        for s in sizes:
+            bench.SIZES[s]["prompts"] = args.prompts
+    bench.main(sizes, args.device, args.repeats, store=not args.no_store)
+    return 0
+
+
+def _cmd_probes(args: argparse.Namespace) -> int:
+    from .probes import ProbeSet
+
+    ps = ProbeSet.resolve(args.file)
+    counts: dict[str, int] = {}
+    for r in ps.records:
+        counts[r.category] = counts.get(r.category, 0) + 1
+    with_resp = sum(r.response is not None for r in ps.records)
+    print(f"{ps.name}: {len(ps)} probes, {with_resp} with a response")
+    for c, n in counts.items():
+        print(f"  {c:<12} {n}")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from .store import StoreReader
+
+    df = StoreReader(args.db).runs()
+    if df.empty:
+        print(f"{args.db}: no runs yet")
+        return 0
+    cols = [c for c in ("run_id", "name", "status", "model", "last_step", "n_snapshots", "active_alerts",
+                        "updated_at") if c in df.columns]
+    print(df[cols].to_string(index=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="drift-monitor", description="Watch LLM fine-tuning through a base-model SAE.")
+    p.add_argument("--version", action="version", version=f"drift-monitor {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="benchmark the probe pass and the store against their lower bounds")
+    b.add_argument("--size", choices=["tiny", "mid", "both"], default="tiny",
+                   help="tiny: 4-layer 64-wide Llama, 1k features; mid: 8-layer 1024-wide Llama, 16k features")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    b.add_argument("--repeats", type=int, default=3, help="best of N, measured round-robin")
+    b.add_argument("--prompts", type=int, default=None, help="override the number of probe prompts")
+    b.add_argument("--no-store", action="store_true", help="skip the store write benchmark")
+    b.set_defaults(func=_cmd_bench)
+
+    pr = sub.add_parser("probes", help="validate a probe file and count its records per category")
+    pr.add_argument("file", nargs="?", default="default", help="a JSONL probe file, or 'default'")
+    pr.set_defaults(func=_cmd_probes)
+
+    r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file")
+    r.add_argument("--db", required=True)
+    r.set_defaults(func=_cmd_runs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        if args.debug:
+            raise
+        print(f"drift-monitor: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
