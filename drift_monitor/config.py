@@ -20,7 +20,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class MonitorConfig:
+class MetricSettings:
+    """The knobs of DESIGN.md §5 that change a computed number (MonitorConfig inherits them).
+
+    Kept apart so ``stats``/``metrics`` can take just these, and so they are defined once.
+    """
+
+    topk_jaccard_k: int = 100
+    dense_density: float = 0.1
+    drift_ratio: float = 2.0
+    drift_min_firings: int = 5
+    refusal_max_base_density: float = 0.3
+    refusal_top_k: int = 20
+    refusal_z_threshold: float = 3.5
+    harmful_category: str = "harmful"
+    harmless_category: str = "harmless"
+
+
+@dataclass
+class MonitorConfig(MetricSettings):
     """Settings of a :class:`~drift_monitor.monitor.DriftMonitor` and the callback.
 
     ``saes`` maps a hook (a module name such as ``"model.layers.12"``) to an SAE source: a
@@ -43,15 +61,6 @@ class MonitorConfig:
     sae_dtype: str | None = None  # None: keep the SAE's dtype
     #: Stop the forward after the deepest hooked layer. "auto" disables it for sharded models.
     early_stop: bool | str = "auto"
-    topk_jaccard_k: int = 100
-    dense_density: float = 0.1
-    drift_ratio: float = 2.0
-    drift_min_firings: int = 5
-    refusal_max_base_density: float = 0.3
-    refusal_top_k: int = 20
-    refusal_z_threshold: float = 3.5
-    harmful_category: str = "harmful"
-    harmless_category: str = "harmless"
     baseline_cache_dir: str | None = None  # None: ~/.cache/drift_monitor/baselines
     fail_fast: bool = False
     show_progress: bool = True

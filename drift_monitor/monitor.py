@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,11 +28,11 @@ from torch import nn
 
 from . import metrics as M
 from .capture import ActivationCapture, hidden_size, is_sharded, model_device, probe_mode, resolve_module
-from .config import MonitorConfig
+from .config import MetricSettings, MonitorConfig
 from .probes import PreparedProbes, ProbeBatch, ProbeSet, prepare_probes
 from .records import Snapshot
 from .saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
-from .stats import HookStats, MetricSettings, PairedBatch
+from .stats import HookStats, PairedBatch
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,7 @@ class DriftMonitor:
             selector_for=config.selector_for, prompt_end_tokens=config.prompt_end_tokens,
             include_bos=config.include_bos, categories=categories,
         )
-        self.settings = MetricSettings(
-            topk_jaccard_k=config.topk_jaccard_k, dense_density=config.dense_density,
-            drift_ratio=config.drift_ratio, drift_min_firings=config.drift_min_firings,
-            refusal_max_base_density=config.refusal_max_base_density, refusal_top_k=config.refusal_top_k,
-            refusal_z_threshold=config.refusal_z_threshold, harmful_category=config.harmful_category,
-            harmless_category=config.harmless_category,
-        )
+        self.settings = MetricSettings(**{f.name: getattr(config, f.name) for f in fields(MetricSettings)})
         device = config.device or "cpu"
         self.saes: list[HookedSAE] = [bind_sae(h, src, device, config.sae_dtype) for h, src in config.sae_items()]
         hooks = [s.hook for s in self.saes]

@@ -9,12 +9,13 @@ in float64 because explained variance subtracts two large numbers (Σ‖x‖² �
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import metrics as M
+from .config import MetricSettings
 from .records import ALL, FeatureStats, HookResult, RefusalFeatures
 
 
@@ -25,21 +26,6 @@ class PairedBatch:
     x: torch.Tensor  # [n, d] base activations (model dtype)
     top_idx: torch.Tensor  # [n, K] int32, base codes' top indices, largest first
     l0: torch.Tensor  # [n] int32, base L0 per token
-
-
-@dataclass
-class MetricSettings:
-    """The knobs of §5 that change a computed number (a subset of MonitorConfig)."""
-
-    topk_jaccard_k: int = 100
-    dense_density: float = 0.1
-    drift_ratio: float = 2.0
-    drift_min_firings: int = 5
-    refusal_max_base_density: float = 0.3
-    refusal_top_k: int = 20
-    refusal_z_threshold: float = 3.5
-    harmful_category: str = "harmful"
-    harmless_category: str = "harmless"
 
 
 _SUM_FIELDS = ("n", "l0_sum", "sq_err_sum", "x_sum", "x_sq_sum", "cos_sum", "nonfinite",
@@ -251,7 +237,3 @@ class HookStats:
 
         metrics["refusal_direction_cosine"] = M.direction_cosine(direction(self), direction(base))
         return RefusalFeatures(hd.numpy(), hld.numpy(), score.numpy(), z.numpy(), emerging)
-
-
-def stats_fields() -> list[str]:
-    return [f.name for f in fields(HookStats)]

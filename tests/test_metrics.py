@@ -17,7 +17,8 @@ import torch
 
 from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
 from drift_monitor import metrics as M
-from drift_monitor.stats import HookStats, MetricSettings, PairedBatch
+from drift_monitor.config import MetricSettings
+from drift_monitor.stats import HookStats, PairedBatch
 from drift_monitor.tiny import build_llama, build_sae, build_tokenizer
 
 from naive import SCALARS, reference
