@@ -204,7 +204,8 @@ def run_store_bench(d_sae: int = 131072, repeats: int = 3) -> str:
         spec = importlib.util.spec_from_file_location("bench_store", path)
         mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        return mod.run(d_sae=d_sae, repeats=repeats)
+        mod.main(["--d-sae", str(d_sae), "--repeats", str(repeats)])  # prints its own report
+        return ""
     return "store bench: tests/bench/bench_store.py not found (run from a source checkout)"
 
 
@@ -214,4 +215,6 @@ def main(sizes: list[str], device: str | None, repeats: int, store: bool) -> Non
     for size in sizes:
         print(format_result(run_probe_bench(size, device, repeats)), flush=True)
     if store:
-        print(run_store_bench(repeats=repeats), flush=True)
+        msg = run_store_bench(repeats=repeats)
+        if msg:
+            print(msg, flush=True)

@@ -85,11 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        if args.debug:
+    except Exception as e:
+        if args.debug or not _is_user_error(e):
             raise
         print(f"drift-monitor: error: {e}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors whose message already says what to fix: shown as one line, without a traceback."""
+    if isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+        return True
+    store = sys.modules.get("drift_monitor.store")  # only loaded if a command used the store
+    return store is not None and isinstance(e, store.StoreError)
 
 
 if __name__ == "__main__":  # pragma: no cover

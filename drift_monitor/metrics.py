@@ -27,8 +27,22 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def topk_indices(codes: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest codes per row, largest first (int32 to halve the cache)."""
+    return topk_codes(codes, k)[1]
+
+
+def topk_codes(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, int32 indices) of the k largest codes per row, largest first."""
     k = min(k, codes.shape[-1])
-    return torch.topk(codes, k, dim=-1, sorted=True).indices.to(torch.int32)
+    vals, idx = torch.topk(codes, k, dim=-1, sorted=True)
+    return vals, idx.to(torch.int32)
+
+
+def topk_is_complete(vals: torch.Tensor, d_sae: int) -> bool:
+    """True when the top-k holds every firing feature of every row: each row's k-th largest
+    code is ≤ 0 (or k covers all features). Then sparse statistics are exact."""
+    if vals.shape[-1] >= d_sae or vals.shape[0] == 0:
+        return True
+    return bool((vals[:, -1] <= 0).all())
 
 
 def topk_jaccard_rows(

@@ -209,15 +209,18 @@ class DriftMonitor:
                     x = acts[s.hook][batch.select]  # [n, d]: only selected tokens reach the SAE
                     x_in = x.to(s.sae.dtype)
                     codes = s.sae.encode(x_in)
-                    top = M.topk_indices(codes, k_max)
-                    x_hat = _decode(s, codes, top)
+                    vals, top = M.topk_codes(codes, k_max)
+                    complete = M.topk_is_complete(vals, s.d_sae)  # top-k holds every firing feature
+                    x_hat = _decode(s, codes, vals, top, complete)
                     pair = base[s.hook].pairs[bi] if base is not None else None
                     if base is None:  # the base pass: keep what pairing needs, and pair with itself
-                        pair = PairedBatch(x.detach().clone(), top, (codes > 0).sum(1).to(torch.int32))
+                        l0 = ((vals > 0) if complete else (codes > 0)).sum(1).to(torch.int32)
+                        pair = PairedBatch(x.detach().clone(), top, l0)
                         pairs[s.hook][bi] = pair
                     else:
                         pair = PairedBatch(pair.x.to(device), pair.top_idx.to(device), pair.l0.to(device))
-                    stats[s.hook].update(x_in, x_hat, codes, cat, pair=pair, k_max=k_max, top_idx=top)
+                    stats[s.hook].update(x_in, x_hat, codes, cat, pair=pair, k_max=k_max, top_idx=top,
+                                         top_vals=vals if complete else None)
         for st in stats.values():
             st.all_reduce()
         return stats, pairs
@@ -279,10 +282,11 @@ class DriftMonitor:
         return int(next(iter(base.values())).stats.n.sum()) if base else 0
 
 
-def _decode(s: HookedSAE, codes: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """x̂: the sparse decode when every firing feature is in the top-k, else the SAE's own decode."""
-    if s.sparse_decode is not None and int((codes > 0).sum(1).max()) <= top.shape[1]:
-        return s.sparse_decode(codes, top)
+def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Tensor, complete: bool) -> torch.Tensor:
+    """x̂: the sparse decode when every firing feature is in the top-k and the dictionary is wide
+    enough for it to pay (d_sae ≥ 8k), else the SAE's own decode."""
+    if complete and s.sparse_decode is not None and s.d_sae >= 8 * top.shape[1]:
+        return s.sparse_decode(vals, top)
     return s.sae.decode(codes)
 
 

@@ -109,10 +109,9 @@ def sparse_decoder(sae: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
             or getattr(cfg, "reshape_activations", "none") != "none" or (hook is not None and hook._forward_hooks)):
         return None
 
-    def decode(codes: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-        idx = top_idx.long()
-        vals = codes.gather(1, idx).to(sae.W_dec.dtype)
-        return F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+    def decode(top_vals: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(top_idx.long(), sae.W_dec, per_sample_weights=top_vals.to(sae.W_dec.dtype),
+                               mode="sum") + sae.b_dec
 
     return decode
 

@@ -78,8 +78,14 @@ class HookStats:
         pair: PairedBatch | None = None,
         k_max: int = 100,
         top_idx: torch.Tensor | None = None,
+        top_vals: torch.Tensor | None = None,
     ) -> None:
-        """Add one batch of selected tokens: x, x̂ [n, d], codes [n, d_sae], cat [n] (long)."""
+        """Add one batch of selected tokens: x, x̂ [n, d], codes [n, d_sae], cat [n] (long).
+
+        ``top_idx``/``top_vals`` are each row's largest codes, largest first. Give ``top_vals``
+        only when they hold every firing feature (``metrics.topk_is_complete``): the feature
+        statistics are then accumulated from those n·k entries instead of all n·d_sae codes.
+        """
         C = len(self.categories)
         finite = torch.isfinite(x).all(-1)
         if not bool(finite.all()):
@@ -87,6 +93,8 @@ class HookStats:
             x, x_hat, codes, cat = x[finite], x_hat[finite], codes[finite], cat[finite]
             if top_idx is not None:
                 top_idx = top_idx[finite]
+            if top_vals is not None:
+                top_vals = top_vals[finite]
             if pair is not None:
                 pair = PairedBatch(pair.x[finite], pair.top_idx[finite], pair.l0[finite])
         if x.shape[0] == 0:
@@ -100,14 +108,11 @@ class HookStats:
         self.sq_err_sum += one64 @ (err * err).sum(1)
         self.cos_sum += one64 @ M.cosine_rows(x, x_hat)
 
-        active = codes > 0
-        l0 = active.sum(1)
+        if top_vals is not None and top_idx is not None:
+            l0 = self._update_features_sparse(top_vals, top_idx, cat)
+        else:
+            l0 = self._update_features_dense(codes, cat, one64)
         self.l0_sum += one64 @ l0.double()
-        one32 = one64.to(codes.dtype)
-        self.fire_count += (one32 @ active.to(codes.dtype)).double()
-        self.act_sum += (one32 @ codes).double()
-        for c in torch.unique(cat).tolist():  # a loop over categories (a handful), never tokens
-            self.act_max[c] = torch.maximum(self.act_max[c], codes[cat == c].amax(0).float())
 
         if pair is not None:
             x0 = pair.x.double()
@@ -119,6 +124,31 @@ class HookStats:
             jac = M.topk_jaccard_rows(top_idx, l0, pair.top_idx, pair.l0.to(l0.device), k_max, d_sae=self.d_sae)
             self.jaccard_sum += one64 @ jac
             self.n_paired += one64.sum(1)
+
+    def _update_features_dense(self, codes: torch.Tensor, cat: torch.Tensor, one64: torch.Tensor) -> torch.Tensor:
+        """Per-category firing counts, sums and maxes from all codes: matmuls with the one-hot."""
+        active = codes > 0
+        one32 = one64.to(codes.dtype)
+        self.fire_count += (one32 @ active.to(codes.dtype)).double()
+        self.act_sum += (one32 @ codes).double()
+        for c in torch.unique(cat).tolist():  # a loop over categories (a handful), never tokens
+            self.act_max[c] = torch.maximum(self.act_max[c], codes[cat == c].amax(0).float())
+        return active.sum(1)
+
+    def _update_features_sparse(self, vals: torch.Tensor, idx: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+        """The same from the top-k entries only: scatter-adds on flat (category, feature) ids.
+
+        Exact when the top-k holds every firing feature: codes outside it are 0, which adds
+        nothing to counts or sums, and a max of 0 is what compute() reports for a feature
+        that never fired in a category.
+        """
+        flat = (cat[:, None] * self.d_sae + idx.long()).reshape(-1)
+        v = vals.reshape(-1)
+        firing = v > 0
+        self.fire_count.view(-1).index_add_(0, flat, firing.double())
+        self.act_sum.view(-1).index_add_(0, flat, v.double())
+        self.act_max.view(-1).scatter_reduce_(0, flat, v.float(), reduce="amax")
+        return firing.view(vals.shape).sum(1)
 
     def merge(self, other: "HookStats") -> "HookStats":
         """Fold another shard's sums into this one (same categories and sizes)."""

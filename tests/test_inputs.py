@@ -210,7 +210,7 @@ def test_sparse_decode_equals_dense_decode():
         assert int((codes > 0).sum(1).max()) <= 100
         dec = sparse_decoder(sae)
         assert dec is not None, arch
-        torch.testing.assert_close(dec(codes, top), sae.decode(codes), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dec(codes.gather(1, top.long()), top), sae.decode(codes), atol=1e-5, rtol=1e-5)
     sae = build_sae(16, 200)
     sae.cfg.normalize_activations = "layer_norm"
     assert sparse_decoder(sae) is None, "a decode with extra steps must not take the shortcut"

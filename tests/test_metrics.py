@@ -203,3 +203,23 @@ def test_monitor_matches_naive_reference_end_to_end(probe_world, tmp_path):
     snap2 = mon2.snapshot(cur_model, step=10)
     for k, v in snap.hooks[hook].metrics.items():
         _assert_close(k, snap2.hooks[hook].metrics[k], v, tol=1e-12)
+
+
+def test_sparse_and_dense_feature_updates_agree():
+    """The top-k (sparse) accumulation equals the all-codes (dense) one when the top-k is complete."""
+    x, xh, f, x0, xh0, f0, cat, sae = _random_case(seed=5)
+    N, d = x.shape
+    S = f.shape[1]
+    vals, top = M.topk_codes(f, 100)
+    assert M.topk_is_complete(vals, S)
+    dense, sparse = HookStats(CATS, d, S), HookStats(CATS, d, S)
+    for lo, hi in [(0, 300), (300, N)]:
+        dense.update(x[lo:hi], xh[lo:hi], f[lo:hi], cat[lo:hi], top_idx=top[lo:hi])
+        sparse.update(x[lo:hi], xh[lo:hi], f[lo:hi], cat[lo:hi], top_idx=top[lo:hi], top_vals=vals[lo:hi])
+    for name in ("fire_count", "act_sum", "l0_sum"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), atol=1e-9, rtol=1e-9)
+    # a feature never seen in a category: -inf (sparse) or 0 (dense); compute() reports 0 for both
+    seen = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
+    torch.testing.assert_close(seen(sparse.act_max), seen(dense.act_max))
+    small_vals, _ = M.topk_codes(f, 3)
+    assert not M.topk_is_complete(small_vals, S), "a top-3 cannot hold every firing feature here"
