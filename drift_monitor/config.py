@@ -59,6 +59,8 @@ class MonitorConfig(MetricSettings):
     include_bos: bool = False
     device: str | None = None  # None: the model's device
     sae_dtype: str | None = None  # None: keep the SAE's dtype
+    #: Memory budget of one chunk of SAE codes ([tokens, d_sae] float32); bounds peak memory.
+    sae_chunk_mb: float = 64
     #: Stop the forward after the deepest hooked layer. "auto" disables it for sharded models.
     early_stop: bool | str = "auto"
     baseline_cache_dir: str | None = None  # None: ~/.cache/drift_monitor/baselines
@@ -91,6 +93,8 @@ class MonitorConfig(MetricSettings):
         _positive("max_length", self.max_length)
         _positive("prompt_end_tokens", self.prompt_end_tokens)
         _positive("topk_jaccard_k", self.topk_jaccard_k)
+        if not isinstance(self.sae_chunk_mb, (int, float)) or self.sae_chunk_mb <= 0:
+            raise ConfigError(f"sae_chunk_mb must be a positive number of MiB, got {self.sae_chunk_mb!r}")
         if self.drift_ratio <= 1:
             raise ConfigError(f"drift_ratio must be > 1 (a 2x change is 2.0), got {self.drift_ratio}")
         if not 0 < self.refusal_max_base_density <= 1:

@@ -37,14 +37,6 @@ def topk_codes(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return vals, idx.to(torch.int32)
 
 
-def topk_is_complete(vals: torch.Tensor, d_sae: int) -> bool:
-    """True when the top-k holds every firing feature of every row: each row's k-th largest
-    code is ≤ 0 (or k covers all features). Then sparse statistics are exact."""
-    if vals.shape[-1] >= d_sae or vals.shape[0] == 0:
-        return True
-    return bool((vals[:, -1] <= 0).all())
-
-
 def topk_jaccard_rows(
     idx: torch.Tensor, l0: torch.Tensor, idx0: torch.Tensor, l0_base: torch.Tensor, k_max: int,
     d_sae: int | None = None, max_chunk_bytes: int = 64 * 2**20,

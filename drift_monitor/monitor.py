@@ -36,7 +36,7 @@ from .stats import HookStats, PairedBatch
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # bump when what the cache holds changes
 
 
 @dataclass
@@ -207,23 +207,56 @@ class DriftMonitor:
                 cat = batch.category[:, None].expand_as(batch.select)[batch.select]
                 for s in self.saes:
                     x = acts[s.hook][batch.select]  # [n, d]: only selected tokens reach the SAE
-                    x_in = x.to(s.sae.dtype)
-                    codes = s.sae.encode(x_in)
-                    vals, top = M.topk_codes(codes, k_max)
-                    complete = M.topk_is_complete(vals, s.d_sae)  # top-k holds every firing feature
-                    x_hat = _decode(s, codes, vals, top, complete)
                     pair = base[s.hook].pairs[bi] if base is not None else None
-                    if base is None:  # the base pass: keep what pairing needs, and pair with itself
-                        l0 = ((vals > 0) if complete else (codes > 0)).sum(1).to(torch.int32)
-                        pair = PairedBatch(x.detach().clone(), top, l0)
-                        pairs[s.hook][bi] = pair
-                    else:
-                        pair = PairedBatch(pair.x.to(device), pair.top_idx.to(device), pair.l0.to(device))
-                    stats[s.hook].update(x_in, x_hat, codes, cat, pair=pair, k_max=k_max, top_idx=top,
-                                         top_vals=vals if complete else None)
+                    kept = self._sae_pass(s, x, cat, pair, stats[s.hook], device)
+                    if base is None:
+                        pairs[s.hook][bi] = kept
         for st in stats.values():
             st.all_reduce()
         return stats, pairs
+
+    def _chunk_tokens(self, s: HookedSAE) -> int:
+        """Tokens per SAE chunk: the [tokens, d_sae] code buffers stay within ``sae_chunk_mb``,
+        which bounds peak memory and keeps them cache- and allocator-friendly."""
+        return max(16, int(self.config.sae_chunk_mb * 2**20) // (4 * s.d_sae))
+
+    def _sae_pass(self, s: HookedSAE, x: torch.Tensor, cat: torch.Tensor, pair: PairedBatch | None,
+                  stats: HookStats, device: torch.device) -> PairedBatch | None:
+        """Encode, decode and accumulate one batch's selected tokens, chunk by chunk.
+
+        Without ``pair`` (the base pass) the base pairs with itself, and what later snapshots
+        need for pairing (activations, top-k ids, L0) is returned.
+        """
+        k_max = self.settings.topk_jaccard_k
+        step = self._chunk_tokens(s)
+        kept: list[PairedBatch] = []
+        for lo in range(0, x.shape[0], step):  # chunks of tokens, a handful per batch
+            xc = x[lo:lo + step]
+            x_in = xc.to(s.sae.dtype)
+            codes = s.sae.encode(x_in)
+            l0 = (codes > 0).sum(1)
+            max_l0 = int(l0.max()) if l0.numel() else 0
+            # Wide enough to hold every firing feature when that is still sparse (k ≤ d_sae/8):
+            # then statistics and decode use the n·k top entries only, exactly.
+            k = min(s.d_sae, max(k_max, max_l0))
+            if k != s.d_sae and 8 * k > s.d_sae:
+                k = min(k_max, s.d_sae)
+            vals, top = M.topk_codes(codes, k)
+            complete = max_l0 <= k
+            x_hat = _decode(s, codes, vals, top, complete)
+            cc = cat[lo:lo + step]
+            if pair is None:  # the base pass
+                p = PairedBatch(xc.detach().clone(), top[:, :k_max].contiguous(), l0.to(torch.int32))
+                kept.append(p)
+            else:
+                p = PairedBatch(pair.x[lo:lo + step].to(device), pair.top_idx[lo:lo + step].to(device),
+                                pair.l0[lo:lo + step].to(device))
+            stats.update(x_in, x_hat, codes, cc, pair=p, k_max=k_max, top_idx=top,
+                         top_vals=vals if complete else None, l0=l0)
+        if pair is not None or not kept:
+            return None
+        return PairedBatch(torch.cat([p.x for p in kept]), torch.cat([p.top_idx for p in kept]),
+                           torch.cat([p.l0 for p in kept]))
 
     # ------------------------------------------------------------------ baseline cache
     def _cache_path(self, fingerprint: str) -> Path:
@@ -284,7 +317,8 @@ class DriftMonitor:
 
 def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Tensor, complete: bool) -> torch.Tensor:
     """x̂: the sparse decode when every firing feature is in the top-k and the dictionary is wide
-    enough for it to pay (d_sae ≥ 8k), else the SAE's own decode."""
+    enough for it to pay (d_sae ≥ 8k: summing k decoder rows per token beats a dense matmul),
+    else the SAE's own decode."""
     if complete and s.sparse_decode is not None and s.d_sae >= 8 * top.shape[1]:
         return s.sparse_decode(vals, top)
     return s.sae.decode(codes)

@@ -79,12 +79,14 @@ class HookStats:
         k_max: int = 100,
         top_idx: torch.Tensor | None = None,
         top_vals: torch.Tensor | None = None,
+        l0: torch.Tensor | None = None,
     ) -> None:
         """Add one batch of selected tokens: x, x̂ [n, d], codes [n, d_sae], cat [n] (long).
 
-        ``top_idx``/``top_vals`` are each row's largest codes, largest first. Give ``top_vals``
-        only when they hold every firing feature (``metrics.topk_is_complete``): the feature
-        statistics are then accumulated from those n·k entries instead of all n·d_sae codes.
+        ``top_idx``/``top_vals`` are each row's largest codes, largest first (any width; the
+        Jaccard uses the first ``k_max``). Give ``top_vals`` only when they hold every firing
+        feature: the feature statistics are then accumulated from those n·k entries instead of
+        all n·d_sae codes. ``l0`` (firing features per row) may be passed if already known.
         """
         C = len(self.categories)
         finite = torch.isfinite(x).all(-1)
@@ -95,6 +97,8 @@ class HookStats:
                 top_idx = top_idx[finite]
             if top_vals is not None:
                 top_vals = top_vals[finite]
+            if l0 is not None:
+                l0 = l0[finite]
             if pair is not None:
                 pair = PairedBatch(pair.x[finite], pair.top_idx[finite], pair.l0[finite])
         if x.shape[0] == 0:
@@ -109,9 +113,10 @@ class HookStats:
         self.cos_sum += one64 @ M.cosine_rows(x, x_hat)
 
         if top_vals is not None and top_idx is not None:
-            l0 = self._update_features_sparse(top_vals, top_idx, cat)
+            row_l0 = self._update_features_sparse(top_vals, top_idx, cat)
         else:
-            l0 = self._update_features_dense(codes, cat, one64)
+            row_l0 = self._update_features_dense(codes, cat, one64)
+        l0 = row_l0 if l0 is None else l0
         self.l0_sum += one64 @ l0.double()
 
         if pair is not None:
@@ -119,9 +124,9 @@ class HookStats:
             d0 = x64 - x0
             self.pair_sq_diff += one64 @ (d0 * d0).sum(1)
             self.pair_cos_sum += one64 @ M.cosine_rows(x, pair.x)
-            if top_idx is None:
-                top_idx = M.topk_indices(codes, k_max)
-            jac = M.topk_jaccard_rows(top_idx, l0, pair.top_idx, pair.l0.to(l0.device), k_max, d_sae=self.d_sae)
+            top_k = M.topk_indices(codes, k_max) if top_idx is None else top_idx[:, :k_max]
+            jac = M.topk_jaccard_rows(top_k, l0, pair.top_idx[:, :k_max], pair.l0.to(l0.device), k_max,
+                                      d_sae=self.d_sae)
             self.jaccard_sum += one64 @ jac
             self.n_paired += one64.sum(1)
 

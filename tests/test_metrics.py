@@ -173,13 +173,15 @@ def _per_sequence_activations(model, mon, hook_layer):
     return torch.stack(xs), cats
 
 
-def test_monitor_matches_naive_reference_end_to_end(probe_world, tmp_path):
+@pytest.mark.parametrize("chunk_mb", [64, 0.005], ids=["one-chunk", "16-token-chunks"])
+def test_monitor_matches_naive_reference_end_to_end(probe_world, tmp_path, chunk_mb):
     ps, tok, base_model, cur_model = probe_world
     hook_layer = 1
     hook = f"model.layers.{hook_layer}"
     cfg_kwargs = dict(probes=ps, batch_size=5, positions={"harmful": "prompt_end", "harmless": "prompt_end",
                                                            "code": "response"},
-                      baseline_cache_dir=str(tmp_path), show_progress=False, drift_min_firings=2)
+                      baseline_cache_dir=str(tmp_path), show_progress=False, drift_min_firings=2,
+                      sae_chunk_mb=chunk_mb)
     # calibrate the SAE on base activations so codes are sparse
     probe_cfg = MonitorConfig(saes={hook: build_sae(32, 96)}, **cfg_kwargs)
     mon0 = DriftMonitor(probe_cfg, tok)
@@ -211,7 +213,7 @@ def test_sparse_and_dense_feature_updates_agree():
     N, d = x.shape
     S = f.shape[1]
     vals, top = M.topk_codes(f, 100)
-    assert M.topk_is_complete(vals, S)
+    assert int((f > 0).sum(1).max()) <= 100, "the top-100 must hold every firing feature"
     dense, sparse = HookStats(CATS, d, S), HookStats(CATS, d, S)
     for lo, hi in [(0, 300), (300, N)]:
         dense.update(x[lo:hi], xh[lo:hi], f[lo:hi], cat[lo:hi], top_idx=top[lo:hi])
@@ -221,5 +223,3 @@ def test_sparse_and_dense_feature_updates_agree():
     # a feature never seen in a category: -inf (sparse) or 0 (dense); compute() reports 0 for both
     seen = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
     torch.testing.assert_close(seen(sparse.act_max), seen(dense.act_max))
-    small_vals, _ = M.topk_codes(f, 3)
-    assert not M.topk_is_complete(small_vals, S), "a top-3 cannot hold every firing feature here"
