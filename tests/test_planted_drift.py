@@ -83,3 +83,22 @@ def test_model_mode_restored_and_hooks_removed(world):
     assert base.training, "the probe pass must restore train() mode"
     assert all(not m._forward_hooks for m in base.modules()), "hooks must be removed after the pass"
     base.eval()
+
+
+def test_two_hooks_in_one_forward_equal_separate_monitors(world, tmp_path):
+    """Several SAEs share one forward (stopped after the deepest hooked layer) and give the
+    same numbers as one monitor per hook."""
+    tok, base, sae, mon, _ = world
+    planted = _plant(base, tok, sae)
+    sae1 = build_sae(64, 256, seed=5, calibrate=collect_activations(
+        base, tok, [r.prompt for r in mon.probe_set.records[:40]], "model.layers.1"))
+    common = dict(probes=mon.probe_set, baseline_cache_dir=str(tmp_path), show_progress=False)
+    both = DriftMonitor(MonitorConfig(saes={"model.layers.1": sae1, HOOK: sae}, **common), tok)
+    both.baseline(base)
+    snap = both.snapshot(planted, step=7)
+    for hook, s in (("model.layers.1", sae1), (HOOK, sae)):
+        single = DriftMonitor(MonitorConfig(saes={hook: s}, **common), tok)
+        single.baseline(base)
+        one = single.snapshot(planted, step=7)
+        for name, v in one.hooks[hook].metrics.items():
+            assert snap.metric(hook, name) == pytest.approx(v, abs=1e-9, nan_ok=True), (hook, name)
