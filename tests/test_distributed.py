@@ -17,6 +17,7 @@ test after ``TIMEOUT_S`` instead of blocking CI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -269,19 +270,25 @@ def _not_in_a_group():
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
-def test_sharded_probe_pass_equals_single_process(tmp_path):
-    assert _not_in_a_group(), "the reference must run without a process group"
-    out_dir, cache_dir = tmp_path / "out", tmp_path / "cache"  # one cache dir shared by both ranks
-    out_dir.mkdir()
-    procs = _launch("monitor", out_dir, str(cache_dir))
+@contextlib.contextmanager
+def _kill_on_error(procs):
+    """If the parent's own work fails, kill the workers rather than leave them to time out."""
     try:
-        with _threads():  # the single-process reference, while the workers run
-            ref = _monitor_results(str(tmp_path / "ref_cache"))
+        yield
     except BaseException:
         for p, _ in procs:
             p.kill()
             p.wait()
         raise
+
+
+def test_sharded_probe_pass_equals_single_process(tmp_path):
+    assert _not_in_a_group(), "the reference must run without a process group"
+    out_dir, cache_dir = tmp_path / "out", tmp_path / "cache"  # one cache dir shared by both ranks
+    out_dir.mkdir()
+    procs = _launch("monitor", out_dir, str(cache_dir))
+    with _kill_on_error(procs), _threads():  # the single-process reference, while the workers run
+        ref = _monitor_results(str(tmp_path / "ref_cache"))
     r0, r1 = _join(procs, out_dir)
 
     # the set-up this test is about: an odd batch count, and rank 1 ran a dummy forward
@@ -323,17 +330,12 @@ def test_sharded_probe_pass_equals_single_process(tmp_path):
                     reason="torch.distributed with gloo is not available")
 def test_hookstats_all_reduce_sums_the_halves(tmp_path):
     procs = _launch("stats", tmp_path)
-    try:
+    with _kill_on_error(procs):
         n_chunks = len(_stats_data()[-1])
         whole = _stream(list(range(n_chunks)))
         before = {k: v.clone() for k, v in whole.state_dict().items()}
         whole.all_reduce()  # no process group: a no-op
         ref = {k: v.numpy() for k, v in whole.state_dict().items()}
-    except BaseException:
-        for p, _ in procs:
-            p.kill()
-            p.wait()
-        raise
     r0, r1 = _join(procs, tmp_path)
     for k, v in before.items():
         np.testing.assert_array_equal(ref[k], v.numpy(), err_msg=k)
