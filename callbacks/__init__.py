@@ -1,5 +1,12 @@
 """Trainer callbacks (installed as ``drift_monitor.callbacks``).
 
-The Transformers/TRL ``DriftMonitorCallback`` is built on :class:`drift_monitor.DriftMonitor`;
-see the issue tracker for its status.
+    from drift_monitor import MonitorConfig
+    from drift_monitor.callbacks import DriftMonitorCallback
+
+    cb = DriftMonitorCallback(MonitorConfig(saes={"model.layers.12": "sae_dir"}, every_n_steps=50))
+    trainer = SFTTrainer(..., callbacks=[cb]); cb.attach(trainer)   # attach: log through the trainer
 """
+
+from .trainer import DriftMonitorCallback
+
+__all__ = ["DriftMonitorCallback"]

@@ -65,6 +65,8 @@ class MonitorConfig(MetricSettings):
     early_stop: bool | str = "auto"
     baseline_cache_dir: str | None = None  # None: ~/.cache/drift_monitor/baselines
     fail_fast: bool = False
+    #: Alert rules: None (the defaults), a YAML file, or a mapping (see drift_monitor.alerts).
+    alert_rules: Any = None
     show_progress: bool = True
     # Export / callback settings (used by the callback and exporters).
     prometheus_port: int | None = None
@@ -126,7 +128,7 @@ class MonitorConfig(MetricSettings):
             v = getattr(self, f.name)
             if f.name == "saes":
                 v = {str(h): _describe(s) for h, s in self.sae_items()}
-            elif f.name == "probes":
+            elif f.name in ("probes", "alert_rules") and not isinstance(v, Mapping):
                 v = _describe(v)
             elif isinstance(v, Mapping):
                 v = dict(v)

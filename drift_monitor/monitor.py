@@ -61,6 +61,8 @@ def _on_every_rank(flag: bool, device: torch.device) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
+    if dist.get_backend() == "nccl" and torch.cuda.is_available():  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
@@ -123,7 +125,7 @@ class DriftMonitor:
         self.base_fingerprint = model_fingerprint(base_model)
         modules = self._bind(base_model)
         path = self._cache_path(self.base_fingerprint) if use_cache else None
-        base = self._load_cache(path, base_model) if path is not None else None
+        base = self._load_cache(path) if path is not None else None
         device = torch.device(self.config.device) if self.config.device else model_device(base_model)
         if path is not None and not _on_every_rank(base is not None, device):
             # A hit here but a miss (missing or unreadable file) on another rank: that rank's
@@ -136,6 +138,26 @@ class DriftMonitor:
                 self._save_cache(path, base)
         else:
             log.info("baseline loaded from cache %s", path)
+        return self._set_base(base, t0)
+
+    def load_baseline(self, fingerprint: str) -> Snapshot:
+        """The base snapshot from the on-disk cache alone, by the base model's fingerprint.
+
+        Why: a run resumed from a checkpoint no longer has its base weights in memory, but its
+        checkpoint records the base fingerprint, and the cache holds what pairing needs.
+        Raises FileNotFoundError (on every rank, together) when any rank lacks its cache file.
+        """
+        t0 = time.perf_counter()
+        path = self._cache_path(fingerprint)
+        base = self._load_cache(path)
+        if not _on_every_rank(base is not None, torch.device(self.config.device or "cpu")):
+            raise FileNotFoundError(
+                f"no cached baseline for base model {fingerprint} at {path} (or on another rank); "
+                "it is written by DriftMonitor.baseline() — keep baseline_cache_dir between runs")
+        self.base_fingerprint = fingerprint
+        return self._set_base(base, t0)
+
+    def _set_base(self, base: dict[str, _HookBase], t0: float) -> Snapshot:
         self._base = base
         hooks = {h: b.stats.compute(b.stats, h, self.settings) for h, b in base.items()}
         self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
@@ -286,7 +308,7 @@ class DriftMonitor:
         save_file(tensors, str(tmp), metadata={"hooks": json.dumps(list(base))})
         os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
 
-    def _load_cache(self, path: Path, model: nn.Module) -> dict[str, _HookBase] | None:
+    def _load_cache(self, path: Path) -> dict[str, _HookBase] | None:
         if not path.is_file():
             return None
         from safetensors import safe_open

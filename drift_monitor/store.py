@@ -719,9 +719,16 @@ def _apply_labels(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
     _insert_arrow(con, "feature_labels", table)
 
 
+def _apply_alerts(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+    _ensure_run(con, op.payload["run_id"], op.payload["t"])
+    for alert in op.payload["alerts"]:
+        _apply_alert(con, alert)
+
+
 _APPLY: dict[str, Callable[[duckdb.DuckDBPyConnection, _Op], None]] = {
     "start_run": _apply_start_run,
     "snapshot": _apply_snapshot,
+    "alerts": _apply_alerts,
     "finish_run": _apply_finish_run,
     "ack_alert": _apply_ack_alert,
     "labels": _apply_labels,
@@ -934,6 +941,12 @@ class Store:
         }
         tables = {"feature_stats": features, "metrics": metrics, "refusal_features": refusal, "snapshots": snaps}
         return _Op("snapshot", payload, tables)
+
+    def write_alerts(self, alerts: Iterable[Alert], run_id: str | None = None) -> WriteOutcome:
+        """Store alerts that come with no snapshot (e.g. a monitor error), in one transaction."""
+        rid = self._run(run_id)
+        return self._submit(_Op("alerts", {"run_id": rid, "t": time.time(),
+                                           "alerts": [_alert_payload(rid, a) for a in alerts]}))
 
     def acknowledge_alert(self, alert_id: str) -> WriteOutcome:
         """Mark an alert acknowledged (it stays active until its rule resolves it).

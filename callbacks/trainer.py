@@ -1,0 +1,263 @@
+"""DriftMonitorCallback: the probe pass inside a Transformers/TRL training run.
+
+Modelled on TRL's ``LogCompletionsCallback`` and transformers' tracker integrations:
+
+* **Cadence.** Baseline at ``on_train_begin`` (before any update), a snapshot every
+  ``every_n_steps`` optimizer steps (``on_step_end``, so gradient accumulation counts once),
+  optionally at ``on_save`` / ``on_evaluate``, and a final one at ``on_train_end``; never two
+  for one step.
+* **Per-rank work.** Every rank runs the probe forward on its shard (FSDP/ZeRO-3 hang
+  otherwise) and the statistics are all-reduced; only the world process zero writes DuckDB,
+  evaluates alerts and serves Prometheus.
+* **Never breaks training.** Any exception in the monitor is logged, counted
+  (``drift_monitor_errors_total``) and stored as a ``monitor_error`` alert, and training goes
+  on; ``MonitorConfig(fail_fast=True)`` re-raises (for tests).
+* **Resumable.** ``on_save`` writes ``drift_monitor.json`` into the checkpoint (run id, base
+  fingerprint, alert state); resuming reloads the baseline from the on-disk cache by that
+  fingerprint and keeps the run id, and the store's replace semantics mean no step is stored
+  twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from drift_monitor.config import MonitorConfig
+from drift_monitor.records import Alert, Snapshot
+
+log = logging.getLogger("drift_monitor.callback")
+
+STATE_FILE = "drift_monitor.json"
+LOG_PREFIX = "drift_monitor"
+
+
+class DriftMonitorCallback(TrainerCallback):
+    """Watch a run through the base model's SAE(s). See :class:`~drift_monitor.MonitorConfig`.
+
+    ``trainer``: pass it (or call :meth:`attach`) so the scalars go through ``trainer.log`` and
+    reach W&B / TensorBoard / MLflow next to the loss; without it they are only appended to
+    ``state.log_history``.
+    """
+
+    def __init__(self, config: MonitorConfig, tokenizer: Any = None, *, trainer: Any = None, run_id: str | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.trainer = trainer
+        self.run_id = run_id
+        self.monitor = None
+        self.store = None
+        self.exporter = None
+        self.alerts = None
+        self.base_fingerprint: str | None = None
+        self.done_steps: set[int] = set()
+        self.errors = 0
+        self.probe_seconds = 0.0
+        self.prometheus_port: int | None = None
+        self._t_start = time.perf_counter()
+        self._is_zero = True
+
+    def attach(self, trainer: Any) -> "DriftMonitorCallback":
+        """Register with ``trainer`` (if not yet) and log through it."""
+        self.trainer = trainer
+        if not any(cb is self for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        return self
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._is_zero = bool(state.is_world_process_zero)
+        self._t_start = time.perf_counter()
+        self._guard("start", self._start, args, state, model, processing_class)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.monitor is not None and state.global_step % self.config.every_n_steps == 0:
+            self._guard("snapshot", self._snapshot, args, state, model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self.monitor is None:
+            return
+        if self.config.snapshot_on_save:
+            self._guard("snapshot", self._snapshot, args, state, model)
+        if self._is_zero:
+            self._guard("checkpoint", self._write_checkpoint_state, args, state)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.monitor is not None and self.config.snapshot_on_evaluate:
+            self._guard("snapshot", self._snapshot, args, state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.monitor is not None:
+            self._guard("snapshot", self._snapshot, args, state, model)
+        self._guard("finish", self._finish, state)
+
+    # ------------------------------------------------------------------ work
+    def _start(self, args, state, model, processing_class) -> None:
+        from drift_monitor.monitor import DriftMonitor
+
+        tokenizer = self.tokenizer or processing_class
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+        if tokenizer is None:
+            raise ValueError("DriftMonitorCallback needs a tokenizer: pass it, or give the trainer processing_class=")
+        if model is None:
+            raise ValueError("the trainer passed no model to the callback")
+        self.monitor = DriftMonitor(self.config, tokenizer)
+        resumed = self._resume_state(args, state)
+        if resumed is not None:
+            self.run_id = resumed["run_id"]
+            self.base_fingerprint = resumed["base_fingerprint"]
+            self.done_steps = {s for s in resumed.get("done_steps", []) if s <= state.global_step}
+            base = self.monitor.load_baseline(self.base_fingerprint)
+            log.info("drift-monitor: resumed run %s at step %d", self.run_id, state.global_step)
+        else:
+            if state.global_step > 0:
+                log.warning("drift-monitor: resuming at step %d without %s in the checkpoint; the current "
+                            "weights become the base of a new run", state.global_step, STATE_FILE)
+            base = self.monitor.baseline(model)
+            self.base_fingerprint = self.monitor.base_fingerprint
+        self.done_steps.add(0)
+        if not self._is_zero:
+            return
+        self._open_outputs(args, model, resumed)
+        if resumed is None:
+            self._record(base, state)
+
+    def _open_outputs(self, args, model, resumed) -> None:
+        from drift_monitor.alerts import AlertEngine, load_rules
+
+        name = self.config.run_name or getattr(args, "run_name", None)
+        if self.config.db_path:
+            from drift_monitor.store import Store
+
+            self.store = Store(self.config.db_path, run_id=self.run_id, run_name=name)
+            self.run_id = self.store.start_run(
+                name=name, model=_model_name(model), config=self.config.to_dict(), probe_hash=self.monitor.probe_hash)
+        if self.run_id is None:
+            import uuid
+
+            self.run_id = uuid.uuid4().hex
+        rules = load_rules(self.config.alert_rules)
+        state = (resumed or {}).get("alerts")
+        self.alerts = AlertEngine.from_state(state, rules=rules) if state else AlertEngine(rules, run=self.run_id)
+        if self.config.prometheus_port is not None or self.config.pushgateway_url:
+            self._guard("prometheus", self._open_exporter, model)
+
+    def _open_exporter(self, model) -> None:
+        from drift_monitor import __version__
+        from drift_monitor.exporters.prometheus import PrometheusExporter
+
+        self.exporter = PrometheusExporter(run=self.run_id)
+        self.exporter.set_info(model=_model_name(model) or "", probe_hash=self.monitor.probe_hash, version=__version__)
+        if self.config.prometheus_port is not None:
+            self.prometheus_port = self.exporter.serve(self.config.prometheus_port, self.config.prometheus_host)
+            log.info("drift-monitor: Prometheus metrics at http://%s:%d/metrics", self.config.prometheus_host,
+                     self.prometheus_port)
+
+    def _snapshot(self, args, state, model) -> None:
+        step = int(state.global_step)
+        if step in self.done_steps:
+            return
+        self.done_steps.add(step)  # before the pass: a failing step is not retried at every event
+        t0 = time.perf_counter()
+        snap = self.monitor.snapshot(model, step)
+        self.probe_seconds += time.perf_counter() - t0
+        if self._is_zero:
+            self._record(snap, state)
+        self._log_scalars(snap, state)
+
+    def _record(self, snap: Snapshot, state) -> None:
+        """Rank 0: alerts, one store transaction, exporter."""
+        alerts = self.alerts.evaluate(snap) if self.alerts is not None else []
+        for a in alerts:
+            (log.warning if a.status == "active" else log.info)("drift-monitor alert [%s] %s: %s", a.severity,
+                                                                 a.rule, a.message)
+        if self.store is not None:
+            self.store.write(snap, alerts)
+        if self.exporter is not None:
+            # update() also records snap.duration_s in drift_monitor_probe_duration_seconds
+            self.exporter.update(snap, alerts, active=self.alerts.active() if self.alerts else None)
+            if self.config.pushgateway_url:
+                self.exporter.push(self.config.pushgateway_url)
+
+    def _log_scalars(self, snap: Snapshot, state) -> None:
+        logs = {f"{LOG_PREFIX}/{hook}/{name}": float(v) for (hook, name), v in snap.scalars().items()
+                if v is not None and math.isfinite(v)}
+        logs[f"{LOG_PREFIX}/probe_seconds"] = snap.duration_s
+        if self.trainer is not None:
+            self.trainer.log(logs)
+        else:
+            state.log_history.append({**logs, "step": int(state.global_step)})
+
+    def _write_checkpoint_state(self, args, state) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            log.warning("drift-monitor: checkpoint folder %s not found; state not saved", ckpt)
+            return
+        data = {"run_id": self.run_id, "base_fingerprint": self.base_fingerprint,
+                "probe_hash": self.monitor.probe_hash, "done_steps": sorted(self.done_steps),
+                "alerts": self.alerts.state() if self.alerts is not None else None}
+        tmp = ckpt / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, ckpt / STATE_FILE)
+
+    def _resume_state(self, args, state) -> dict | None:
+        if state.global_step == 0:
+            return None
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("probe_hash") != self.monitor.probe_hash:
+            log.warning("drift-monitor: the probe set changed since the checkpoint (%s -> %s); starting a new run",
+                        data.get("probe_hash"), self.monitor.probe_hash)
+            return None
+        return data
+
+    def _finish(self, state) -> None:
+        if not self._is_zero:
+            return
+        wall = time.perf_counter() - self._t_start
+        if wall > 0:
+            log.info("drift-monitor: probe passes took %.1f s of %.1f s (%.2f%%)", self.probe_seconds, wall,
+                     100 * self.probe_seconds / wall)
+        if self.store is not None:
+            self.store.finish_run("finished")
+            self.store.close()
+        if self.exporter is not None and self.config.pushgateway_url:
+            self.exporter.push(self.config.pushgateway_url)
+
+    # ------------------------------------------------------------------ never break training
+    def _guard(self, what: str, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - the monitor must never stop training
+            if self.config.fail_fast:
+                raise
+            self.errors += 1
+            log.error("drift-monitor: %s failed (%s: %s); training continues", what, type(e).__name__, e)
+            log.debug("%s", traceback.format_exc())
+            self._report_error(what, e)
+
+    def _report_error(self, what: str, e: Exception) -> None:
+        try:
+            if self.exporter is not None:
+                self.exporter.record_error()
+            if self.store is not None and self._is_zero:
+                step = max(self.done_steps) if self.done_steps else 0
+                self.store.write_alerts([Alert(rule="monitor_error", severity="warning", step=step, hook="",
+                                               message=f"{what}: {type(e).__name__}: {e}")])
+        except Exception:  # noqa: BLE001 - reporting an error must not raise another
+            log.debug("drift-monitor: could not record the error", exc_info=True)
+
+
+def _model_name(model: Any) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(cfg, "model_type", None) or type(model).__name__
