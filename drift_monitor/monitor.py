@@ -214,7 +214,6 @@ class DriftMonitor:
         for s in self.saes:
             s.sae.to(device)
         cats = self.probes.categories
-        k_max = self.settings.topk_jaccard_k
         stats = {s.hook: HookStats(cats, s.d_in, s.d_sae, device) for s in self.saes}
         pairs: dict[str, dict[int, PairedBatch]] = {s.hook: {} for s in self.saes}
         forward = _forward_fn(model)

@@ -1045,7 +1045,10 @@ class Store:
         opened on a helper thread: see :class:`_Opening`.
         """
         with self._lock:
-            opening = _Opening(lambda: self._open(self.retry_timeout_s))
+            # While earlier writes wait in the spool the file was busy a moment ago: try once,
+            # briefly, rather than stall training for the full retry budget at every write.
+            budget = self.retry_timeout_s if not self.spool.pending() else min(self.retry_timeout_s, 0.1)
+            opening = _Opening(lambda: self._open(budget))
             try:
                 op = op_or_builder() if callable(op_or_builder) else op_or_builder
             except BaseException:

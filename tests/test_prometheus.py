@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import socket
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,6 +28,7 @@ from drift_monitor.exporters.prometheus import (
     metric_name,
 )
 from drift_monitor.records import Alert, HookResult, Snapshot
+from servers import free_port, http_get, need, start, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "prometheus"
@@ -52,25 +49,6 @@ def full_metrics(ev: float) -> dict[str, float]:
     return m
 
 
-def need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        pytest.fail(f"`{binary}` is not on PATH: run `bash scripts/install.sh --test` "
-                    f"(installs the Debian packages prometheus and prometheus-pushgateway)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
 def families(text: str) -> dict:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
@@ -80,37 +58,6 @@ def value(text: str, name: str, **labels: str) -> float:
              if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
     assert len(found) == 1, f"{name}{labels}: {len(found)} samples found"
     return found[0]
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    out = open(log, "wb")
-    try:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    finally:
-        out.close()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            http_get(url, timeout=1)
-            return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(0.1)
-    pytest.fail(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 # ---------------------------------------------------------------------------- 1. surface

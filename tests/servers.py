@@ -1,0 +1,63 @@
+"""Real servers for tests: find binaries (fail, never skip), free loopback ports, start/stop, poll."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.fail(f"`{binary}` is not on PATH: run `bash scripts/install.sh --test` "
+                    f"(installs the Debian packages prometheus and prometheus-pushgateway)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 2.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        out.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            http_get(url, timeout=1)
+            return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.1)
+    pytest.fail(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
