@@ -268,8 +268,6 @@ def _not_in_a_group():
     return not (dist.is_available() and dist.is_initialized())
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
 @contextlib.contextmanager
 def _kill_on_error(procs):
     """If the parent's own work fails, kill the workers rather than leave them to time out."""
@@ -326,8 +324,6 @@ def test_sharded_probe_pass_equals_single_process(tmp_path):
                               {k: v for k, v in r0.items() if k.startswith(f"{pre}.")}, f"{again} {pre} vs fresh")
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
 def test_hookstats_all_reduce_sums_the_halves(tmp_path):
     procs = _launch("stats", tmp_path)
     with _kill_on_error(procs):
