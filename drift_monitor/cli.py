@@ -52,6 +52,40 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_saes(specs: list[str]) -> dict[str, str]:
+    saes: dict[str, str] = {}
+    for spec in specs:
+        hook, sep, source = spec.partition("=")
+        if not sep or not hook or not source:
+            raise ValueError(f"--sae {spec!r}: expected HOOK=SOURCE, e.g. --sae model.layers.12=path/to/sae_dir")
+        saes[hook] = source
+    return saes
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from .scan import format_summary, scan
+
+    saes = _parse_saes(args.sae)
+    result = scan(args.base_model, saes, checkpoints=args.checkpoints, models=args.model, db_path=args.db,
+                  probes=args.probes, run_name=args.run_name, pushgateway=args.pushgateway, device=args.device,
+                  dtype=args.dtype, batch_size=args.batch_size, force=args.force,
+                  trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    print(format_summary(result, list(saes)))
+    for r in result.failed:
+        print(f"drift-monitor: checkpoint {r.checkpoint.path} (step {r.checkpoint.step}) failed: {r.error}",
+              file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .store import export_run
+
+    written = export_run(args.db, args.run, args.out, fmt=args.format)
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drift-monitor", description="Watch LLM fine-tuning through a base-model SAE.")
     p.add_argument("--version", action="version", version=f"drift-monitor {__version__}")
@@ -71,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", nargs="?", default="default", help="a JSONL probe file, or 'default'")
     pr.set_defaults(func=_cmd_probes)
 
+    sc = sub.add_parser("scan", help="scan saved checkpoints (full models or PEFT adapters) against a base model")
+    sc.add_argument("--base-model", required=True, help="the base model folder (step 0; adapters load onto it)")
+    sc.add_argument("--sae", action="append", required=True, metavar="HOOK=SOURCE",
+                    help="an SAE per hook: a local sae-lens folder or release:sae_id (repeatable)")
+    sc.add_argument("--checkpoints", action="append", default=[], metavar="DIR|GLOB",
+                    help="a Trainer output folder (checkpoint-N inside), a checkpoint, or a glob (repeatable)")
+    sc.add_argument("--model", action="append", default=[], metavar="STEP=PATH",
+                    help="an explicit checkpoint, e.g. --model 1000=path/to/chat (repeatable)")
+    sc.add_argument("--db", required=True, help="the DuckDB file to write (created if missing)")
+    sc.add_argument("--probes", default="default", help="a JSONL probe file, or 'default'")
+    sc.add_argument("--run-name", default=None, help="the run's name and id (default: derived from the inputs)")
+    sc.add_argument("--pushgateway", default=None, metavar="URL", help="push aggregates to this Pushgateway")
+    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    sc.add_argument("--batch-size", type=int, default=16)
+    sc.add_argument("--force", action="store_true", help="re-scan steps already in the DB")
+    sc.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint folders")
+    sc.add_argument("--no-progress", action="store_true")
+    sc.set_defaults(func=_cmd_scan)
+
+    ex = sub.add_parser("export", help="export one run's tables as Parquet or CSV")
+    ex.add_argument("--db", required=True)
+    ex.add_argument("--run", required=True, help="a run id or name")
+    ex.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    ex.add_argument("--out", default=".", help="output folder")
+    ex.set_defaults(func=_cmd_export)
+
     r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file")
     r.add_argument("--db", required=True)
     r.set_defaults(func=_cmd_runs)
@@ -83,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("drift-monitor: interrupted; what was stored is whole, and rerunning the same command finishes "
+              "the job", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug or not _is_user_error(e):
@@ -94,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(e: BaseException) -> bool:
     """Errors whose message already says what to fix: shown as one line, without a traceback."""
-    if isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+    if isinstance(e, (ValueError, KeyError, FileNotFoundError, OSError)):
         return True
     store = sys.modules.get("drift_monitor.store")  # only loaded if a command used the store
     return store is not None and isinstance(e, store.StoreError)

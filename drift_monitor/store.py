@@ -1285,3 +1285,40 @@ class StoreReader:
 
     def labels(self, hook: str) -> pd.DataFrame:
         return self._df("SELECT feature, label, source FROM feature_labels WHERE hook = ? ORDER BY feature", [hook])
+
+
+EXPORT_TABLES = ("runs", "snapshots", "metrics", "feature_stats", "refusal_features", "alerts")
+
+
+def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLike[str],
+               fmt: Literal["parquet", "csv"] = "parquet") -> list[Path]:
+    """Write one run's rows of every table to ``out_dir/<run>_<table>.<fmt>`` (DuckDB's COPY).
+
+    ``run`` is a run id or a run name. The file is opened read-only, so a training run can keep
+    writing (between its writes).
+    """
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
+    reader = StoreReader(path)
+    runs = reader.runs()
+    match = runs[(runs.run_id == run) | (runs.name == run)]
+    if match.empty:
+        known = ", ".join(runs.run_id.astype(str).tolist()[:10]) or "none"
+        raise StoreError(f"{path}: no run with id or name {run!r}; runs: {known}")
+    if len(match) > 1:
+        raise StoreError(f"{path}: several runs are named {run!r}; give the run id: {match.run_id.tolist()}")
+    run_id = str(match.run_id.iloc[0])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    written = []
+    with reader._connection() as con:
+        for table in EXPORT_TABLES:
+            target = out / f"{safe}_{table}.{fmt}"
+            df = con.execute(f"SELECT * FROM {table} WHERE run_id = ?", [run_id]).df()  # noqa: S608 - fixed names
+            if fmt == "parquet":
+                df.to_parquet(target, index=False)
+            else:
+                df.to_csv(target, index=False)
+            written.append(target)
+    return written

@@ -1,0 +1,365 @@
+"""Offline scan: the callback's computation over saved checkpoints, resumably.
+
+    drift-monitor scan --base-model BASE --sae model.layers.12=SAE --checkpoints out/ --db drift.duckdb
+
+Why a separate path from the callback: after the fact there is no trainer, the checkpoints may
+be full models or PEFT adapters, some may be broken, and the scan may be interrupted. So:
+checkpoints are found and validated up front (clear errors, nothing loaded yet); the base is
+loaded once and adapters are swapped onto it (never a base reload per adapter); a
+(run, step, hook) already stored is skipped unless ``force``; one checkpoint failing to load
+is reported and the rest are still scanned; alerts are evaluated over the scanned sequence
+exactly as in the callback; aggregates go to a Pushgateway when one is given.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class ScanError(ValueError):
+    """Bad scan input, with the path and the fix in the message."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+    kind: str  # "full" | "adapter"
+
+
+@dataclass
+class CheckpointResult:
+    checkpoint: Checkpoint
+    status: str  # "scanned" | "skipped" | "failed"
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+    error: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    emerging: dict[str, list[int]] = field(default_factory=dict)
+    alerts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScanResult:
+    run_id: str
+    results: list[CheckpointResult]
+
+    @property
+    def failed(self) -> list[CheckpointResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+
+# ---------------------------------------------------------------------------------- discovery
+def checkpoint_kind(path: Path) -> str:
+    """"adapter" or "full"; a ScanError naming what is missing otherwise."""
+    if (path / "adapter_config.json").is_file():
+        if not any((path / f).is_file() for f in _ADAPTER_WEIGHTS):
+            raise ScanError(f"{path}: adapter_config.json found but no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+        return "adapter"
+    if (path / "config.json").is_file():
+        if not any((path / f).is_file() for f in _WEIGHT_FILES) and not list(path.glob("*.safetensors")):
+            raise ScanError(f"{path}: config.json found but no model weights (model.safetensors or pytorch_model.bin)")
+        return "full"
+    raise ScanError(f"{path}: not a checkpoint (no config.json with weights, no adapter_config.json)")
+
+
+def _step_of(path: Path) -> int | None:
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text())["global_step"])
+        except (KeyError, ValueError, json.JSONDecodeError):
+            pass
+    m = _CKPT.match(path.name)
+    return int(m[1]) if m else None
+
+
+def discover(checkpoints: Sequence[str] = (), models: Sequence[str] = ()) -> list[Checkpoint]:
+    """Checkpoints from folders/globs (``checkpoint-N`` children, ordered by N, step from
+    ``trainer_state.json``; a final output folder with weights counts too) and explicit
+    ``STEP=PATH`` pairs. Raises ScanError for anything missing or unreadable, before loading."""
+    found: dict[int, Checkpoint] = {}
+
+    def add(step: int, path: Path) -> None:
+        if step in found and found[step].path != path:
+            raise ScanError(f"two checkpoints for step {step}: {found[step].path} and {path}; give one with --model")
+        found[step] = Checkpoint(step, path, checkpoint_kind(path))
+
+    for spec in models:
+        if "=" not in spec:
+            raise ScanError(f"--model {spec!r}: expected STEP=PATH, e.g. --model 0=base --model 1000=chat")
+        s, p = spec.split("=", 1)
+        if not s.strip().lstrip("-").isdigit():
+            raise ScanError(f"--model {spec!r}: the step {s!r} is not an integer")
+        path = Path(p).expanduser()
+        if not path.exists():
+            raise ScanError(f"--model {spec!r}: {path} does not exist")
+        add(int(s), path)
+    for spec in checkpoints:
+        paths = [Path(p) for p in sorted(globlib.glob(spec))] if any(c in spec for c in "*?[") else [Path(spec)]
+        if not paths:
+            raise ScanError(f"--checkpoints {spec!r}: the pattern matches nothing")
+        for path in paths:
+            _add_folder(path, add)
+    if not found:
+        raise ScanError("no checkpoints to scan: give --checkpoints DIR|GLOB or --model STEP=PATH")
+    return [found[s] for s in sorted(found)]
+
+
+def _add_folder(path: Path, add) -> None:
+    if not path.exists():
+        raise ScanError(f"--checkpoints {path}: no such directory")
+    if not path.is_dir():
+        raise ScanError(f"--checkpoints {path}: not a directory")
+    children = sorted((c for c in path.iterdir() if c.is_dir() and _CKPT.match(c.name)),
+                      key=lambda c: int(_CKPT.match(c.name)[1]))  # type: ignore[index]
+    is_ckpt = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    if not children and not is_ckpt:
+        raise ScanError(f"--checkpoints {path}: no checkpoint-N folders and no model or adapter in it")
+    for c in children:
+        add(_step_of(c), c)  # type: ignore[arg-type]
+    if is_ckpt:  # a checkpoint itself, or a final output folder beside its checkpoint-N children
+        step = _step_of(path)
+        if step is None:
+            if not children:
+                raise ScanError(f"{path}: cannot tell its training step (no trainer_state.json, not named "
+                                "checkpoint-N); give it as --model STEP=PATH")
+            step = max(_step_of(c) or 0 for c in children)
+            log.info("%s: final output folder, taken as step %d (its last checkpoint's)", path, step)
+            if any(c.name == f"checkpoint-{step}" for c in children):
+                return  # the same weights as the last checkpoint
+        add(step, path)
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False):
+    """A causal LM, safely: safetensors when present, no remote code unless asked."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype:
+        import torch
+
+        kwargs["dtype"] = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    return model.to(device).eval()
+
+
+class _AdapterSwapper:
+    """Loads each adapter onto one base model, dropping the previous one (the base loads once)."""
+
+    def __init__(self, base):
+        self.base = base
+        self.model = None
+        self.current: str | None = None
+
+    def load(self, ckpt: Checkpoint):
+        from peft import PeftModel
+
+        name = f"step{ckpt.step}"
+        try:
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.base, str(ckpt.path), adapter_name=name)
+            else:
+                self.model.load_adapter(str(ckpt.path), adapter_name=name)
+                self.model.set_adapter(name)
+        except RuntimeError as e:
+            if "size mismatch" in str(e) or "shape" in str(e):
+                raise ScanError(f"{ckpt.path}: this adapter does not fit the base model ({_first_line(e)}); "
+                                "was it trained on a different base?") from None
+            raise
+        if self.current is not None and self.current != name:
+            self.model.delete_adapter(self.current)
+        self.current = name
+        self.model.eval()
+        return self.model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------- the scan
+def run_id_for(run_name: str | None, base_model: str, checkpoints: Sequence[Checkpoint]) -> str:
+    """Stable across reruns (so a rerun resumes): the run name, else a hash of the inputs."""
+    if run_name:
+        return run_name
+    h = hashlib.sha256(str(Path(base_model).resolve()).encode())
+    for c in checkpoints:
+        h.update(str(c.path.resolve().parent).encode())
+    return "scan-" + h.hexdigest()[:12]
+
+
+def scan(
+    base_model: str,
+    saes: dict[str, Any],
+    *,
+    checkpoints: Sequence[str] = (),
+    models: Sequence[str] = (),
+    db_path: str,
+    probes: Any = "default",
+    run_name: str | None = None,
+    pushgateway: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    batch_size: int = 16,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> ScanResult:
+    """Scan ``checkpoints`` against ``base_model``; see the module docstring."""
+    from transformers import AutoTokenizer
+
+    from .alerts import AlertEngine, load_rules
+    from .config import MonitorConfig
+    from .monitor import DriftMonitor
+    from .store import Store, StoreNotFound, StoreReader
+
+    ckpts = discover(checkpoints, models)
+    base_path = Path(base_model)
+    if not base_path.exists():
+        raise ScanError(f"--base-model {base_model}: no such directory")
+    if checkpoint_kind(base_path) != "full":
+        raise ScanError(f"--base-model {base_model}: expected a full model folder (config.json + weights)")
+    cfg = MonitorConfig(saes=saes, probes=probes, db_path=db_path, batch_size=batch_size, device=device,
+                        run_name=run_name, show_progress=False, pushgateway_url=pushgateway,
+                        **(config_overrides or {}))
+    tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
+    base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    mon = DriftMonitor(cfg, tok)
+    base_snap = mon.baseline(base)
+    run_id = run_id_for(run_name, base_model, ckpts)
+    store = Store(db_path, run_id=run_id, run_name=run_name or run_id)
+    store.start_run(name=run_name or run_id, model=str(base_path), config=cfg.to_dict(), probe_hash=mon.probe_hash)
+    done: set[tuple[int, str]] = set()
+    try:
+        snaps = StoreReader(db_path).snapshots(run_id)
+        done = {(int(s), str(h)) for s, h in zip(snaps.step, snaps.hook)}
+    except StoreNotFound:
+        pass
+    hooks = mon.hooks
+    engine = AlertEngine(load_rules(cfg.alert_rules), run=run_id)
+    if force or not all((0, h) in done for h in hooks):
+        store.write(base_snap, engine.evaluate(base_snap))
+    else:
+        engine.observe(base_snap)
+    exporter = None
+    if pushgateway:
+        from .exporters.prometheus import PrometheusExporter
+
+        exporter = PrometheusExporter(run=run_id)
+        exporter.set_info(model=str(base_path), probe_hash=mon.probe_hash)
+    results: list[CheckpointResult] = []
+    swapper = _AdapterSwapper(base)
+    history = _stored_points(db_path, run_id, hooks)
+    try:
+        for ckpt in _bar(ckpts, progress):
+            if not force and all((ckpt.step, h) in done for h in hooks):
+                if ckpt.step in history:
+                    engine.observe(history[ckpt.step])
+                results.append(CheckpointResult(ckpt, "skipped"))
+                continue
+            results.append(_scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code))
+            if exporter is not None and results[-1].status == "scanned":
+                try:
+                    exporter.push(pushgateway, job="drift_monitor_scan")
+                except Exception as e:  # noqa: BLE001 - a gateway outage must not stop the scan
+                    log.error("push to %s failed: %s", pushgateway, e)
+    except KeyboardInterrupt:
+        # every stored snapshot is whole (one transaction each); a rerun skips them and finishes
+        store.finish_run("failed")
+        store.close()
+        raise
+    store.finish_run("failed" if any(r.status == "failed" for r in results) else "finished")
+    store.close()
+    return ScanResult(run_id, results)
+
+
+def _scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code) -> CheckpointResult:
+    t0 = time.perf_counter()
+    try:
+        if ckpt.kind == "adapter":
+            model = swapper.load(ckpt)
+        else:
+            model = load_model(ckpt.path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        t_load = time.perf_counter() - t0
+        snap = mon.snapshot(model, ckpt.step)
+    except ScanError as e:
+        return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=str(e))
+    except Exception as e:  # noqa: BLE001 - report it, scan the rest
+        return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=f"{type(e).__name__}: {_first_line(e)}")
+    alerts = engine.evaluate(snap)
+    store.write(snap, alerts)
+    if exporter is not None:
+        exporter.update(snap, alerts, active=engine.active())
+    if ckpt.kind == "full":
+        del model
+    return CheckpointResult(
+        ckpt, "scanned", time.perf_counter() - t0, load_seconds=t_load,
+        metrics={h: dict(r.metrics) for h, r in snap.hooks.items()},
+        emerging={h: list(r.refusal.emerging) if r.refusal else [] for h, r in snap.hooks.items()},
+        alerts=[f"{a.rule}:{a.status}" for a in alerts])
+
+
+def _stored_points(db_path: str, run_id: str, hooks: list[str]) -> dict[int, Any]:
+    """Metric points of steps already in the DB, so a resumed scan's alert history is whole."""
+    from .alerts import MetricPoint
+    from .store import StoreNotFound, StoreReader
+
+    try:
+        series = StoreReader(db_path).metric_series(run_id)
+    except StoreNotFound:
+        return {}
+    points: dict[int, Any] = {}
+    for step, grp in series.groupby("step"):
+        metrics = {h: dict(zip(g.name, g.value)) for h, g in grp.groupby("hook") if h in hooks}
+        points[int(step)] = MetricPoint(step=int(step), metrics=metrics)
+    return points
+
+
+def _bar(items, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="drift-monitor scan", unit="ckpt")
+
+
+def format_summary(result: ScanResult, hooks: Sequence[str]) -> str:
+    """The end-of-scan table: step, status, EV, drifted share, top refusal features, alerts."""
+    lines = [f"{'step':>7} {'kind':<8} {'status':<8} {'hook':<22} {'expl.var':>9} {'drifted':>8} "
+             f"{'time s':>7}  top refusal features / alerts / error"]
+    for r in result.results:
+        c = r.checkpoint
+        if r.status != "scanned":
+            lines.append(f"{c.step:>7} {c.kind:<8} {r.status:<8} {'':<22} {'':>9} {'':>8} {r.seconds:>7.1f}  "
+                         f"{r.error or ''}")
+            continue
+        for h in hooks:
+            m = r.metrics.get(h, {})
+            extra = ", ".join(map(str, r.emerging.get(h, [])[:5]))
+            if r.alerts:
+                extra += ("  " if extra else "") + "alerts: " + ", ".join(r.alerts)
+            lines.append(f"{c.step:>7} {c.kind:<8} {r.status:<8} {h:<22} {m.get('explained_variance', float('nan')):>9.3f} "
+                         f"{m.get('features_drifted_ratio', float('nan')):>8.1%} {r.seconds:>7.1f}  {extra}")
+    n_failed = len(result.failed)
+    lines.append(f"run {result.run_id}: {sum(r.status == 'scanned' for r in result.results)} scanned, "
+                 f"{sum(r.status == 'skipped' for r in result.results)} already stored, {n_failed} failed")
+    return "\n".join(lines)
