@@ -141,8 +141,8 @@ def _add_folder(path: Path, add) -> None:
                                 "checkpoint-N); give it as --model STEP=PATH")
             step = max(_step_of(c) or 0 for c in children)
             log.info("%s: final output folder, taken as step %d (its last checkpoint's)", path, step)
-            if any(c.name == f"checkpoint-{step}" for c in children):
-                return  # the same weights as the last checkpoint
+        if any(_step_of(c) == step for c in children):
+            return  # a final output folder (save_model + save_state) holds its last checkpoint's weights
         add(step, path)
 
 
@@ -180,7 +180,8 @@ class _AdapterSwapper:
                 self.model.set_adapter(name)
         except RuntimeError as e:
             if "size mismatch" in str(e) or "shape" in str(e):
-                raise ScanError(f"{ckpt.path}: this adapter does not fit the base model ({_first_line(e)}); "
+                detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
+                raise ScanError(f"{ckpt.path}: this adapter does not fit the base model ({detail}); "
                                 "was it trained on a different base?") from None
             raise
         if self.current is not None and self.current != name:
@@ -238,8 +239,15 @@ def scan(
         raise ScanError(f"--base-model {base_model}: no such directory")
     if checkpoint_kind(base_path) != "full":
         raise ScanError(f"--base-model {base_model}: expected a full model folder (config.json + weights)")
+    # Step 0 is the base: `--model 0=BASE` names the baseline itself (measured once, below);
+    # another model at step 0 would overwrite the baseline every later step is paired against.
+    for c in ckpts:
+        if c.step == 0 and c.path.resolve() != base_path.resolve():
+            raise ScanError(f"{c.path} is given as step 0, but step 0 is the base model ({base_model}); "
+                            "give it another step, or pass it as --base-model")
+    ckpts = [c for c in ckpts if c.step != 0]
     cfg = MonitorConfig(saes=saes, probes=probes, db_path=db_path, batch_size=batch_size, device=device,
-                        run_name=run_name, show_progress=False, pushgateway_url=pushgateway,
+                        run_name=run_name, show_progress=progress, pushgateway_url=pushgateway,
                         **(config_overrides or {}))
     tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
     base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
