@@ -86,6 +86,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def dashboard_command(args: argparse.Namespace) -> list[str]:
+    """The ``streamlit run`` command line for the installed dashboard app (works from a wheel)."""
+    from pathlib import Path
+
+    import drift_monitor.dashboard as dash
+
+    app = Path(dash.__file__).resolve().parent / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app),
+           "--server.address", args.host, "--server.port", str(args.port),
+           "--server.headless", "true" if args.headless else "false",
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+           "--", "--db", str(Path(args.db).expanduser().resolve()), "--refresh", str(args.refresh)]
+    return cmd
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    cmd = dashboard_command(args)
+    print(f"drift-monitor dashboard: http://{args.host}:{args.port}/  (db {args.db}, read-only)", flush=True)
+    if os.name == "posix":  # become streamlit: signals (Ctrl-C, a supervisor's SIGTERM) reach it directly
+        os.execv(cmd[0], cmd)
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drift-monitor", description="Watch LLM fine-tuning through a base-model SAE.")
     p.add_argument("--version", action="version", version=f"drift-monitor {__version__}")
@@ -131,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     ex.add_argument("--out", default=".", help="output folder")
     ex.set_defaults(func=_cmd_export)
+
+    d = sub.add_parser("dashboard", help="open the Streamlit dashboard on a drift-monitor DuckDB file (read-only)")
+    d.add_argument("--db", required=True, help="the DuckDB file (it may not exist yet: the page says so)")
+    d.add_argument("--port", type=int, default=8501)
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--refresh", type=float, default=5.0, help="live refresh interval in seconds")
+    d.add_argument("--headless", action="store_true", help="do not open a browser")
+    d.set_defaults(func=_cmd_dashboard)
 
     r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file")
     r.add_argument("--db", required=True)

@@ -1286,6 +1286,67 @@ class StoreReader:
     def labels(self, hook: str) -> pd.DataFrame:
         return self._df("SELECT feature, label, source FROM feature_labels WHERE hook = ? ORDER BY feature", [hook])
 
+    # -- dashboard helpers: small, parameterised, aggregated in SQL ------------------------------
+
+    def metric_sparklines(self, names: Sequence[str], last_n: int = 50) -> pd.DataFrame:
+        """Per run and metric, the last ``last_n`` values over steps (mean over hooks, NaN skipped),
+        as lists: ``run_id, name, steps, values`` (for a runs table with sparklines)."""
+        return self._df(
+            """WITH m AS (SELECT run_id, name, step, avg(value) AS value FROM metrics
+                          WHERE list_contains(?, name) AND NOT isnan(value) GROUP BY run_id, name, step),
+                    r AS (SELECT *, row_number() OVER (PARTITION BY run_id, name ORDER BY step DESC) AS rn FROM m)
+               SELECT run_id, name, list(step ORDER BY step) AS steps, list(value ORDER BY step) AS "values"
+               FROM r WHERE rn <= ? GROUP BY run_id, name ORDER BY run_id, name""",
+            [list(names), int(last_n)],
+        )
+
+    def metric_names(self, run_id: str | None = None) -> list[str]:
+        """Distinct metric names (of one run, or of every run)."""
+        sql, params = "SELECT DISTINCT name FROM metrics", []
+        if run_id is not None:
+            sql, params = sql + " WHERE run_id = ?", [run_id]
+        return self._df(sql + " ORDER BY name", params)["name"].tolist()
+
+    def all_hooks(self) -> list[str]:
+        return self._df("SELECT DISTINCT hook FROM snapshots ORDER BY hook")["hook"].tolist()
+
+    def metric_compare(self, run_ids: Sequence[str], name: str, hook: str | None = None) -> pd.DataFrame:
+        """One metric over steps for several runs: ``run_id, run_name, step, hook, value``."""
+        sql = ("SELECT m.run_id, coalesce(r.name, m.run_id) AS run_name, m.step, m.hook, m.value "
+               "FROM metrics m LEFT JOIN runs r USING (run_id) WHERE list_contains(?, m.run_id) AND m.name = ?")
+        params: list[Any] = [list(run_ids), name]
+        if hook is not None:
+            sql, params = sql + " AND m.hook = ?", params + [hook]
+        return self._df(sql + " ORDER BY m.run_id, m.hook, m.step", params)
+
+    def density_scatter(
+        self, run_id: str, step: int, hook: str, category: str = ALL, limit: int = 5000
+    ) -> pd.DataFrame:
+        """Current vs base density of at most ``limit`` features at one step (the most drifted by
+        ``|log_density_ratio|`` first), with labels: ``feature, density, base_density, drift, label``.
+
+        The base density is ``base_count`` times the category's density per firing (``density =
+        count / n_tokens``), so it needs no extra column.
+        """
+        return self._df(
+            """WITH f AS (SELECT * FROM feature_stats WHERE run_id = ? AND step = ? AND hook = ? AND category = ?),
+                    k AS (SELECT sum(density) / nullif(sum("count"), 0) AS per FROM f WHERE "count" > 0)
+               SELECT f.feature, f.density, f.base_count * k.per AS base_density, f.drift,
+                      f.log_density_ratio, l.label
+               FROM f CROSS JOIN k
+               LEFT JOIN feature_labels l ON l.hook = f.hook AND l.feature = f.feature
+               ORDER BY CASE WHEN isnan(f.log_density_ratio) THEN -1 ELSE abs(f.log_density_ratio) END DESC,
+                        f.feature
+               LIMIT ?""",
+            [run_id, int(step), hook, category, int(limit)],
+        )
+
+    def categories(self, run_id: str, step: int, hook: str) -> list[str]:
+        return self._df(
+            "SELECT DISTINCT category FROM feature_stats WHERE run_id = ? AND step = ? AND hook = ? ORDER BY category",
+            [run_id, int(step), hook],
+        )["category"].tolist()
+
 
 EXPORT_TABLES = ("runs", "snapshots", "metrics", "feature_stats", "refusal_features", "alerts")
 

@@ -17,31 +17,33 @@ for arg in "$@"; do
   esac
 done
 
-# --- test binaries: tests/test_prometheus.py starts a real Prometheus server, a real
-# Pushgateway and promtool (it fails, never skips, when they are missing).
+# --- test binaries: the tests start a real Prometheus server, a Pushgateway, promtool and a
+# headless Chromium; they fail, never skip, when these are missing.
+apt_install() {  # apt_install WHAT PKG...: install Debian packages, or explain what to do by hand
+  local what="$1"; shift
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: the tests need $what and apt-get is not available: install $* by hand, then re-run" >&2
+    exit 1
+  fi
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "installing Debian packages: $*"
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "$@" \
+    || { echo "error: apt-get could not install $* (see above)" >&2; exit 1; }
+}
 if [ -n "$EXTRAS" ]; then
+  # (On a host running systemd the prometheus packages also enable services on :9090 and :9091;
+  # the tests use their own ephemeral ports and do not need them.)
   if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 \
       || ! command -v prometheus-pushgateway >/dev/null 2>&1; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-      echo "error: the tests need promtool, prometheus and prometheus-pushgateway on PATH, and apt-get" >&2
-      echo "       is not available to install them: install Prometheus (prometheus + promtool) and the" >&2
-      echo "       Pushgateway (binary named prometheus-pushgateway) by hand, then re-run." >&2
-      exit 1
-    fi
-    SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    echo "installing Debian packages: prometheus prometheus-pushgateway"
-    # (On a host running systemd the packages also enable services on :9090 and :9091; the
-    # tests use their own ephemeral ports and do not need them.)
-    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
-      apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway \
-      || { echo "error: apt-get could not install prometheus prometheus-pushgateway (see above)" >&2; exit 1; }
+    apt_install "promtool, prometheus and prometheus-pushgateway" prometheus prometheus-pushgateway
     for bin in promtool prometheus prometheus-pushgateway; do
-      if ! command -v "$bin" >/dev/null 2>&1; then
-        echo "error: $bin is still not on PATH after installing the Debian packages" >&2
-        exit 1
-      fi
+      command -v "$bin" >/dev/null 2>&1 || { echo "error: $bin is still not on PATH" >&2; exit 1; }
     done
+  fi
+  if [ ! -x /usr/bin/chromium ]; then
+    apt_install "/usr/bin/chromium (the dashboard browser test)" chromium
   fi
 fi
 

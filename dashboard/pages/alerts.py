@@ -1,0 +1,51 @@
+"""Alerts: active and resolved, filtered by severity and rule; acknowledge (Store.acknowledge_alert)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from drift_monitor.dashboard.common import db_path
+from drift_monitor.store import Store, StoreReader
+
+SEVERITIES = ["critical", "warning", "info"]
+
+
+def acknowledge(db: str, alert_id: str) -> str:
+    with Store(db, retry_timeout_s=5.0) as s:
+        return s.acknowledge_alert(alert_id)
+
+
+def page(r: StoreReader) -> None:
+    st.header("Alerts")
+    runs = r.runs()
+    names = dict(zip(runs["run_id"], runs["name"].fillna(""))) if not runs.empty else {}
+    c1, c2, c3, c4 = st.columns(4)
+    run = c1.selectbox("Run", ["(all runs)", *names], key="al_run",
+                       format_func=lambda i: i if i == "(all runs)" else f"{names.get(i) or i}")
+    status = c2.selectbox("Status", ["active", "resolved", "(all)"], key="al_status")
+    sev = c3.multiselect("Severity", SEVERITIES, default=SEVERITIES, key="al_sev")
+    df = r.alerts(run_id=None if run == "(all runs)" else run, status=None if status == "(all)" else status)
+    rules = sorted(df["rule"].dropna().unique().tolist()) if not df.empty else []
+    rule = c4.multiselect("Rule", rules, key="al_rule", placeholder="every rule")
+    if not df.empty:
+        df = df[df["severity"].isin(sev)]
+        if rule:
+            df = df[df["rule"].isin(rule)]
+    if df.empty:
+        st.info("No alerts match.")
+    else:
+        cols = ["severity", "rule", "run_id", "step", "hook", "status", "acknowledged", "value", "threshold",
+                "message", "resolved_step", "alert_id"]
+        st.dataframe(df[cols], hide_index=True, width="stretch")
+    open_ = df[(df["status"] == "active") & ~df["acknowledged"].fillna(False).astype(bool)] if not df.empty else df
+    if not open_.empty:
+        st.subheader("Acknowledge")
+        labels = {a: f"{s} · {ru} · step {stp} · {h}" for a, s, ru, stp, h in
+                  zip(open_["alert_id"], open_["severity"], open_["rule"], open_["step"], open_["hook"])}
+        aid = st.selectbox("Alert", list(labels), format_func=labels.get, key="al_ack_id")
+        if st.button("Acknowledge", key="al_ack"):
+            outcome = acknowledge(db_path() or "", aid)
+            if outcome == "committed":
+                st.success(f"Acknowledged {labels[aid]}.")
+            else:
+                st.warning("The database was busy; the acknowledgement is queued and applied with the next write.")

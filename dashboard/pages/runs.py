@@ -1,0 +1,34 @@
+"""Runs: every run with its status, last step, active alerts and sparklines of the key metrics."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from drift_monitor.dashboard.common import KEY_METRICS
+from drift_monitor.store import StoreReader
+
+
+def runs_table(r: StoreReader) -> pd.DataFrame:
+    runs = r.runs()
+    if runs.empty:
+        return runs
+    spark = r.metric_sparklines(KEY_METRICS, last_n=50)
+    out = runs[["name", "run_id", "status", "last_step", "n_snapshots", "active_alerts", "model", "updated_at"]].copy()
+    for name in KEY_METRICS:
+        sub = spark[spark["name"] == name].set_index("run_id")["values"]
+        out[name] = [list(sub[rid]) if rid in sub.index else [] for rid in out["run_id"]]
+    return out
+
+
+def page(r: StoreReader) -> None:
+    st.header("Runs")
+    df = runs_table(r)
+    if df.empty:
+        st.info("No runs in this database yet.")
+        return
+    cfg = {name: st.column_config.LineChartColumn(name, help=f"{name}, last 50 steps") for name in KEY_METRICS}
+    cfg["last_step"] = st.column_config.NumberColumn("last step", format="%d")
+    cfg["active_alerts"] = st.column_config.NumberColumn("active alerts", format="%d")
+    st.dataframe(df, hide_index=True, column_config=cfg, width="stretch")
+    st.caption(f"{len(df)} runs; sparklines show the mean over hooks of the last 50 snapshots.")

@@ -1,0 +1,439 @@
+"""The Streamlit dashboard (dashboard/, installed as drift_monitor.dashboard).
+
+Every page runs under ``streamlit.testing.v1.AppTest`` on a fixture DB written through the
+Store API, and what it shows is compared with the DB. Store problems (missing file, empty DB,
+older schema) must be a message on the page, never a traceback. A writer process keeps writing
+while the page refreshes, and a real headless Chromium renders the served app.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+from servers import free_port, stop
+from store_fixtures import HOOK, make_snapshot
+
+from drift_monitor.records import Alert
+from drift_monitor.store import Store, StoreReader, create_schema
+
+streamlit_testing = pytest.importorskip("streamlit.testing.v1")  # streamlit is a hard dependency
+AppTest = streamlit_testing.AppTest
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "dashboard" / "app.py")
+PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare"]
+STEPS = [0, 10, 20, 30]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def _write_run(db: Path, run_id: str, name: str, offset: int) -> None:
+    s = Store(db, run_id=run_id)
+    s.start_run(name=name, model="tiny-llama")
+    for i, step in enumerate(STEPS):
+        snap = make_snapshot(step, d_sae=256, seed=offset + i)
+        for h in snap.hooks.values():
+            h.metrics.update(act_cosine=0.99 - 0.01 * i - offset / 1000, act_relative_mse=0.1 * i,
+                             features_drifted_ratio=0.05 * i, topk_jaccard=0.8 - 0.05 * i, density_js=0.02 * i,
+                             base_explained_variance=0.9)
+        alerts = []
+        if step == 20:
+            alerts = [Alert(rule="ev_drop", severity="warning", step=step, hook=HOOK,
+                            message="explained variance dropped", value=0.5, threshold=0.1)]
+        if step == 30:
+            alerts = [Alert(rule="nonfinite", severity="critical", step=step, hook=HOOK,
+                            message="<b>NaN</b> activations", value=0.2, threshold=0.0)]
+        s.write(snap, alerts=alerts)
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dash") / "drift.duckdb"
+    _write_run(path, "alpha-id", "alpha", 0)
+    _write_run(path, "beta-id", "beta", 100)
+    with Store(path) as s:
+        s.import_labels(HOOK, {1: "<script>alert(1)</script> refuses", 2: "cats"}, source="test")
+    return path
+
+
+def app(db_path, page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30)
+    if db_path is not None:
+        at.session_state["db_path"] = str(db_path)
+    at.session_state["page"] = page
+    at.run()
+    return at
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+
+
+# --------------------------------------------------------------------------------------------
+# Pages on the fixture DB
+# --------------------------------------------------------------------------------------------
+
+
+def test_runs_page_matches_db(db):
+    at = app(db, "Runs")
+    no_errors(at)
+    shown = at.dataframe[0].value.set_index("run_id")
+    runs = StoreReader(db).runs().set_index("run_id")
+    assert set(shown.index) == {"alpha-id", "beta-id"}
+    for rid in shown.index:
+        assert shown.loc[rid, "last_step"] == runs.loc[rid, "last_step"] == 30
+        assert shown.loc[rid, "status"] == runs.loc[rid, "status"]
+        assert shown.loc[rid, "active_alerts"] == runs.loc[rid, "active_alerts"] == 2
+    # sparkline = the metric's values over steps (one hook: mean over hooks = the value)
+    series = StoreReader(db).metric_series("alpha-id", names=["act_cosine"])
+    assert list(shown.loc["alpha-id", "act_cosine"]) == pytest.approx(series["value"].tolist())
+
+
+def test_run_detail_shows_metrics_and_alert_markers(db):
+    at = app(db, "Run detail")
+    no_errors(at)
+    rid = at.selectbox(key="detail_run").value
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["last step"] == "30"
+    ev = StoreReader(db).metric_series(rid, hook=HOOK, names=["explained_variance"])
+    assert metrics["explained variance"] == f"{ev[ev.step == 30].value.iloc[0]:.4f}"
+    specs = charts(at)
+    assert len(specs) == 5  # EV, activation drift, drifted ratio, jaccard, density JS
+    assert all(s["layer"][1]["mark"]["type"] == "rule" for s in specs)  # alert markers on each chart
+    # switching hook / run works
+    at.selectbox(key="detail_run").set_value("beta-id").run()
+    no_errors(at)
+    assert {m.label: m.value for m in at.metric}["active alerts"] == "2"
+
+
+def test_features_page_top_table_trajectory_and_labels(db):
+    at = app(db, "Features")
+    no_errors(at)
+    rid = at.selectbox(key="feat_run").value
+    assert at.selectbox(key="feat_step").value == 30
+    top = at.dataframe[0].value
+    want = StoreReader(db).top_features(rid, 30, HOOK, by="drift", k=25)
+    assert top["feature"].tolist() == want["feature"].tolist()
+    specs = charts(at)
+    scatter = specs[0]
+    assert scatter["encoding"]["x"]["scale"]["type"] == "log" and scatter["encoding"]["y"]["scale"]["type"] == "log"
+    assert {t["field"] for t in scatter["encoding"]["tooltip"]} >= {"feature", "label", "drift"}
+    assert len(specs) == 2  # scatter + trajectory of the top feature
+    # a labelled feature: the label is shown as plain text (never HTML)
+    at.number_input(key="feat_id").set_value(1).run()
+    no_errors(at)
+    assert "Label: <script>alert(1)</script> refuses" in [t.value for t in at.text]
+    # sortable by another ranking, another step
+    at.selectbox(key="feat_by").set_value("abs_log_density_ratio").run()
+    at.selectbox(key="feat_step").set_value(10).run()
+    no_errors(at)
+    want = StoreReader(db).top_features(rid, 10, HOOK, by="abs_log_density_ratio", k=25)
+    assert at.dataframe[0].value["feature"].tolist() == want["feature"].tolist()
+
+
+def test_refusal_page_heatmap_and_table(db):
+    at = app(db, "Refusal")
+    no_errors(at)
+    rid = at.selectbox(key="ref_run").value
+    spec = charts(at)[0]
+    assert spec["mark"]["type"] == "rect" and spec["encoding"]["color"]["field"] == "refusal_score"
+    shown = at.dataframe[0].value
+    want = StoreReader(db).refusal_features(rid, HOOK, steps=[30], k=10)
+    assert shown["feature"].tolist() == want["feature"].tolist()
+    assert shown["harmful_drift"].tolist() == pytest.approx(want["harmful_drift"].tolist())
+
+
+def test_alerts_page_filters_and_acknowledges(tmp_path):
+    db = tmp_path / "alerts.duckdb"
+    _write_run(db, "alpha-id", "alpha", 0)
+    at = app(db, "Alerts")
+    no_errors(at)
+    shown = at.dataframe[0].value
+    assert sorted(shown["rule"]) == ["ev_drop", "nonfinite"]
+    at.multiselect(key="al_sev").set_value(["critical"]).run()
+    assert at.dataframe[0].value["rule"].tolist() == ["nonfinite"]
+    at.multiselect(key="al_sev").set_value(["critical", "warning", "info"]).run()
+    at.multiselect(key="al_rule").set_value(["ev_drop"]).run()
+    assert at.dataframe[0].value["rule"].tolist() == ["ev_drop"]
+    aid = at.selectbox(key="al_ack_id").value
+    at.button(key="al_ack").click().run()
+    no_errors(at)
+    assert at.success
+    stored = StoreReader(db).alerts().set_index("alert_id")
+    assert bool(stored.loc[aid, "acknowledged"]) is True
+    assert stored["acknowledged"].sum() == 1
+
+
+def test_compare_page_overlays_runs(db):
+    at = app(db, "Compare")
+    no_errors(at)
+    assert sorted(at.multiselect(key="cmp_runs").value) == ["alpha-id", "beta-id"]
+    at.selectbox(key="cmp_metric").set_value("act_cosine").run()
+    no_errors(at)
+    spec = charts(at)[0]
+    assert spec["encoding"]["color"]["field"] == "run_name"
+    last = at.dataframe[0].value.set_index("run_id")["value"]
+    r = StoreReader(db)
+    for rid in ("alpha-id", "beta-id"):
+        s = r.metric_series(rid, hook=HOOK, names=["act_cosine"])
+        assert last[rid] == pytest.approx(s[s.step == 30].value.iloc[0])
+
+
+def test_pause_toggle_and_interval(db):
+    at = app(db, "Runs")
+    at.toggle(key="paused").set_value(True).run()
+    at.number_input(key="refresh_s").set_value(2.0).run()
+    no_errors(at)
+    assert at.dataframe[0].value.shape[0] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Labels import
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_and_import_neuronpedia_labels(tmp_path, db):
+    from drift_monitor.dashboard.pages.features import import_labels, parse_labels
+
+    neuronpedia = json.dumps([
+        {"modelId": "m", "layer": "6-res", "index": "5", "description": " says no", "explanationModelName": "x"},
+        {"modelId": "m", "layer": "6-res", "index": "7", "description": "<img src=x onerror=alert(1)>"},
+    ]).encode()
+    assert parse_labels(neuronpedia, "export.json").to_dict("list") == {
+        "feature": [5, 7], "label": [" says no", "<img src=x onerror=alert(1)>"]}
+    assert parse_labels(b'{"3": "three", "4": "four"}', "m.json").to_dict("list") == {
+        "feature": [3, 4], "label": ["three", "four"]}
+    assert parse_labels(b"index,explanation\n9,nine\n10,ten\n", "e.csv").to_dict("list") == {
+        "feature": [9, 10], "label": ["nine", "ten"]}
+    with pytest.raises(ValueError):
+        parse_labels(b"a,b\n1,2\n", "bad.csv")
+    target = tmp_path / "labels.duckdb"
+    shutil.copy(db, target)
+    assert import_labels(str(target), HOOK, neuronpedia, "export.json") == 2
+    labels = StoreReader(target).labels(HOOK).set_index("feature")
+    assert labels.loc[7, "label"] == "<img src=x onerror=alert(1)>" and labels.loc[7, "source"] == "neuronpedia"
+    assert labels.loc[1, "label"].startswith("<script>")  # earlier labels kept
+
+
+# --------------------------------------------------------------------------------------------
+# Store problems: a message, never a traceback
+# --------------------------------------------------------------------------------------------
+
+
+def _empty_db(path: Path) -> Path:
+    duckdb.connect(str(path)).close()
+    return path
+
+
+def _garbage(path: Path) -> Path:
+    path.write_bytes(b"this is not a database\n" * 1000)
+    return path
+
+
+def _old_schema_db(path: Path) -> Path:
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '0')")
+    con.execute("CREATE TABLE runs (run_id VARCHAR)")
+    con.close()
+    return path
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_store_problems_are_messages(tmp_path, page):
+    cases = {
+        "missing": (tmp_path / "nope.duckdb", "error", "does not exist"),
+        "empty": (_empty_db(tmp_path / "empty.duckdb"), "info", "no drift-monitor data yet"),
+        "old": (_old_schema_db(tmp_path / "old.duckdb"), "error", "schema version"),
+        "none": (None, "info", "No database given"),
+        "not duckdb": (_garbage(tmp_path / "garbage.duckdb"), "error", "Cannot read the database"),
+    }
+    for what, (path, kind, text) in cases.items():
+        at = app(path, page)
+        assert not at.exception, (what, [e.value for e in at.exception])
+        msgs = [m.value for m in getattr(at, kind)]
+        assert any(text in m for m in msgs), (what, msgs)
+    # an empty store (schema, no runs yet) is an info too
+    fresh = tmp_path / "fresh.duckdb"
+    con = duckdb.connect(str(fresh))
+    create_schema(con)  # the schema, no rows
+    con.close()
+    at = app(fresh, page)
+    assert not at.exception and not at.error
+    assert at.info
+
+
+# --------------------------------------------------------------------------------------------
+# Live: a writer keeps writing while the page refreshes
+# --------------------------------------------------------------------------------------------
+
+
+def test_pages_refresh_while_a_writer_writes(tmp_path):
+    db = tmp_path / "live.duckdb"
+    writer = subprocess.Popen([sys.executable, str(REPO / "tests" / "dashboard_writer.py"), str(db), "12", "2048"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "started"
+        ats = {p: app(db, p) for p in ("Runs", "Run detail", "Features")}
+        seen_steps, refreshes = set(), 0
+        while writer.poll() is None:
+            for page, at in ats.items():
+                at.run()
+                refreshes += 1
+                assert not at.exception, (page, [e.value for e in at.exception])
+                assert not at.error, (page, [e.value for e in at.error])
+                if page == "Runs" and at.dataframe:
+                    seen_steps.add(int(at.dataframe[0].value["last_step"].iloc[0]))
+            time.sleep(0.5)
+        out, err = writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert writer.returncode == 0, err
+    n = int(out.split()[-1])
+    assert n > 20 and refreshes > 20
+    assert len(seen_steps) > 3  # the page saw the run grow
+    r = StoreReader(db)
+    assert r.steps("live-run") == list(range(1, n + 1))  # no write lost
+    assert int(r.runs().set_index("run_id").loc["live-run", "n_snapshots"]) == n
+    at = app(db, "Runs")
+    assert int(at.dataframe[0].value["last_step"].iloc[0]) == n
+
+
+# --------------------------------------------------------------------------------------------
+# Served app: the CLI binds 127.0.0.1; a real browser renders it
+# --------------------------------------------------------------------------------------------
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"streamlit did not come up on port {port}")
+
+
+def test_cli_dashboard_command_defaults(db):
+    from drift_monitor.cli import build_parser, dashboard_command
+
+    args = build_parser().parse_args(["dashboard", "--db", str(db)])
+    cmd = dashboard_command(args)
+    import drift_monitor.dashboard as dash
+
+    app_file = Path(cmd[cmd.index("run") + 1])
+    assert app_file == Path(dash.__file__).resolve().parent / "app.py" and app_file.exists()
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--db") + 1] == str(db.resolve())
+
+
+def test_browser_renders_dashboard_and_refreshes_live(db, tmp_path):
+    """`drift-monitor dashboard` serves the app; headless Chromium (driven over the DevTools pipe, so
+    it waits in real time for Streamlit's websocket) shows the runs and the charts, and a snapshot
+    written while the page is open appears without a reload."""
+    from cdp import Chromium
+
+    chromium = "/usr/bin/chromium"
+    assert os.path.exists(chromium), "chromium is missing: run `bash scripts/install.sh --test` (or apt-get install chromium)"
+    ARTIFACTS.mkdir(exist_ok=True)
+    live_db = tmp_path / "browser.duckdb"
+    shutil.copy(db, live_db)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "drift_monitor.cli", "dashboard", "--db", str(live_db), "--port", str(port),
+         "--headless", "--refresh", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    browser = None
+    try:
+        _wait_healthy(port, server)
+        with pytest.raises(OSError):  # bound to 127.0.0.1 only, not to the other addresses
+            other = socket.gethostbyname(socket.gethostname())
+            if other.startswith("127."):
+                raise OSError("no non-loopback address to check")
+            socket.create_connection((other, port), timeout=1).close()
+        url = f"http://127.0.0.1:{port}/"
+        not_stale = "!document.querySelector('[data-stale=\"true\"]')"
+
+        browser = Chromium(chromium, tmp_path / "profile-runs")
+        browser.open(url + "?live=0")
+        browser.wait_for("document.documentElement.outerHTML.includes('alpha-id') && "
+                         "document.querySelector('[data-testid=\"stDataFrame\"]') !== null && " + not_stale, 60)
+        time.sleep(1)  # let the data grid paint its canvas
+        browser.screenshot(ARTIFACTS / "dashboard_runs.png")
+        dom = browser.dom()
+        (ARTIFACTS / "dashboard_runs.html").write_text(dom)
+        browser.close()
+        assert "alpha" in dom and "beta" in dom and "Runs" in dom  # run names, the view
+        assert "stException" not in dom and "Traceback" not in dom
+        assert (ARTIFACTS / "dashboard_runs.png").stat().st_size > 30_000  # a blank page is ~17 kB
+
+        browser = Chromium(chromium, tmp_path / "profile-detail")
+        browser.open(url + "?page=Run+detail")  # live refresh on, every 1 s
+        charts_drawn = "document.querySelectorAll('[data-testid=\"stVegaLiteChart\"] canvas, " \
+                       "[data-testid=\"stVegaLiteChart\"] svg').length >= 5"
+        browser.wait_for(charts_drawn + " && " + not_stale, 60)
+        metric_values = "Array.from(document.querySelectorAll('[data-testid=\"stMetricValue\"]')).map(e => e.innerText)"
+        assert "30" in browser.evaluate(metric_values)
+        time.sleep(1)
+        browser.screenshot(ARTIFACTS / "dashboard_run_detail.png")
+        dom = browser.dom()
+        (ARTIFACTS / "dashboard_run_detail.html").write_text(dom)
+        assert "Run detail" in dom and "stException" not in dom
+        # a training run writes step 40 while the page is open: the page shows it without a reload
+        for rid in ("alpha-id", "beta-id"):
+            with Store(live_db, run_id=rid) as s:
+                s.write(make_snapshot(40, d_sae=256, seed=7))
+        browser.wait_for(metric_values + ".includes('40')", 30)
+        assert "stException" not in browser.dom()
+    finally:
+        if browser is not None:
+            browser.close()
+        stop(server)
+
+
+# --------------------------------------------------------------------------------------------
+# Reader additions used by the pages (aggregated in SQL)
+# --------------------------------------------------------------------------------------------
+
+
+def test_reader_dashboard_queries(db):
+    r = StoreReader(db)
+    # density_scatter: base density recovered from base_count (fixture: density = count / 1000)
+    sc = r.density_scatter("alpha-id", 30, HOOK, "all", limit=50)
+    assert len(sc) == 50
+    full = r.feature_table("alpha-id", 30, HOOK).set_index("feature")
+    assert sc["base_density"].to_numpy() == pytest.approx(full.loc[sc["feature"], "base_count"].to_numpy() / 1000)
+    ldr = sc["log_density_ratio"].abs()
+    assert ldr.is_monotonic_decreasing and ldr.iloc[0] == pytest.approx(full["log_density_ratio"].abs().max())
+    # sparklines: the last N values in step order
+    sp = r.metric_sparklines(["act_cosine"], last_n=2).set_index("run_id")
+    assert list(sp.loc["alpha-id", "steps"]) == [20, 30]
+    series = r.metric_series("alpha-id", names=["act_cosine"])
+    assert list(sp.loc["alpha-id", "values"]) == pytest.approx(series["value"].tolist()[-2:])
+    # compare: one metric, several runs; names and hooks
+    cmp_ = r.metric_compare(["alpha-id", "beta-id"], "topk_jaccard", hook=HOOK)
+    assert sorted(cmp_["run_name"].unique()) == ["alpha", "beta"] and len(cmp_) == 2 * len(STEPS)
+    assert r.metric_compare(["nope"], "topk_jaccard").empty
+    assert "act_cosine" in r.metric_names("alpha-id") and r.all_hooks() == [HOOK]
+    assert r.categories("alpha-id", 30, HOOK) == ["all", "general", "harmful", "harmless"]
+    # parameters travel as values, never as SQL
+    assert r.density_scatter("alpha-id' OR 1=1 --", 30, HOOK).empty
