@@ -70,8 +70,8 @@ con.close()
 
 @pytest.mark.slow
 def test_db_held_by_another_process_loses_no_snapshot(tmp_path):
-    """Another process holds the DuckDB file read-write for 10 s mid-run: writes spool, training
-    goes on, and every snapshot is in the file at the end."""
+    """Another process holds the DuckDB file read-write (15 s) mid-run: writes spool, training
+    finishes while the file is still held, and every snapshot is in the file at the end."""
     from transformers import Trainer, TrainerCallback
 
     tok, model, sae_dir, ps = tf.world(tmp_path)
@@ -83,18 +83,17 @@ def test_db_held_by_another_process_loses_no_snapshot(tmp_path):
     class GrabAfterStep1(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 1:
-                holder.append(subprocess.Popen([sys.executable, "-c", HOLDER, cfg.db_path, str(marker), "10"]))
+                holder.append(subprocess.Popen([sys.executable, "-c", HOLDER, cfg.db_path, str(marker), "15"]))
                 while not marker.exists():
                     time.sleep(0.05)
 
-    t0 = time.monotonic()
     trainer = Trainer(model=model, args=tf.training_args(tmp_path, max_steps=4), train_dataset=tf.lm_dataset(tok),
                       callbacks=[GrabAfterStep1(), cb])
     trainer.train()
-    took = time.monotonic() - t0
+    still_held = holder[0].poll() is None
     spooled_during = cb.store.pending()
-    holder[0].wait(timeout=30)
-    assert took < 10, f"training waited for the lock ({took:.1f} s): writes must spool, not block"
+    holder[0].wait(timeout=60)
+    assert still_held, "training finished only after the lock was released: writes must spool, not block"
     assert trainer.state.global_step == 4
     from drift_monitor.store import Store
 
