@@ -81,7 +81,8 @@ def main() -> None:
     print(f"\nplanted feature: {FEATURE}; top drifting features at the last step (from DuckDB):")
     print(top.to_string(index=False))
     print(f"\nstored in {cfg.db_path} (run {run_id}) in {time.perf_counter() - t0:.1f} s")
-    print(f"list runs:   drift-monitor runs --db {cfg.db_path}")
+    print(f"list runs:   .venv/bin/drift-monitor runs --db {cfg.db_path}")
+    print(f"dashboard:   .venv/bin/drift-monitor dashboard --db {cfg.db_path}   (then open http://127.0.0.1:8501)")
 
 
 if __name__ == "__main__":
