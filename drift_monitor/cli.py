@@ -86,6 +86,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .organism import format_demo, run_demo
+
+    port = None if args.prometheus_port < 0 else args.prometheus_port
+    summary = run_demo(args.out, "quick" if args.quick else "full", prometheus_port=port)
+    print(format_demo(summary))
+    return 0
+
+
 def dashboard_command(args: argparse.Namespace) -> list[str]:
     """The ``streamlit run`` command line for the installed dashboard app (works from a wheel)."""
     from pathlib import Path
@@ -165,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--refresh", type=float, default=5.0, help="live refresh interval in seconds")
     d.add_argument("--headless", action="store_true", help="do not open a browser")
     d.set_defaults(func=_cmd_dashboard)
+
+    dm = sub.add_parser("demo", help="the refusal model organism: build it (cached), fine-tune it monitored, "
+                                     "scan a control run, summarise")
+    dm.add_argument("--out", default="runs/demo", help="output folder (drift.duckdb, checkpoints, summary.json)")
+    dm.add_argument("--quick", action="store_true", help="the small CI size (about a minute on 2 cores)")
+    dm.add_argument("--prometheus-port", type=int, default=-1, help="serve /metrics on this port (-1: off)")
+    dm.set_defaults(func=_cmd_demo)
 
     r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file")
     r.add_argument("--db", required=True)
