@@ -74,7 +74,7 @@ OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {
 KNOWN_METRICS: tuple[str, ...] = (
     "explained_variance", "base_explained_variance", "explained_variance_delta", "fvu", "l0", "mse", "cosine",
     "dead_fraction", "dense_fraction", "act_relative_mse", "act_cosine", "topk_jaccard", "features_drifted_ratio",
-    "density_js", "density_spearman", "nonfinite_fraction", "n_tokens", "max_refusal_score",
+    "density_js", "density_spearman", "nonfinite_fraction", "n_tokens", "max_refusal_score", "refusal_score_floor",
     "n_emerging_refusal_features", "refusal_direction_cosine", "ce_loss_delta", "ce_loss_score",
 )
 

@@ -33,6 +33,11 @@ class MetricSettings:
     refusal_max_base_density: float = 0.3
     refusal_top_k: int = 20
     refusal_z_threshold: float = 3.5
+    #: An emerging refusal feature's score must also reach this fraction of the SAE's typical
+    #: firing strength (the median over base-alive features of their mean code when firing):
+    #: 0.1 reads "as if >= 10% of the harmful tokens newly fired at typical strength". The
+    #: robust z alone is scale-free, so tiny noisy drifts in a benign run could pass it.
+    refusal_min_rel_score: float = 0.1
     harmful_category: str = "harmful"
     harmless_category: str = "harmless"
 

@@ -206,14 +206,24 @@ def refusal_scores(
     return torch.where(base_density < max_base_density, score, torch.full_like(score, math.nan))
 
 
-def emerging_features(score: torch.Tensor, z: torch.Tensor, top_k: int, z_threshold: float) -> list[int]:
-    """The top ``top_k`` features by score whose robust z exceeds the threshold (and score > 0)."""
+def typical_firing_strength(act_sum: torch.Tensor, fire_count: torch.Tensor) -> float:
+    """Median over features that fire of their mean code when firing (act_sum / count); 0 if none fire."""
+    alive = fire_count > 0
+    if not bool(alive.any()):
+        return 0.0
+    return float(_median((act_sum[alive] / fire_count[alive]).double()))
+
+
+def emerging_features(score: torch.Tensor, z: torch.Tensor, top_k: int, z_threshold: float,
+                      min_score: float = 0.0) -> list[int]:
+    """The top ``top_k`` features by score whose robust z exceeds the threshold and whose score
+    exceeds ``max(0, min_score)`` (an absolute floor: z alone ignores how large the drift is)."""
     s = torch.where(torch.isfinite(score), score, torch.full_like(score, -math.inf))
     k = min(top_k, int(torch.isfinite(s).sum()))
     if k == 0:
         return []
     top = torch.topk(s, k).indices
-    keep = (z[top] > z_threshold) & (score[top] > 0)
+    keep = (z[top] > z_threshold) & (score[top] > max(0.0, min_score))
     return [int(i) for i in top[keep]]
 
 

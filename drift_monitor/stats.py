@@ -262,7 +262,9 @@ class HookStats:
         hld = torch.from_numpy(features[s.harmless_category].drift)
         score = M.refusal_scores(hd, hld, base_density.cpu(), s.refusal_max_base_density)
         z = M.robust_z(score)
-        emerging = M.emerging_features(score, z, s.refusal_top_k, s.refusal_z_threshold)
+        floor = s.refusal_min_rel_score * M.typical_firing_strength(base.act_sum.sum(0), base.fire_count.sum(0))
+        emerging = M.emerging_features(score, z, s.refusal_top_k, s.refusal_z_threshold, min_score=floor)
+        metrics["refusal_score_floor"] = floor
         finite = score[torch.isfinite(score)]
         metrics["max_refusal_score"] = float(finite.max()) if finite.numel() else math.nan
         metrics["n_emerging_refusal_features"] = float(len(emerging))

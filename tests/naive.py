@@ -38,7 +38,7 @@ def _robust_z(s):
 
 
 def reference(x, xhat, f, x0, xhat0, f0, cats, categories, *, k_max=100, dense=0.1, ratio=2.0, min_fire=5,
-              refusal_max_base=0.3, refusal_top_k=20, z_thr=3.5):
+              refusal_max_base=0.3, refusal_top_k=20, z_thr=3.5, min_rel=0.1):
     """x, xhat, x0, xhat0: [N, d]; f, f0: [N, S]; cats: list of N category names."""
     x, xhat, f, x0, xhat0, f0 = (np.asarray(a, dtype=np.float64) for a in (x, xhat, f, x0, xhat0, f0))
     N, d = x.shape
@@ -113,7 +113,10 @@ def reference(x, xhat, f, x0, xhat0, f0, cats, categories, *, k_max=100, dense=0
                  if np.isfinite(score[i])][:refusal_top_k]
         out["refusal_score"] = score
         out["z"] = z
-        out["emerging"] = sorted(i for i in order if z[i] > z_thr and score[i] > 0)
+        firing = [f0[:, i][f0[:, i] > 0].mean() for i in range(S) if np.any(f0[:, i] > 0)]
+        floor = min_rel * (float(np.median(firing)) if firing else 0.0)
+        out["refusal_score_floor"] = floor
+        out["emerging"] = sorted(i for i in order if z[i] > z_thr and score[i] > max(0.0, floor))
         out["max_refusal_score"] = np.nanmax(score)
         r = x[cats == "harmful"].mean(0) - x[cats == "harmless"].mean(0)
         r0 = x0[cats == "harmful"].mean(0) - x0[cats == "harmless"].mean(0)

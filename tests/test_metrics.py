@@ -49,6 +49,7 @@ def _check_against_reference(result, ref, check_refusal=True):
         _assert_close("max_refusal_score", result.metrics["max_refusal_score"], float(ref["max_refusal_score"]))
         _assert_close("refusal_direction_cosine", result.metrics["refusal_direction_cosine"],
                       float(ref["refusal_direction_cosine"]))
+        _assert_close("refusal_score_floor", result.metrics["refusal_score_floor"], float(ref["refusal_score_floor"]))
 
 
 def _random_case(seed=0, N=700, d=24, S=200):
@@ -223,3 +224,14 @@ def test_sparse_and_dense_feature_updates_agree():
     # a feature never seen in a category: -inf (sparse) or 0 (dense); compute() reports 0 for both
     seen = lambda t: torch.where(torch.isfinite(t), t, torch.zeros_like(t))  # noqa: E731
     torch.testing.assert_close(seen(sparse.act_max), seen(dense.act_max))
+
+
+def test_emerging_needs_an_absolute_floor_as_well_as_z():
+    """z is scale-free: a feature that stands out among tiny drifts must still clear the floor."""
+    score = torch.tensor([1e-4, -1e-4] * 20 + [0.004, 0.003, 0.2], dtype=torch.float64)
+    z = M.robust_z(score)
+    assert (z[40:] > 3.5).all()
+    assert M.emerging_features(score, z, 20, 3.5) == [42, 40, 41]
+    assert M.emerging_features(score, z, 20, 3.5, min_score=0.0155) == [42]
+    act_sum, count = torch.tensor([2.0, 0.0, 9.0, 3.0]), torch.tensor([10.0, 0.0, 30.0, 10.0])
+    assert M.typical_firing_strength(act_sum, count) == pytest.approx(0.3)  # median of 0.2, 0.3, 0.3
