@@ -21,7 +21,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BUILTIN_CATEGORIES = ("harmful", "harmless", "general")
 FALLBACK_TEMPLATE = "User: {prompt}\nAssistant:"
 
 
@@ -173,11 +172,6 @@ class PreparedProbes:
     def n_tokens(self) -> int:
         return sum(b.n_selected for b in self.batches)
 
-    def tokens_per_category(self) -> dict[str, int]:
-        counts = torch.zeros(len(self.categories), dtype=torch.long)
-        for b in self.batches:
-            counts.index_add_(0, b.category, b.select.sum(1))
-        return {c: int(n) for c, n in zip(self.categories, counts)}
 
 
 def ensure_pad_token(tokenizer: Any) -> int:

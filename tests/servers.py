@@ -1,4 +1,5 @@
-"""Real servers for tests: find binaries (fail, never skip), free loopback ports, start/stop, poll."""
+"""Real servers and processes for tests: find binaries (fail, never skip), free loopback ports,
+start/stop, poll, and a one-thread context for references compared with 1-thread workers."""
 
 from __future__ import annotations
 
@@ -61,3 +62,18 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20.
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.1)
     pytest.fail(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+class single_thread:
+    """Run an in-process reference with one torch thread, as the worker processes do."""
+
+    def __enter__(self):
+        import torch
+
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.n)

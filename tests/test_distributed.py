@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 import torch
 
+from servers import single_thread
+
 HOOK = "model.layers.2"
 HIDDEN, LAYERS, D_SAE = 64, 4, 512
 BATCH_SIZE = 20  # 216 default probes -> 11 batches: odd, and the last one is short
@@ -238,15 +240,6 @@ def _join(procs: list[tuple[subprocess.Popen, Path]], out_dir: Path) -> list[dic
     return out
 
 
-class _threads:
-    """Run the in-process reference with one thread, as the workers do."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
 
 
 def _assert_close(got: dict, want: dict, what: str, tol: float) -> None:
@@ -285,7 +278,7 @@ def test_sharded_probe_pass_equals_single_process(tmp_path):
     out_dir, cache_dir = tmp_path / "out", tmp_path / "cache"  # one cache dir shared by both ranks
     out_dir.mkdir()
     procs = _launch("monitor", out_dir, str(cache_dir))
-    with _kill_on_error(procs), _threads():  # the single-process reference, while the workers run
+    with _kill_on_error(procs), single_thread():  # the single-process reference, while the workers run
         ref = _monitor_results(str(tmp_path / "ref_cache"))
     r0, r1 = _join(procs, out_dir)
 

@@ -56,6 +56,8 @@ import numpy as np
 import pytest
 import torch
 
+from servers import single_thread, stop
+
 WORLD = 2
 MAX_STEPS = 4
 EVERY = 2
@@ -191,13 +193,7 @@ def _alive_worker(pid: int, out_dir: Path) -> bool:
 
 def _stop(proc: subprocess.Popen, out_dir: Path) -> None:
     """End torchrun (SIGTERM: it stops its workers; then SIGKILL) and any worker left over."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc)
     for f in out_dir.glob("rank*.pid"):
         with contextlib.suppress(ValueError, OSError):
             pid = int(f.read_text())
@@ -220,15 +216,6 @@ def _join(proc: subprocess.Popen, log: Path, out_dir: Path) -> list[dict]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-class _threads:
-    """Run the in-process reference with one thread, as the workers do."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
 
 
 # ------------------------------------------------------------------------------ the reference
@@ -358,7 +345,7 @@ def test_ddp_training_stores_what_one_process_measures(tmp_path):
     assert any(not torch.equal(weights[4][k], weights[0][k]) for k in weights[0]), "training moved no weight"
 
     # the single-process reference on the same weights, same probe set, same SAE
-    with _threads():
+    with single_thread():
         ref_db, ref_run, ref_forwards = _reference(tmp_path / "ref", sae0, weights)
     assert ref_forwards == len(STEPS) * n  # one process runs every batch
     ref = StoreReader(ref_db)
