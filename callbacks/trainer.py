@@ -16,6 +16,14 @@ Modelled on TRL's ``LogCompletionsCallback`` and transformers' tracker integrati
   fingerprint, alert state); resuming reloads the baseline from the on-disk cache by that
   fingerprint and keeps the run id, and the store's replace semantics mean no step is stored
   twice.
+* **Adapter signals (LoRA).** With ``adapter_signals`` on ("auto": when the model has LoRA
+  modules), rank 0 records the A/B norms, ‖scaling·BA‖ and the local cosine of the B trajectory
+  (:mod:`drift_monitor.adapters`) at the base and every ``adapter_every_n_steps`` steps. At a step
+  that also has a probe snapshot they are merged into it (one store transaction, one alert
+  evaluation); otherwise an adapter-only snapshot (hooks ``adapter``/``adapter:<module>``, no
+  probe pass) goes the same way. They are read on rank 0 only, which is right for replicated
+  (DDP) weights; FSDP/ZeRO-3-sharded LoRA weights are skipped with a warning. The B history is
+  not saved in checkpoints: after a resume the cosine needs two records to reappear.
 """
 
 from __future__ import annotations
@@ -26,13 +34,14 @@ import math
 import os
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from drift_monitor.config import MonitorConfig
-from drift_monitor.records import Alert, Snapshot
+from drift_monitor.records import ADAPTER_HOOK_PREFIX, Alert, Snapshot, is_adapter_hook
 
 log = logging.getLogger("drift_monitor.callback")
 
@@ -62,6 +71,8 @@ class DriftMonitorCallback(TrainerCallback):
         self.errors = 0
         self.probe_seconds = 0.0
         self.prometheus_port: int | None = None
+        self.adapters = None  # drift_monitor.adapters.AdapterTracker when adapter signals are on (rank 0)
+        self.adapter_steps: set[int] = set()
         self._t_start = time.perf_counter()
         self._is_zero = True
 
@@ -79,8 +90,12 @@ class DriftMonitorCallback(TrainerCallback):
         self._guard("start", self._start, args, state, model, processing_class)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.monitor is not None and state.global_step % self.config.every_n_steps == 0:
-            self._guard("snapshot", self._snapshot, args, state, model)
+        if self.monitor is None:
+            return
+        if state.global_step % self.config.every_n_steps == 0:
+            self._guard("snapshot", self._snapshot, args, state, model)  # merges due adapter signals
+        elif self._adapter_due(state.global_step):
+            self._guard("adapter signals", self._adapter_snapshot, state, model)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
@@ -127,8 +142,9 @@ class DriftMonitorCallback(TrainerCallback):
         if not self._is_zero:
             return
         self._open_outputs(args, model, resumed)
+        self._guard("adapter signals", self._start_adapters, model)
         if resumed is None:
-            self._record(base, state)
+            self._record(self._with_adapters(base, model), state)
 
     def _open_outputs(self, args, model, resumed) -> None:
         from drift_monitor.alerts import AlertEngine, load_rules
@@ -170,7 +186,49 @@ class DriftMonitorCallback(TrainerCallback):
         snap = self.monitor.snapshot(model, step)
         self.probe_seconds += time.perf_counter() - t0
         if self._is_zero:
+            snap = self._with_adapters(snap, model)
             self._record(snap, state)
+        self._log_scalars(snap, state)
+
+    # ------------------------------------------------------------------ adapter signals (rank 0)
+    def _start_adapters(self, model) -> None:
+        """Turn adapter signals on per ``config.adapter_signals`` ("auto": if LoRA modules exist)."""
+        mode = self.config.adapter_signals
+        if mode is False:
+            return
+        from drift_monitor.adapters import AdapterTracker, find_lora_modules
+
+        modules, sharded = find_lora_modules(model)
+        if not modules and not sharded:
+            if mode is True:
+                log.warning("drift-monitor: adapter_signals=True but the model has no LoRA modules; none recorded")
+            return
+        self.adapters = AdapterTracker()
+
+    def _adapter_due(self, step: int) -> bool:
+        return (self.adapters is not None and self._is_zero and step not in self.adapter_steps
+                and step % self.config.adapter_cadence == 0)
+
+    def _with_adapters(self, snap: Snapshot, model) -> Snapshot:
+        """``snap`` plus the adapter hooks when they are due at its step (a copy: the monitor's
+        cached base snapshot is never modified). An adapter failure never loses the snapshot."""
+        extra: dict = {}
+        if self._adapter_due(snap.step):
+            self._guard("adapter signals", lambda: extra.update(self._adapter_hooks(model, snap.step)))
+        return replace(snap, hooks={**snap.hooks, **extra}) if extra else snap
+
+    def _adapter_hooks(self, model, step: int) -> dict:
+        self.adapter_steps.add(step)  # before the work: a failing step is not retried
+        return self.adapters.record(model, step)
+
+    def _adapter_snapshot(self, state, model) -> None:
+        """Adapter signals at a step without a probe pass: an adapter-only snapshot, same path."""
+        step = int(state.global_step)
+        hooks = self._adapter_hooks(model, step)
+        if not hooks:
+            return
+        snap = Snapshot(step=step, hooks=hooks, probe_hash=self.monitor.probe_hash, n_tokens=0, duration_s=0.0)
+        self._record(snap, state)
         self._log_scalars(snap, state)
 
     def _record(self, snap: Snapshot, state) -> None:
@@ -188,9 +246,11 @@ class DriftMonitorCallback(TrainerCallback):
                 self.exporter.push(self.config.pushgateway_url)
 
     def _log_scalars(self, snap: Snapshot, state) -> None:
+        # per-LoRA-module signals stay in the store / Prometheus: trackers get the aggregates
         logs = {f"{LOG_PREFIX}/{hook}/{name}": float(v) for (hook, name), v in snap.scalars().items()
-                if v is not None and math.isfinite(v)}
-        logs[f"{LOG_PREFIX}/probe_seconds"] = snap.duration_s
+                if v is not None and math.isfinite(v) and not hook.startswith(ADAPTER_HOOK_PREFIX)}
+        if not all(is_adapter_hook(h) for h in snap.hooks):  # a probe pass happened
+            logs[f"{LOG_PREFIX}/probe_seconds"] = snap.duration_s
         if self.trainer is not None:
             self.trainer.log(logs)
         else:

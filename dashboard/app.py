@@ -15,13 +15,15 @@ import sys
 import streamlit as st
 
 from drift_monitor.dashboard import common
-from drift_monitor.dashboard.pages import alerts, compare, features, refusal, run_detail, runs
+from drift_monitor.dashboard.pages import adapter, alerts, compare, directions, features, refusal, run_detail, runs
 
 PAGES = {
     "Runs": runs.page,
     "Run detail": run_detail.page,
     "Features": features.page,
     "Refusal": refusal.page,
+    "Directions": directions.page,
+    "Adapter": adapter.page,
     "Alerts": alerts.page,
     "Compare": compare.page,
 }

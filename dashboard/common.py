@@ -15,6 +15,7 @@ from typing import Callable
 import duckdb
 import streamlit as st
 
+from drift_monitor.records import is_adapter_hook
 from drift_monitor.store import SchemaVersionError, StoreEmpty, StoreError, StoreLocked, StoreNotFound, StoreReader
 
 DB_ENV = "DRIFT_MONITOR_DB"
@@ -80,9 +81,13 @@ def pick_run(r: StoreReader, key: str = "run"):
 
 
 def pick_hook(r: StoreReader, run_id: str, key: str = "hook") -> str | None:
-    hooks = r.hooks(run_id)
+    """A selector over the run's SAE hooks (adapter-signal hooks have no feature tables: the
+    Adapter page shows them)."""
+    every = r.hooks(run_id)
+    hooks = [h for h in every if not is_adapter_hook(h)]
     if not hooks:
-        st.info("This run has no snapshots yet.")
+        st.info("This run has adapter signals only (see the Adapter page)." if every else
+                "This run has no snapshots yet.")
         return None
     if st.session_state.get(key) not in hooks:
         st.session_state.pop(key, None)

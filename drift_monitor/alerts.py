@@ -47,7 +47,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, NamedTuple, Sequen
 import numpy as np
 import yaml
 
-from drift_monitor.records import Alert, Snapshot
+from drift_monitor.records import (ADAPTER_METRICS, LORA_MODULE_METRICS, Alert, Snapshot, is_adapter_hook,
+                                   parse_direction_key)
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,19 @@ KNOWN_METRICS: tuple[str, ...] = (
     "explained_variance", "base_explained_variance", "explained_variance_delta", "fvu", "l0", "mse", "cosine",
     "dead_fraction", "dense_fraction", "act_relative_mse", "act_cosine", "topk_jaccard", "features_drifted_ratio",
     "density_js", "density_spearman", "nonfinite_fraction", "n_tokens", "max_refusal_score", "refusal_score_floor",
-    "n_emerging_refusal_features", "refusal_direction_cosine", "ce_loss_delta", "ce_loss_score",
+    "n_emerging_refusal_features", "refusal_direction_cosine", "refusal_direction_norm", "ce_loss_delta",
+    "ce_loss_score",
+    # LoRA adapter signals (drift_monitor.adapters): aggregates on hook "adapter", per module on "adapter:<module>"
+    *ADAPTER_METRICS, *LORA_MODULE_METRICS,
 )
 
 #: What ``sudden_change`` watches unless told otherwise.
 DEFAULT_SUDDEN_CHANGE_METRICS: tuple[str, ...] = (
     "explained_variance", "features_drifted_ratio", "topk_jaccard", "act_relative_mse", "density_js",
     "act_cosine", "max_refusal_score",
+    # the rotation of the LoRA B trajectory (aggregate hook "adapter" only: per-module names differ).
+    # Not the B norm: its growth follows the LR schedule, so warm-up and decay would look sudden.
+    "adapter_B_local_cosine", "adapter_B_local_cosine_global",
 )
 
 # Per kind: the default threshold, severity and metric (None: the kind takes no single metric).
@@ -226,9 +233,12 @@ class AlertRule:
         return list(v)
 
     def _check_metric(self, m: Any) -> str:
-        if m not in KNOWN_METRICS:
+        # Direction monitors are named by the user's config, so they are accepted by pattern:
+        # direction_projection[_delta]:<direction>:<category>, e.g. direction_projection:refusal:harmful.
+        if m not in KNOWN_METRICS and not (isinstance(m, str) and parse_direction_key(m) is not None):
             raise AlertRuleError(f"alert rule {self.name!r}: unknown metric {m!r}{_suggest(m, KNOWN_METRICS)}; "
-                                 f"known metrics: {', '.join(KNOWN_METRICS)}")
+                                 f"known metrics: {', '.join(KNOWN_METRICS)}, or direction_projection:<direction>:"
+                                 f"<category> and direction_projection_delta:<direction>:<category>")
         return m
 
     def applies_to(self, hook: str) -> bool:
@@ -430,6 +440,11 @@ class MetricPoint:
             return None
         return float(v)
 
+    def merged_over(self, older: "MetricPoint") -> "MetricPoint":
+        """This point with ``older``'s hooks (same step) that it lacks; this point's hooks win."""
+        return MetricPoint(self.step, {**older.metrics, **self.metrics}, self.is_base or older.is_base,
+                           {**{h: v for h, v in older.emerging.items() if h not in self.metrics}, **self.emerging})
+
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "is_base": self.is_base,
                 "metrics": {h: {k: _enc(v) for k, v in m.items()} for h, m in self.metrics.items()},
@@ -498,7 +513,9 @@ def evaluate(
     by_step: dict[int, MetricPoint] = {}
     for p in points:
         if not p.is_base and p.step < cur.step:
-            by_step[p.step] = p  # a re-written step: the later record wins
+            # a re-written step: the later record wins, hook by hook (an adapter-only point and a
+            # probe snapshot at the same step complement each other)
+            by_step[p.step] = p.merged_over(by_step[p.step]) if p.step in by_step else p
     hist = [by_step[s] for s in sorted(by_step)]
 
     out: list[Condition] = []
@@ -761,7 +778,10 @@ class AlertEngine:
         if point.is_base:
             self._base = point
         else:
-            self._history = earlier + [point]
+            same = [p for p in self._history if p.step == point.step]
+            # Two points at one step (e.g. adapter signals, then a snapshot on_save) merge hook by
+            # hook; a hook re-measured at that step replaces its earlier values.
+            self._history = earlier + [point.merged_over(same[-1]) if same else point]
         if emit:
             self._warn_missing_hooks(point)
         if not (emit or sync):
@@ -798,6 +818,8 @@ class AlertEngine:
                      value=value, threshold=old.threshold, status="resolved")
 
     def _warn_missing_hooks(self, point: MetricPoint) -> None:
+        if all(is_adapter_hook(h) for h in point.metrics):
+            return  # an adapter-only point between probe snapshots lacks the SAE hooks by design
         for r in self.rules:
             for h in r.hooks or ():
                 if h not in point.metrics and (r.name, h) not in self._warned_hooks:

@@ -62,19 +62,60 @@ def _parse_saes(specs: list[str]) -> dict[str, str]:
     return saes
 
 
+def _parse_directions(specs: list[str]) -> dict[str, list[str]]:
+    """``--direction HOOK=PATH`` (repeatable; several files at one hook are all loaded)."""
+    directions: dict[str, list[str]] = {}
+    for spec in specs:
+        hook, sep, path = spec.partition("=")
+        if not sep or not hook or not path:
+            raise ValueError(f"--direction {spec!r}: expected HOOK=PATH, "
+                             "e.g. --direction model.layers.12=refusal.safetensors")
+        directions.setdefault(hook, []).append(path)
+    return directions
+
+
 def _cmd_scan(args: argparse.Namespace) -> int:
     from .scan import format_summary, scan
 
     saes = _parse_saes(args.sae)
+    directions = _parse_directions(args.direction)
     result = scan(args.base_model, saes, checkpoints=args.checkpoints, models=args.model, db_path=args.db,
                   probes=args.probes, run_name=args.run_name, pushgateway=args.pushgateway, device=args.device,
                   dtype=args.dtype, batch_size=args.batch_size, force=args.force,
-                  trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+                  trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
+                  config_overrides={"directions": directions} if directions else None)
     print(format_summary(result, list(saes)))
     for r in result.failed:
         print(f"drift-monitor: checkpoint {r.checkpoint.path} (step {r.checkpoint.step}) failed: {r.error}",
               file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .records import DEFAULT_REFUSAL_PHRASES, VerifySettings
+    from .verify import format_result, result_json, run_verify
+
+    phrases = DEFAULT_REFUSAL_PHRASES
+    if args.refusal_phrases:
+        path = Path(args.refusal_phrases)
+        text = path.read_text() if path.is_file() else args.refusal_phrases.replace(",", "\n")
+        phrases = tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
+    settings = VerifySettings(alpha=args.alpha, n_random=args.n_random, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, seed=args.seed, refusal_phrases=phrases)
+    res = run_verify(args.model, _parse_saes(args.sae) if args.sae else None, args.features, adapter=args.adapter,
+                     base_model=args.base_model, db=args.db, run=args.run, step=args.step, probes=args.probes,
+                     harmful_category=args.harmful_category, harmless_category=args.harmless_category,
+                     settings=settings, device=args.device, dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    print(format_result(res))
+    if args.db:
+        print(f"stored in {args.db} (verify id {res.verify_id}); see the dashboard's Refusal page")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result_json(res), indent=2))
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -144,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--base-model", required=True, help="the base model folder (step 0; adapters load onto it)")
     sc.add_argument("--sae", action="append", required=True, metavar="HOOK=SOURCE",
                     help="an SAE per hook: a local sae-lens folder or release:sae_id (repeatable)")
+    sc.add_argument("--direction", action="append", default=[], metavar="HOOK=PATH",
+                    help="direction vectors to monitor at an SAE hook: .safetensors, .pt, .npy or .json (repeatable)")
     sc.add_argument("--checkpoints", action="append", default=[], metavar="DIR|GLOB",
                     help="a Trainer output folder (checkpoint-N inside), a checkpoint, or a glob (repeatable)")
     sc.add_argument("--model", action="append", default=[], metavar="STEP=PATH",
@@ -159,6 +202,42 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint folders")
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=_cmd_scan)
+
+    from .records import VerifySettings  # NumPy only: --help stays fast
+
+    alpha = VerifySettings.alpha
+    v = sub.add_parser("verify", help="causal check: ablate drifted features (vs a random control) and steer "
+                                      "the base with them; refusal rates, KL on harmless probes")
+    v.add_argument("--model", required=True, help="the fine-tuned model folder, or with --adapter the base model")
+    v.add_argument("--adapter", default=None, help="a PEFT adapter folder loaded onto --model (base = adapter off)")
+    v.add_argument("--base-model", default=None, help="the base model folder, for the steering condition "
+                                                       "(not needed with --adapter)")
+    v.add_argument("--sae", action="append", default=[], metavar="HOOK=SOURCE",
+                   help="the SAE and its hook (default: the run's, from --db/--run)")
+    v.add_argument("--features", default="emerging", metavar="IDS|top:K|emerging",
+                   help="feature ids (12,345), or from the run's refusal features at --step: every emerging one "
+                        "(the default) or top:K (emerging first, then by refusal score)")
+    v.add_argument("--db", default=None, help="the run's DuckDB file: features come from it, results go to it")
+    v.add_argument("--run", default=None, help="a run id or name in --db")
+    v.add_argument("--step", type=int, default=None, help="the step whose refusal features are read (default: last)")
+    v.add_argument("--probes", default=None, metavar="harmful|FILE",
+                   help="a JSONL probe file, or 'harmful' for the default set (default: the run's probes)")
+    v.add_argument("--harmful-category", default="harmful")
+    v.add_argument("--harmless-category", default="harmless")
+    v.add_argument("--alpha", type=float, default=alpha,
+                   help=f"steering strength in units of each feature's typical activation (default {alpha:g})")
+    v.add_argument("--n-random", type=int, default=3, help="random-control draws (density-matched features)")
+    v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--refusal-phrases", default=None, metavar="FILE|a,b,c",
+                   help="phrases that mark a refusal (a file, one per line, or comma-separated)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    v.add_argument("--trust-remote-code", action="store_true")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=_cmd_verify)
 
     ex = sub.add_parser("export", help="export one run's tables as Parquet or CSV")
     ex.add_argument("--db", required=True)

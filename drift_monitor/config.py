@@ -72,6 +72,11 @@ class MonitorConfig(MetricSettings):
     fail_fast: bool = False
     #: Alert rules: None (the defaults), a YAML file, or a mapping (see drift_monitor.alerts).
     alert_rules: Any = None
+    #: Direction monitors: {hook: source} with hook one of the SAE hooks and source a path
+    #: (.safetensors, .pt/.pth, .npy, .json), a tensor/ndarray, a {name: vector} dict, or a
+    #: list of these (see drift_monitor.directions). Each direction's mean projection per
+    #: probe category is logged as ``direction_projection:<name>:<category>``.
+    directions: Mapping[str, Any] = field(default_factory=dict)
     show_progress: bool = True
     # Export / callback settings (used by the callback and exporters).
     prometheus_port: int | None = None
@@ -79,6 +84,11 @@ class MonitorConfig(MetricSettings):
     pushgateway_url: str | None = None
     snapshot_on_save: bool = False
     snapshot_on_evaluate: bool = False
+    #: LoRA adapter signals (drift_monitor.adapters): True, False, or "auto" (on when the model
+    #: has LoRA modules). Cheap: norms of the adapter weights, no forward pass.
+    adapter_signals: bool | str = "auto"
+    #: Cadence k of the adapter signals in optimizer steps (None: every_n_steps).
+    adapter_every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,18 +110,30 @@ class MonitorConfig(MetricSettings):
         _positive("max_length", self.max_length)
         _positive("prompt_end_tokens", self.prompt_end_tokens)
         _positive("topk_jaccard_k", self.topk_jaccard_k)
+        if not isinstance(self.directions, Mapping) or not all(isinstance(h, str) and h for h in self.directions):
+            raise ConfigError("directions must be a dict {hook: source}, e.g. "
+                              "{'model.layers.12': 'refusal_dir.safetensors'}")
         if not isinstance(self.sae_chunk_mb, (int, float)) or self.sae_chunk_mb <= 0:
             raise ConfigError(f"sae_chunk_mb must be a positive number of MiB, got {self.sae_chunk_mb!r}")
         if self.drift_ratio <= 1:
             raise ConfigError(f"drift_ratio must be > 1 (a 2x change is 2.0), got {self.drift_ratio}")
         if not 0 < self.refusal_max_base_density <= 1:
             raise ConfigError("refusal_max_base_density must be in (0, 1]")
+        if self.adapter_signals not in (True, False, "auto"):
+            raise ConfigError(f"adapter_signals must be True, False or 'auto', got {self.adapter_signals!r}")
+        if self.adapter_every_n_steps is not None:
+            _positive("adapter_every_n_steps", self.adapter_every_n_steps)
         if self.early_stop not in (True, False, "auto"):
             raise ConfigError(f"early_stop must be True, False or 'auto', got {self.early_stop!r}")
         sels = self.positions.values() if isinstance(self.positions, Mapping) else [self.positions]
         for sel in sels:
             if sel not in POSITION_SELECTORS:
                 raise ConfigError(f"unknown position selector {sel!r}; use one of {POSITION_SELECTORS}")
+
+    @property
+    def adapter_cadence(self) -> int:
+        """Steps between adapter-signal records (``adapter_every_n_steps`` or ``every_n_steps``)."""
+        return self.adapter_every_n_steps or self.every_n_steps
 
     def selector_for(self, category: str) -> str:
         """The position selector used for tokens of ``category``."""
@@ -133,6 +155,9 @@ class MonitorConfig(MetricSettings):
             v = getattr(self, f.name)
             if f.name == "saes":
                 v = {str(h): _describe(s) for h, s in self.sae_items()}
+            elif f.name == "directions":  # paths stay strings; in-memory tensors are described
+                v = {h: [_describe(x) for x in src] if isinstance(src, (list, tuple)) else _describe(src)
+                     for h, src in v.items()}
             elif f.name in ("probes", "alert_rules") and not isinstance(v, Mapping):
                 v = _describe(v)
             elif isinstance(v, Mapping):

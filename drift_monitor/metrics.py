@@ -235,3 +235,36 @@ def direction_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     if not math.isfinite(den) or den == 0:
         return math.nan
     return float((a * b).sum()) / den
+
+
+def difference_of_means(x_sum: torch.Tensor, n: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """mean_a(x) − mean_b(x) from per-category sums [C, d] and counts [C]: the refusal direction
+    r = mean_harmful − mean_harmless of Arditi et al. when a/b are harmful/harmless.
+    An empty category counts as a zero mean (callers that need both check the counts)."""
+    x_sum = x_sum.double()
+    n = n.double()
+    return x_sum[a] / n[a].clamp_min(1) - x_sum[b] / n[b].clamp_min(1)
+
+
+def unit_rows(v: torch.Tensor) -> torch.Tensor:
+    """Each row of ``v`` [D, d] scaled to unit length (float64); a zero row is an error, since a
+    projection onto it would silently read 0 and hide any change."""
+    v = v.double()
+    norm = v.norm(dim=-1, keepdim=True)
+    if bool((norm == 0).any()):
+        raise ValueError("cannot project onto a zero direction vector")
+    return v / norm
+
+
+def mean_projections(x_sum: torch.Tensor, n: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Mean projection per (direction, category): mean_t x_t · v̂ over the tokens of a category.
+
+    By linearity this is (Σ_t x_t / n) · v̂, so it comes from the streamed per-category sums
+    ``x_sum`` [C, d] and counts ``n`` [C] with one [D, d] × [d, C] matmul: no extra forward
+    pass and no per-token work. ``directions`` [D, d] is normalised here. Returns [D, C]
+    float64; NaN for a category without tokens (its mean is undefined, not 0).
+    """
+    n = n.double()
+    means = x_sum.double() / n.clamp_min(1)[:, None]
+    proj = unit_rows(directions.to(means.device)) @ means.T
+    return torch.where(n[None, :] > 0, proj, torch.full_like(proj, math.nan))

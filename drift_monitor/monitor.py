@@ -29,6 +29,7 @@ from torch import nn
 from . import metrics as M
 from .capture import ActivationCapture, hidden_size, is_sharded, model_device, probe_mode, resolve_module
 from .config import MetricSettings, MonitorConfig
+from .directions import load_hook_directions
 from .probes import PreparedProbes, ProbeBatch, ProbeSet, prepare_probes
 from .records import Snapshot
 from .saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
@@ -106,6 +107,10 @@ class DriftMonitor:
         hooks = [s.hook for s in self.saes]
         if len(set(hooks)) != len(hooks):
             raise ValueError(f"two SAEs on the same hook: {hooks}; give one SAE per hook")
+        # Loaded and checked now (file, width, hook), so a bad direction fails at start-up. Not part
+        # of the baseline cache key: projections are computed from the cached sums at compute().
+        self.directions: dict[str, dict[str, torch.Tensor]] = load_hook_directions(
+            config.directions, {s.hook: s.d_in for s in self.saes})
         self._base: dict[str, _HookBase] | None = None
         self.base_snapshot: Snapshot | None = None
         self.base_fingerprint: str | None = None
@@ -159,7 +164,7 @@ class DriftMonitor:
 
     def _set_base(self, base: dict[str, _HookBase], t0: float) -> Snapshot:
         self._base = base
-        hooks = {h: b.stats.compute(b.stats, h, self.settings) for h, b in base.items()}
+        hooks = {h: b.stats.compute(b.stats, h, self.settings, self.directions.get(h)) for h, b in base.items()}
         self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
                                       n_tokens=self._n_tokens(base), duration_s=time.perf_counter() - t0,
                                       is_base=True)
@@ -172,7 +177,7 @@ class DriftMonitor:
         t0 = time.perf_counter()
         modules = self._bind(model)
         stats, _ = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
-        hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings) for h in stats}
+        hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings, self.directions.get(h)) for h in stats}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return Snapshot(step=step, hooks=hooks, probe_hash=self.probe_hash,

@@ -460,6 +460,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
                         run_name="organism-refusal", prometheus_port=prometheus_port, show_progress=False, **common)
     cb = DriftMonitorCallback(cfg)
     refusal_model = finetune(org, "refusal", out / "refusal", callbacks=[cb], quiet=quiet)
+    refusal_model.save_pretrained(out / "refusal" / "adapter")  # what `drift-monitor verify --adapter` loads
     timings["refusal_run_s"] = time.perf_counter() - t1
 
     _progress(f"control fine-tune ({s.ft_steps} steps, checkpoints every {every}), then drift-monitor scan", quiet)
@@ -497,9 +498,18 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
                       "emerging_alert": "emerging_refusal_features" in rules, "alert_rules": rules,
                       "top_refusal_features": [(int(r.feature), float(r.refusal_score)) for r in rf.itertuples()]}
     ctrl_max = max(tool["control"].get("max_refusal_score", 0.0), 1e-12)
+
+    _progress("causal check: drift-monitor verify on the refusal run's emerging refusal features", quiet)
+    t3 = time.perf_counter()
+    from .verify import result_json, run_verify
+
+    check = run_verify(str(org.base_dir), None, "emerging", adapter=str(out / "refusal" / "adapter"),
+                       db=str(db), run=cb.run_id, probes=str(org.probes_path), progress=False)
+    timings["verify_s"] = time.perf_counter() - t3
     summary = {"size": size, "db": str(db), "timings": {**timings, "total_s": time.perf_counter() - t0},
                "behaviour": behaviour, "tool": tool,
-               "score_ratio": tool["refusal"].get("max_refusal_score", 0.0) / ctrl_max}
+               "score_ratio": tool["refusal"].get("max_refusal_score", 0.0) / ctrl_max,
+               "verify": result_json(check)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -520,6 +530,17 @@ def format_demo(summary: dict[str, Any]) -> str:
     top = ", ".join(f"#{f} ({s:.3g})" for f, s in t["refusal"]["top_refusal_features"])
     lines.append(f"\ntop refusal features (refusal run): {top}")
     lines.append(f"refusal score ratio, refusal run / control run max: {summary['score_ratio']:.1f}x")
+    v = summary.get("verify")
+    if v:
+        rate = {c["condition"]: [] for c in v["conditions"]}
+        for c in v["conditions"]:
+            rate[c["condition"]].append(c["harmful_refusal_rate"])
+        mean = {k: sum(x) / len(x) for k, x in rate.items()}
+        lines.append(f"\ncausal check (drift-monitor verify), features {v['features']}:")
+        lines.append(f"  harmful refusal: fine-tuned {mean.get('fine_tuned', 0):.0%}, ablated {mean.get('ablated', 0):.0%}, "
+                     f"random control {mean.get('random', 0):.0%}; base {mean.get('base', 0):.0%}, "
+                     f"steered base {mean.get('steered_base', 0):.0%}")
+        lines.append(f"  verdict: {v['verdict']}")
     lines.append(f"time: {summary['timings']['total_s']:.0f} s")
     lines.append(f"\nopen the dashboard: drift-monitor dashboard --db {summary['db']}")
     return "\n".join(lines)

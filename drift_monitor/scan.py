@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -276,6 +276,11 @@ def scan(
         exporter.set_info(model=str(base_path), probe_hash=mon.probe_hash)
     results: list[CheckpointResult] = []
     swapper = _AdapterSwapper(base)
+    tracker = None
+    if cfg.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):
+        from .adapters import AdapterTracker
+
+        tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
     history = _stored_points(db_path, run_id, hooks)
     try:
         for ckpt in _bar(ckpts, progress):
@@ -284,7 +289,8 @@ def scan(
                     engine.observe(history[ckpt.step])
                 results.append(CheckpointResult(ckpt, "skipped"))
                 continue
-            results.append(_scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code))
+            results.append(_scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code,
+                                     tracker))
             if exporter is not None and results[-1].status == "scanned":
                 try:
                     exporter.push(pushgateway, job="drift_monitor_scan")
@@ -300,7 +306,8 @@ def scan(
     return ScanResult(run_id, results)
 
 
-def _scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code) -> CheckpointResult:
+def _scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code,
+              tracker=None) -> CheckpointResult:
     t0 = time.perf_counter()
     try:
         if ckpt.kind == "adapter":
@@ -309,6 +316,9 @@ def _scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_
             model = load_model(ckpt.path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         t_load = time.perf_counter() - t0
         snap = mon.snapshot(model, ckpt.step)
+        if tracker is not None and ckpt.kind == "adapter":
+            # the adapter signals of the callback, with k = the checkpoint spacing (hooks adapter/adapter:<module>)
+            snap = replace(snap, hooks={**snap.hooks, **tracker.record(model, ckpt.step)})
     except ScanError as e:
         return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=str(e))
     except Exception as e:  # noqa: BLE001 - report it, scan the rest

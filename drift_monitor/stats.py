@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from . import metrics as M
 from .config import MetricSettings
-from .records import ALL, FeatureStats, HookResult, RefusalFeatures
+from .records import ALL, PROJECTION, PROJECTION_DELTA, REFUSAL_BASE, FeatureStats, HookResult, RefusalFeatures
 
 
 @dataclass
@@ -210,8 +211,13 @@ class HookStats:
         return FeatureStats(name, int(n), np_(count), np_(count0), np_(density), np_(mean_act), np_(mx),
                             np_(mean_act - mean_act0), np_(ldr))
 
-    def compute(self, base: "HookStats", hook: str, settings: MetricSettings) -> HookResult:
-        """The §5 metrics of this (current) model against ``base`` (the base model's stats)."""
+    def compute(self, base: "HookStats", hook: str, settings: MetricSettings,
+                directions: Mapping[str, torch.Tensor] | None = None) -> HookResult:
+        """The §5 metrics of this (current) model against ``base`` (the base model's stats).
+
+        ``directions`` ({name: [d] vector}, see ``drift_monitor.directions``) adds the mean
+        projection of each category onto each direction, from the sums already kept.
+        """
         s = settings
         n = self.n.sum()
         base_ev = M.explained_variance(base.sq_err_sum.sum(), base.x_sq_sum.sum(), base.x_sum.sum(0), base.n.sum())
@@ -252,6 +258,7 @@ class HookStats:
         cats = self.categories
         if s.harmful_category in cats and s.harmless_category in cats:
             refusal = self._refusal(base, base_density, features, metrics, s)
+        self._direction_metrics(base, directions or {}, metrics, s)
         return HookResult(hook=hook, d_sae=self.d_sae, metrics=metrics, features=features, refusal=refusal)
 
     def _refusal(self, base: "HookStats", base_density: torch.Tensor, features: dict[str, FeatureStats],
@@ -269,8 +276,37 @@ class HookStats:
         metrics["max_refusal_score"] = float(finite.max()) if finite.numel() else math.nan
         metrics["n_emerging_refusal_features"] = float(len(emerging))
 
-        def direction(st: HookStats) -> torch.Tensor:
-            return st.x_sum[h] / st.n[h].clamp_min(1) - st.x_sum[hl] / st.n[hl].clamp_min(1)
-
-        metrics["refusal_direction_cosine"] = M.direction_cosine(direction(self), direction(base))
+        r = M.difference_of_means(self.x_sum, self.n, h, hl)
+        metrics["refusal_direction_cosine"] = M.direction_cosine(r, M.difference_of_means(base.x_sum, base.n, h, hl))
+        metrics["refusal_direction_norm"] = float(r.norm())
         return RefusalFeatures(hd.numpy(), hld.numpy(), score.numpy(), z.numpy(), emerging)
+
+    def _direction_metrics(self, base: "HookStats", directions: Mapping[str, torch.Tensor],
+                           metrics: dict[str, float], s: MetricSettings) -> None:
+        """``direction_projection:<name>:<category>`` (and ``..._delta:``, current − base) for
+        each user direction and for the base refusal direction r̂⁰ (``refusal_base``), the
+        standard way to watch refusal strengthen (Arditi et al.). One matmul per model."""
+        names = list(directions)
+        vecs = [directions[k].to(self.x_sum.device, torch.float64) for k in names]
+        cats = self.categories
+        if s.harmful_category in cats and s.harmless_category in cats:
+            h, hl = cats.index(s.harmful_category), cats.index(s.harmless_category)
+            r0 = M.difference_of_means(base.x_sum, base.n, h, hl)
+            if float(base.n[h]) > 0 and float(base.n[hl]) > 0 and float(r0.norm()) > 0:
+                names.append(REFUSAL_BASE)
+                vecs.append(r0)
+        if not names:
+            return
+        V = torch.stack(vecs)
+
+        def proj(st: HookStats) -> torch.Tensor:  # [D, C + 1]: the categories, then "all"
+            sums = torch.cat([st.x_sum, st.x_sum.sum(0, keepdim=True)])
+            return M.mean_projections(sums, torch.cat([st.n, st.n.sum(0, keepdim=True)]), V)
+
+        cur = proj(self)
+        delta = (cur - proj(base)).tolist()
+        cur_l = cur.tolist()
+        for i, name in enumerate(names):
+            for j, cat in enumerate(cats + [ALL]):
+                metrics[f"{PROJECTION}:{name}:{cat}"] = cur_l[i][j]
+                metrics[f"{PROJECTION_DELTA}:{name}:{cat}"] = delta[i][j]

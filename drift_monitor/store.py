@@ -57,7 +57,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from drift_monitor.records import ALL, FEATURE_COLUMNS, REFUSAL_COLUMNS, Alert, HookResult, Snapshot
+from drift_monitor.records import (ALL, FEATURE_COLUMNS, PROJECTION, PROJECTION_DELTA, REFUSAL_COLUMNS, Alert,
+                                   HookResult, Snapshot, VerifyResult)
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,18 @@ def _as_int(value: Any, default: int) -> int:
 # Schema
 # --------------------------------------------------------------------------------------------
 
+#: Results of ``drift-monitor verify``, one row per condition (and random draw). Added after
+#: schema version 1 shipped: older files get the table on their first verify write
+#: (``CREATE TABLE IF NOT EXISTS``), and readers treat a missing table as empty.
+VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS verifications (
+        verify_id VARCHAR, run_id VARCHAR, step BIGINT, hook VARCHAR, created_at TIMESTAMP, condition VARCHAR,
+        draw INTEGER, features VARCHAR, n_features INTEGER, alpha DOUBLE, seed INTEGER,
+        harmful_refusal_rate DOUBLE, harmless_refusal_rate DOUBLE, kl_harmless DOUBLE, n_harmful INTEGER,
+        n_harmless INTEGER, examples_json VARCHAR, summary_json VARCHAR)"""
+VERIFICATION_COLUMNS = ("verify_id", "run_id", "step", "hook", "created_at", "condition", "draw", "features",
+                        "n_features", "alpha", "seed", "harmful_refusal_rate", "harmless_refusal_rate",
+                        "kl_harmless", "n_harmful", "n_harmless", "examples_json", "summary_json")
+
 #: Columns of each table in store order. SQL is built only from these constants (never from
 #: user data or file contents), and every value travels as a parameter or an Arrow column.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -133,6 +146,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "created_at", "acknowledged", "acknowledged_at", "resolved_step", "resolved_at",
     ),
     "feature_labels": ("hook", "feature", "label", "source"),
+    "verifications": VERIFICATION_COLUMNS,
 }
 
 #: DDL of schema version 1. Only small tables carry primary keys (see the module docstring).
@@ -160,6 +174,7 @@ SCHEMA_DDL: tuple[str, ...] = (
         created_at TIMESTAMP, acknowledged BOOLEAN, acknowledged_at TIMESTAMP,
         resolved_step BIGINT, resolved_at TIMESTAMP)""",
     "CREATE TABLE IF NOT EXISTS feature_labels (hook VARCHAR, feature INTEGER, label VARCHAR, source VARCHAR)",
+    VERIFICATIONS_DDL,
     # Ids of spooled writes already applied: makes a spool replay exactly-once (module docstring).
     "CREATE TABLE IF NOT EXISTS _spool_applied (op_id VARCHAR PRIMARY KEY, applied_at TIMESTAMP)",
 )
@@ -725,7 +740,42 @@ def _apply_alerts(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
         _apply_alert(con, alert)
 
 
+def _apply_verification(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+    p = op.payload
+    con.execute(VERIFICATIONS_DDL)
+    if p.get("run_id"):
+        _ensure_run(con, p["run_id"], p["t"])
+    con.execute("DELETE FROM verifications WHERE verify_id = ?", [p["verify_id"]]).fetchall()
+    _insert_arrow(con, "verifications", op.tables["verifications"])
+
+
+def _verification_table(res: VerifyResult) -> pa.Table:
+    summary = json.dumps({
+        "features": res.features, "steer_scales": res.steer_scales, "duration_s": res.duration_s,
+        "ablation_relative_drop": _float(res.ablation_relative_drop),
+        "random_relative_drop": _float(res.random_relative_drop), "steering_gain": _float(res.steering_gain),
+        "verdict": res.verdict(), "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                               for k, v in vars(res.settings).items()},
+    }, default=str)
+    draws: dict[str, int] = {}
+    rows: dict[str, list[Any]] = {c: [] for c in VERIFICATION_COLUMNS}
+    for c in res.conditions:
+        draw = draws.get(c.condition, 0)
+        draws[c.condition] = draw + 1
+        values = (res.verify_id, res.run_id, res.step, res.hook, _ts(res.created_at), c.condition, draw,
+                  ",".join(map(str, c.features)), len(c.features), c.alpha, c.seed, c.harmful_refusal_rate,
+                  c.harmless_refusal_rate, c.kl_harmless, c.n_harmful, c.n_harmless, json.dumps(c.examples), summary)
+        for col, v in zip(VERIFICATION_COLUMNS, values):
+            rows[col].append(v)
+    types = {"step": pa.int64(), "created_at": pa.timestamp("us"), "draw": pa.int32(), "n_features": pa.int32(),
+             "alpha": pa.float64(), "seed": pa.int32(), "harmful_refusal_rate": pa.float64(),
+             "harmless_refusal_rate": pa.float64(), "kl_harmless": pa.float64(), "n_harmful": pa.int32(),
+             "n_harmless": pa.int32()}
+    return pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in rows.items()})
+
+
 _APPLY: dict[str, Callable[[duckdb.DuckDBPyConnection, _Op], None]] = {
+    "verification": _apply_verification,
     "start_run": _apply_start_run,
     "snapshot": _apply_snapshot,
     "alerts": _apply_alerts,
@@ -954,6 +1004,11 @@ class Store:
         Raises ``KeyError`` for an unknown id when applied at once.
         """
         return self._submit(_Op("ack_alert", {"alert_id": alert_id, "t": time.time()}))
+
+    def write_verification(self, result: VerifyResult) -> WriteOutcome:
+        """Store a ``drift-monitor verify`` results table (one transaction; re-writing replaces it)."""
+        payload = {"verify_id": result.verify_id, "run_id": result.run_id, "t": time.time()}
+        return self._submit(_Op("verification", payload, {"verifications": _verification_table(result)}))
 
     # -- labels ------------------------------------------------------------------------------
 
@@ -1184,12 +1239,18 @@ class StoreReader:
         return self._df("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, hook", [run_id])
 
     def metric_series(
-        self, run_id: str, hook: str | None = None, names: Sequence[str] | None = None
+        self, run_id: str, hook: str | None = None, names: Sequence[str] | None = None,
+        hook_prefix: str | None = None,
     ) -> pd.DataFrame:
-        """Scalar metrics over steps, long format: ``step, hook, name, value`` (NaN kept as NaN)."""
+        """Scalar metrics over steps, long format: ``step, hook, name, value`` (NaN kept as NaN).
+
+        ``hook_prefix`` selects every hook starting with it (``"adapter:"``: the per-LoRA-module hooks).
+        """
         sql, params = "SELECT step, hook, name, value FROM metrics WHERE run_id = ?", [run_id]
         if hook is not None:
             sql, params = sql + " AND hook = ?", params + [hook]
+        if hook_prefix is not None:
+            sql, params = sql + " AND starts_with(hook, ?)", params + [hook_prefix]
         if names is not None:
             sql, params = sql + " AND list_contains(?, name)", params + [list(names)]
         return self._df(sql + " ORDER BY hook, name, step", params)
@@ -1283,6 +1344,35 @@ class StoreReader:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         return self._df(f"SELECT * FROM alerts {where} ORDER BY step DESC, created_at DESC, alert_id", params)
 
+    def resolve_run(self, run: str) -> str:
+        """The id of the run whose id or name is ``run``; a clear error if none or several match."""
+        runs = self._df("SELECT run_id, name FROM runs ORDER BY created_at DESC")
+        match = runs[(runs.run_id == run) | (runs.name == run)]
+        if match.empty:
+            known = ", ".join(f"{r.run_id} ({r.name})" for r in runs.head(10).itertuples()) or "none"
+            raise StoreError(f"{self.path}: no run with id or name {run!r}; runs: {known}")
+        if len(match) > 1:
+            raise StoreError(f"{self.path}: several runs are named {run!r}; give the run id: {match.run_id.tolist()}")
+        return str(match.run_id.iloc[0])
+
+    def verifications(self, run_id: str | None = None, hook: str | None = None) -> pd.DataFrame:
+        """``drift-monitor verify`` results, newest first (empty when there are none, also in
+        files written before the table existed)."""
+        with self._connection() as con:
+            have = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'verifications'"
+                               ).fetchall()[0][0]
+            if not have:
+                return pd.DataFrame(columns=list(VERIFICATION_COLUMNS))
+            clauses, params = [], []
+            for column, value in (("run_id", run_id), ("hook", hook)):
+                if value is not None:
+                    clauses.append(f"{column} = ?")
+                    params.append(value)
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            return con.execute(f"SELECT * FROM verifications {where} ORDER BY created_at DESC, verify_id, "
+                               "CASE condition WHEN 'fine_tuned' THEN 0 WHEN 'ablated' THEN 1 WHEN 'random' THEN 2 "
+                               "WHEN 'base' THEN 3 ELSE 4 END, draw", params).df()
+
     def labels(self, hook: str) -> pd.DataFrame:
         return self._df("SELECT feature, label, source FROM feature_labels WHERE hook = ? ORDER BY feature", [hook])
 
@@ -1318,6 +1408,24 @@ class StoreReader:
         if hook is not None:
             sql, params = sql + " AND m.hook = ?", params + [hook]
         return self._df(sql + " ORDER BY m.run_id, m.hook, m.step", params)
+
+    def direction_projections(self, run_id: str, hook: str) -> pd.DataFrame:
+        """The direction monitors of one run and hook over steps: ``step, direction, category,
+        projection, delta``, from the metrics named ``direction_projection[_delta]:<direction>:<category>``
+        (direction names hold no ':', so the category is everything after the second ':')."""
+        return self._df(
+            """WITH p AS (
+                 SELECT step, value, split_part(name, ':', 1) AS kind, split_part(name, ':', 2) AS direction,
+                        substr(name, length(split_part(name, ':', 1)) + length(split_part(name, ':', 2)) + 3)
+                          AS category
+                 FROM metrics WHERE run_id = ? AND hook = ? AND (starts_with(name, ?) OR starts_with(name, ?)))
+               SELECT step, direction, category,
+                      first(value) FILTER (WHERE kind = ?) AS projection,
+                      first(value) FILTER (WHERE kind = ?) AS delta
+               FROM p WHERE direction <> '' AND category <> ''
+               GROUP BY step, direction, category ORDER BY direction, category, step""",
+            [run_id, hook, PROJECTION + ":", PROJECTION_DELTA + ":", PROJECTION, PROJECTION_DELTA],
+        )
 
     def density_scatter(
         self, run_id: str, step: int, hook: str, category: str = ALL, limit: int = 5000
@@ -1361,14 +1469,7 @@ def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLik
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
     reader = StoreReader(path)
-    runs = reader.runs()
-    match = runs[(runs.run_id == run) | (runs.name == run)]
-    if match.empty:
-        known = ", ".join(runs.run_id.astype(str).tolist()[:10]) or "none"
-        raise StoreError(f"{path}: no run with id or name {run!r}; runs: {known}")
-    if len(match) > 1:
-        raise StoreError(f"{path}: several runs are named {run!r}; give the run id: {match.run_id.tolist()}")
-    run_id = str(match.run_id.iloc[0])
+    run_id = reader.resolve_run(run)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)

@@ -31,7 +31,7 @@ AppTest = streamlit_testing.AppTest
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")
-PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare"]
+PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare", "Adapter", "Directions"]
 STEPS = [0, 10, 20, 30]
 ARTIFACTS = REPO / "test-artifacts"
 

@@ -20,6 +20,7 @@ import pytest
 import drift_monitor.scan as scan_mod
 from drift_monitor.callbacks import DriftMonitorCallback
 from drift_monitor.cli import main
+from drift_monitor.records import is_adapter_hook
 from drift_monitor.store import StoreReader
 
 import train_fixtures as tf
@@ -128,7 +129,10 @@ def _rows(df: pd.DataFrame, key: list[str], steps=None, step_map=None) -> pd.Dat
 
 
 def metrics_of(db, run_id, steps=None, step_map=None) -> pd.DataFrame:
-    return _rows(StoreReader(db).metric_series(run_id), ["step", "hook", "name"], steps, step_map)
+    """The probe hooks' metrics (the callback's LoRA runs also store adapter signals, which the
+    scan does not compute)."""
+    df = StoreReader(db).metric_series(run_id)
+    return _rows(df[~df.hook.map(is_adapter_hook)], ["step", "hook", "name"], steps, step_map)
 
 
 def table_of(db, run_id, table: str, key: list[str], steps=None, step_map=None) -> pd.DataFrame:
@@ -242,6 +246,14 @@ def test_adapter_checkpoints_reproduce_the_callback_loading_the_base_once(world,
     assert out.count(" adapter  scanned ") == 2
     assert_matches_callback(adapter_run, db, "lora")
     assert alerts_of(adapter_run.db, adapter_run.run_id) == alerts_of(db, "lora")
+    # the scan records the adapter signals of the checkpoints it loads, equal to the callback's
+    cb, sc = (StoreReader(d).metric_series(r, hook_prefix="adapter") for d, r in ((adapter_run.db, adapter_run.run_id),
+                                                                                   (db, "lora")))
+    norms = ["adapter_A_norm", "adapter_B_norm", "adapter_BA_norm"]
+    sc = sc[sc.name.isin(norms)].set_index(["step", "hook", "name"]).value.sort_index()
+    cb = cb[cb.name.isin(norms) & cb.step.isin(sorted(set(s for s, _, _ in sc.index)))]
+    assert len(sc) > 0 and sorted(set(s for s, _, _ in sc.index)) == [2, 4]
+    assert sc.to_numpy() == pytest.approx(cb.set_index(["step", "hook", "name"]).value.sort_index().to_numpy(), rel=1e-6)
 
 
 def test_mixed_full_and_adapter_checkpoints_in_one_scan(world, adapter_run, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,10 @@
-"""Refusal: emerging refusal features as a feature × step heatmap, and harmful vs harmless drift."""
+"""Refusal: emerging refusal features as a feature × step heatmap, harmful vs harmless drift, and
+the causal check (``drift-monitor verify``) results stored for the run."""
 
 from __future__ import annotations
+
+import json
+import math
 
 import altair as alt
 import streamlit as st
@@ -20,6 +24,7 @@ def page(r: StoreReader) -> None:
     df = r.refusal_features(rid, hook, k=k)
     if df.empty:
         st.info("No refusal scores stored for this run and hook (they need harmful and harmless probes).")
+        causal_check(r, rid, hook)
         return
     heat = df.assign(label=df["label"].fillna(""), feature=df["feature"].astype(str))
     st.altair_chart(
@@ -38,3 +43,43 @@ def page(r: StoreReader) -> None:
     st.dataframe(table, hide_index=True, width="stretch")
     emerging = sorted(df[df["emerging"].fillna(False).astype(bool)]["feature"].unique().tolist())
     st.caption(f"Emerging refusal features in this run: {', '.join(map(str, emerging)) or 'none'}")
+    causal_check(r, rid, hook)
+
+
+def causal_check(r: StoreReader, run_id: str, hook: str) -> None:
+    """The stored ``drift-monitor verify`` tables of this run and hook, newest first."""
+    st.subheader("Causal check (drift-monitor verify)")
+    v = r.verifications(run_id=run_id, hook=hook)
+    if v.empty:
+        st.info("No causal check stored for this run and hook. Run `drift-monitor verify --db DB --run RUN "
+                "--model BASE --adapter ADAPTER` to ablate the emerging refusal features "
+                "(against a density-matched random control) and steer the base with them.")
+        return
+    ids = list(dict.fromkeys(v["verify_id"]))
+    when = dict(zip(v["verify_id"], v["created_at"].astype(str)))
+    vid = st.selectbox("Check", ids, key="ref_verify",
+                       format_func=lambda i: f"{when[i]} (step {int(v[v.verify_id == i].step.iloc[0])}, {i})")
+    rows = v[v["verify_id"] == vid]
+    summary = json.loads(rows["summary_json"].iloc[0] or "{}")
+    st.markdown(f"**Verdict:** {summary.get('verdict', '?')}")
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Ablation: harmful refusal drop", _pct(summary.get("ablation_relative_drop")))
+    c2.metric("Random control: drop", _pct(summary.get("random_relative_drop")))
+    c3.metric("Steering the base: refusal gain", _pct(summary.get("steering_gain"), signed=True))
+    mean = rows.groupby("condition", sort=False, as_index=False)[["harmful_refusal_rate", "harmless_refusal_rate",
+                                                                 "kl_harmless"]].mean()
+    st.altair_chart(
+        alt.Chart(mean, title="Harmful refusal rate by condition (random: mean of draws)").mark_bar()
+        .encode(x=alt.X("condition:N", sort=list(mean["condition"])),
+                y=alt.Y("harmful_refusal_rate:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+                tooltip=["condition", "harmful_refusal_rate", "harmless_refusal_rate", "kl_harmless"]),
+        width="stretch",
+    )
+    st.dataframe(rows[["condition", "draw", "features", "alpha", "harmful_refusal_rate", "harmless_refusal_rate",
+                       "kl_harmless", "n_harmful", "n_harmless"]], hide_index=True, width="stretch")
+
+
+def _pct(v, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:+.0%}" if signed else f"{v:.0%}"

@@ -7,16 +7,19 @@ default, ``prometheus_port`` 9464 suggested); a batch scan pushes to a Pushgatew
 tests) coexist in one process.
 
 Conventions: prefix ``drift_monitor_``, base units (seconds), ``_total`` on counters, ``_info``
-for run metadata. The only labels are ``run``, ``hook``, ``category``, ``severity`` and
-``rule`` (``category`` is reserved for per-category aggregates; none is exported yet). No
+for run metadata. The only labels are ``run``, ``hook``, ``category``, ``severity``, ``rule`` and
+``direction`` (``category`` and ``direction`` label the direction monitors'
+``drift_monitor_direction_projection{,_delta}``: user-supplied directions x probe categories). No
 per-feature label, ever: per-feature data lives in the DuckDB store. The one exception to the
 label rule is ``drift_monitor_run_info``, whose metadata values are labels by the ``_info``
 convention (one series per run, so still bounded).
 
 Each scalar in ``HookResult.metrics`` becomes a gauge ``drift_monitor_<name>{run, hook}``
 (:data:`METRIC_NAMES` holds the renamed ones, e.g. ``n_emerging_refusal_features`` ->
-``drift_monitor_emerging_refusal_features``). A metric unknown to this module is exported
-under its sanitised name. Non-finite values (NaN, ±inf, None) are exported as NaN: Prometheus
+``drift_monitor_emerging_refusal_features``), except the direction monitors: every
+``direction_projection[_delta]:<direction>:<category>`` key goes to the one labelled family
+``drift_monitor_direction_projection[_delta]{run, hook, direction, category}``. A metric unknown
+to this module is exported under its sanitised name. Non-finite values (NaN, ±inf, None) are exported as NaN: Prometheus
 stores NaN, and a comparison with NaN is false, so no alert rule fires on it by accident.
 
 This module takes plain records and never imports torch, models or SAEs.
@@ -36,14 +39,15 @@ from typing import Any, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import push_to_gateway, start_http_server
 
-from ..records import Alert, Snapshot
+from ..records import (ADAPTER_METRICS, LORA_MODULE_METRICS, PROJECTION, PROJECTION_DELTA, Alert, Snapshot,
+                       parse_direction_key)
 
 log = logging.getLogger(__name__)
 
 PREFIX = "drift_monitor_"
 
 #: The only label names any drift-monitor series carries (``drift_monitor_run_info`` aside).
-ALLOWED_LABELS = ("run", "hook", "category", "severity", "rule")
+ALLOWED_LABELS = ("run", "hook", "category", "severity", "rule", "direction")
 
 #: Suggested ``prometheus_port`` (examples/prometheus/prometheus.yml scrapes it).
 DEFAULT_PORT = 9464
@@ -52,6 +56,8 @@ DEFAULT_PORT = 9464
 METRIC_NAMES: dict[str, str] = {
     "n_emerging_refusal_features": "emerging_refusal_features",
     "n_tokens": "probe_tokens",
+    # LoRA adapter signals: lower-case gauge names (drift_monitor_adapter_b_norm, drift_monitor_lora_b_norm, ...)
+    **{k: k.lower() for k in (*ADAPTER_METRICS, *LORA_MODULE_METRICS)},
 }
 
 #: Help text of the scalar metrics of README.md's metric table (DESIGN.md §5).
@@ -76,6 +82,19 @@ METRIC_HELP: dict[str, str] = {
     "max_refusal_score": "Largest refusal score (harmful drift - harmless drift) over ranked features.",
     "n_emerging_refusal_features": "Number of emerging refusal features (robust z-score above the threshold).",
     "refusal_direction_cosine": "Cosine between the current and base refusal directions (mean harmful - mean harmless activation).",
+    "refusal_direction_norm": "Norm of the current refusal direction (mean harmful - mean harmless activation).",
+    # LoRA adapter signals (drift_monitor.adapters); hook="adapter" aggregates, hook="adapter:<module>" per module
+    "adapter_A_norm": "Frobenius norm of all LoRA A matrices together (sqrt of the sum of squares over modules).",
+    "adapter_B_norm": "Frobenius norm of all LoRA B matrices together (sqrt of the sum of squares over modules).",
+    "adapter_BA_norm": "Frobenius norm of all LoRA weight updates scaling*B*A together.",
+    "adapter_B_local_cosine": "Mean over LoRA modules of cos(B[t-2k]-B[t-k], B[t]-B[t-k]) (centred at t-k): "
+                              "-1 straight line, rising toward 0 or above when B turns.",
+    "adapter_B_local_cosine_max": "Largest per-module local cosine of the LoRA B trajectory (centred at t-k).",
+    "adapter_B_local_cosine_global": "Local cosine of the concatenated LoRA B vector of all modules (centred at t-k).",
+    "lora_A_norm": "Frobenius norm of one module's LoRA A matrix.",
+    "lora_B_norm": "Frobenius norm of one module's LoRA B matrix.",
+    "lora_BA_norm": "Frobenius norm of one module's LoRA weight update scaling*B*A.",
+    "lora_B_local_cosine": "One module's cos(B[t-2k]-B[t-k], B[t]-B[t-k]) (centred at t-k; NaN when B did not move).",
 }
 
 #: Probe-duration histogram buckets, seconds (tiny models: tens of ms; 8B models: minutes).
@@ -181,6 +200,11 @@ class PrometheusExporter:
             run = self.run
             for hook, result in snapshot.hooks.items():
                 for key, value in result.metrics.items():
+                    parsed = parse_direction_key(key)
+                    if parsed is not None:  # one labelled family, not a gauge per direction/category
+                        kind, direction, category = parsed
+                        self._m.directions[kind].labels(run, hook, direction, category).set(_as_float(value))
+                        continue
                     gauge = self._m.gauge(key)
                     if gauge is not None:
                         gauge.labels(run, hook).set(_as_float(value))
@@ -314,6 +338,15 @@ class _Families:
                               ["run", "rule", "severity"], registry=reg)
         self.active = Gauge(PREFIX + "alerts_active", "Alerts currently active.", ["run", "rule", "severity"], registry=reg)
         self.gauges: dict[str, Gauge | None] = {}  # metrics key -> gauge (None: name clash, not exported)
+        # Direction monitors: bounded labels (user-supplied directions x probe categories).
+        dir_labels = ["run", "hook", "direction", "category"]
+        self.directions = {
+            PROJECTION: Gauge(PREFIX + PROJECTION, "Mean projection of a probe category's activations onto a unit "
+                              "direction (user-supplied, or refusal_base: the base refusal direction).",
+                              dir_labels, registry=reg),
+            PROJECTION_DELTA: Gauge(PREFIX + PROJECTION_DELTA, "Mean projection onto a unit direction, current "
+                                    "minus base model.", dir_labels, registry=reg),
+        }
         for key in METRIC_HELP:
             self.gauge(key)
 

@@ -1,0 +1,436 @@
+"""The causal check: do the drifted features *mediate* refusal, or only correlate with it?
+
+    res = verify(model, tokenizer, sae, "model.layers.12", features=[102, 365],
+                 harmful=harmful_prompts, harmless=harmless_prompts, base_model=base)
+    print(format_result(res))
+
+Conditions, each measured by greedy generation on the harmful and the harmless prompts:
+
+``fine_tuned``     the model as trained (the reference);
+``ablated``        the chosen features removed at the hook, SAE error kept (x' = x − Σ f_i d_i);
+``random``         the same number of *random* features removed, each matched to a chosen one
+                   by firing density (``n_random`` draws): ablating any features of that
+                   density might disturb the model; only a gap to this control is evidence;
+``base``           the base model (when given);
+``steered_base``   the base model with α × (typical activation) × d_i added for each feature.
+
+Refusal is a configurable list of phrases found in the decoded generation (case-insensitive).
+``kl_harmless`` is the mean per-token KL(unmodified ‖ intervened) of next-token distributions
+over the harmless prompts: an intervention that "removes refusal" by breaking the model shows
+up there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .capture import ActivationCapture, resolve_module
+from .interventions import intervene
+from .records import ConditionResult, VerifyResult, VerifySettings, normalize_text, pct
+
+log = logging.getLogger(__name__)
+
+def is_refusal(text: str, phrases: Sequence[str]) -> bool:
+    t = normalize_text(text)
+    return any(p in t for p in phrases)
+
+
+# ----------------------------------------------------------------------------- model plumbing
+def _formatted(tok: Any, prompts: Sequence[str]) -> list[str]:
+    """Chat-formatted prompts when the tokenizer has a chat template, else the prompts as they are."""
+    if getattr(tok, "chat_template", None):
+        return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts]
+    return list(prompts)
+
+
+def _batches(tok: Any, prompts: Sequence[str], s: VerifySettings, device: torch.device) -> Iterator[dict]:
+    texts = _formatted(tok, prompts)
+    for lo in range(0, len(texts), s.batch_size):
+        enc = tok(texts[lo:lo + s.batch_size], add_special_tokens=not getattr(tok, "chat_template", None),
+                  padding=True, truncation=True, max_length=s.max_length, return_tensors="pt")
+        yield {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+@contextlib.contextmanager
+def _left_padding(tok: Any) -> Iterator[None]:
+    old = tok.padding_side
+    tok.padding_side = "left"  # generation continues from the last column
+    try:
+        yield
+    finally:
+        tok.padding_side = old
+
+
+@torch.no_grad()
+def generate_texts(model: nn.Module, tok: Any, prompts: Sequence[str], s: VerifySettings) -> list[str]:
+    """Greedy continuations, decoded without special tokens."""
+    device = _device(model)
+    out: list[str] = []
+    with _left_padding(tok):
+        for enc in _batches(tok, prompts, s, device):
+            gen = model.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            out += tok.batch_decode(new, skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def harmless_kl(model: nn.Module, tok: Any, prompts: Sequence[str], s: VerifySettings,
+                intervention: Callable[[], ContextManager]) -> float:
+    """Mean over prompt tokens of KL(p ‖ p_intervened), next-token distributions, in nats."""
+    device = _device(model)
+    total, count = 0.0, 0
+    for enc in _batches(tok, prompts, s, device):
+        logp = torch.log_softmax(model(**enc, use_cache=False).logits.float(), -1)
+        with intervention():
+            logq = torch.log_softmax(model(**enc, use_cache=False).logits.float(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)  # [b, t]
+        m = enc["attention_mask"].bool()
+        total += float(kl[m].sum())
+        count += int(m.sum())
+    return total / max(count, 1)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def feature_activity(model: nn.Module, tok: Any, sae: Any, hook: str, prompts: Sequence[str],
+                     s: VerifySettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(density, typical activation) of every feature over the prompts' tokens (CPU float64).
+
+    Typical activation = mean code where the feature fires (0 where it never does). Streaming
+    sums over batches: the [tokens, d_sae] codes never exist for the whole set at once.
+    """
+    _, module = resolve_module(model, hook)
+    device = _device(model)
+    d_sae = int(sae.cfg.d_sae)
+    count = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    total = torch.zeros(d_sae, dtype=torch.float64, device=device)
+    n = 0
+    with ActivationCapture({hook: module}, early_stop=True) as cap:
+        for enc in _batches(tok, prompts, s, device):
+            acts = cap.run(lambda: model(**enc, use_cache=False))[hook]
+            x = acts[enc["attention_mask"].bool()].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+            codes = sae.encode(x).to(device=device, dtype=torch.float64)
+            count += (codes > 0).sum(0)
+            total += codes.sum(0)
+            n += x.shape[0]
+    density = (count / max(n, 1)).cpu()
+    typical = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)).cpu()
+    return density, typical
+
+
+def density_matched(features: Sequence[int], density: torch.Tensor, pool: int, rng: random.Random) -> list[int]:
+    """For each chosen feature, a random other feature among the ``pool`` nearest in log density.
+
+    Why log density: firing rates span orders of magnitude; a feature firing on 1% of tokens is
+    a fair control for one firing on 1.5%, not for one firing on 0.01%.
+    """
+    n = density.numel()
+    eps = 1.0 / max(n, 1) * 1e-3
+    logd = torch.log10(density.double() + eps)
+    taken = torch.zeros(n, dtype=torch.bool)
+    taken[torch.as_tensor(list(features), dtype=torch.long)] = True
+    out: list[int] = []
+    for f in features:
+        dist = (logd - logd[f]).abs()
+        dist[taken] = math.inf
+        k = min(pool, int((~taken).sum()))
+        if k == 0:
+            raise ValueError("not enough features left for a random control")
+        cand = torch.topk(dist, k, largest=False).indices.tolist()
+        pick = rng.choice(cand)
+        taken[pick] = True
+        out.append(pick)
+    return out
+
+
+# ----------------------------------------------------------------------------- the check
+def verify(model: nn.Module, tokenizer: Any, sae: Any, hook: str, features: Sequence[int],
+           harmful: Sequence[str], harmless: Sequence[str], *, base_model: nn.Module | None = None,
+           base_context: Callable[[], ContextManager] | None = None, settings: VerifySettings | None = None,
+           progress: bool = True, run_id: str | None = None, step: int | None = None) -> VerifyResult:
+    """Run every condition and return the results table.
+
+    ``base_model``: the model before fine-tuning, for ``base`` and ``steered_base``. For a PEFT
+    model pass ``base_context=model.disable_adapter`` instead: the base is the same module with
+    the adapter switched off, so no second copy of the weights is loaded.
+    """
+    s = settings or VerifySettings()
+    features = [int(f) for f in features]
+    if not features:
+        raise ValueError("verify needs at least one feature")
+    if len(set(features)) != len(features):
+        raise ValueError(f"duplicate feature ids in {features}")
+    if not harmful:
+        raise ValueError("no harmful prompts: the refusal rate needs some (check --probes and the category names)")
+    if not harmless:
+        raise ValueError("no harmless prompts: the KL and the over-refusal check need some")
+    if getattr(tokenizer, "pad_token", None) is None:
+        log.warning("tokenizer has no pad token; using eos (%r)", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    sae.eval()
+    bar = _Bar(2 + s.n_random + (2 if base_model is not None or base_context is not None else 0), progress)
+    rng = random.Random(s.seed)
+    try:
+        density, typical = feature_activity(model, tokenizer, sae, hook, list(harmful) + list(harmless), s)
+        scales = _steer_scales(features, typical, s.alpha)
+        rows: list[ConditionResult] = []
+
+        def measure(name: str, m: nn.Module, ctx: Callable[[], ContextManager] | None, feats: list[int],
+                    seed: int | None = None, alpha: float | None = None) -> None:
+            with (ctx() if ctx else contextlib.nullcontext()):
+                harm_txt = generate_texts(m, tokenizer, harmful, s)
+                safe_txt = generate_texts(m, tokenizer, harmless, s)
+            kl = harmless_kl(m, tokenizer, harmless, s, ctx) if ctx else 0.0
+            rows.append(ConditionResult(
+                name, feats, _rate(harm_txt, s), _rate(safe_txt, s), kl, len(harm_txt), len(safe_txt), seed, alpha,
+                examples=harm_txt[:s.n_examples]))
+            bar.step(f"{name}: harmful refusal {rows[-1].harmful_refusal_rate:.0%}")
+
+        measure("fine_tuned", model, None, [])
+        measure("ablated", model, lambda: intervene(model, hook, sae, ablate=features), features)
+        for i in range(s.n_random):
+            rand = density_matched(features, density, s.random_pool, rng)
+            measure("random", model, lambda r=rand: intervene(model, hook, sae, ablate=r), rand, seed=s.seed + i)
+        if base_model is not None or base_context is not None:
+            bm = base_model if base_model is not None else model
+            outer = base_context or contextlib.nullcontext
+
+            @contextlib.contextmanager
+            def steered() -> Iterator[None]:
+                with intervene(bm, hook, sae, steer=features, steer_scales=scales,
+                               steer_prompt_only=s.steer_prompt_only):
+                    yield
+
+            with outer():
+                measure("base", bm, None, [])
+                measure("steered_base", bm, steered, features, alpha=s.alpha)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return VerifyResult(hook, features, rows, s, scales, run_id=run_id, step=step,
+                        duration_s=time.perf_counter() - t0)
+
+
+def _steer_scales(features: list[int], typical: torch.Tensor, alpha: float) -> list[float]:
+    """α × each feature's typical activation; a feature that never fired on the probes takes the
+    median typical activation of the features that did (a steering vector of length 0 tests nothing)."""
+    alive = typical[typical > 0]
+    fallback = float(alive.median()) if alive.numel() else 1.0
+    return [alpha * (float(typical[f]) if typical[f] > 0 else fallback) for f in features]
+
+
+def _rate(texts: list[str], s: VerifySettings) -> float:
+    return sum(is_refusal(t, s.refusal_phrases) for t in texts) / max(len(texts), 1)
+
+
+class _Bar:
+    """A tqdm bar over conditions when asked and stderr is a terminal; a log line per step else."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="drift-monitor verify", unit="condition", disable=None)
+
+    def step(self, msg: str) -> None:
+        log.info("verify: %s", msg)
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- presentation
+def format_result(res: VerifyResult) -> str:
+    """The results table and the judged figures, as text."""
+    lines = [f"causal check at {res.hook}, features {res.features}"
+             + (f" (run {res.run_id}, step {res.step})" if res.run_id else ""),
+             f"steering: alpha {res.settings.alpha:g} x typical activation = "
+             + ", ".join(f"{v:.3g}" for v in res.steer_scales), "",
+             f"{'condition':<14} {'harmful refusal':>15} {'harmless refusal':>16} {'KL harmless':>11}  features"]
+    for c in res.conditions:
+        feats = ",".join(map(str, c.features[:8])) + ("..." if len(c.features) > 8 else "")
+        lines.append(f"{c.condition:<14} {c.harmful_refusal_rate:>15.1%} {c.harmless_refusal_rate:>16.1%} "
+                     f"{c.kl_harmless:>11.4f}  {feats or '-'}")
+    lines += ["", f"ablation lowers harmful refusal by {pct(res.ablation_relative_drop)} (relative); "
+                  f"random control by {pct(res.random_relative_drop)}"]
+    if res.rows("steered_base"):
+        lines.append(f"steering the base: refusal {res.rate('base'):.1%} -> {res.rate('steered_base'):.1%}")
+    lines.append(f"verdict: {res.verdict()}  ({res.duration_s:.0f} s)")
+    return "\n".join(lines)
+
+
+def result_json(res: VerifyResult) -> dict[str, Any]:
+    d = asdict(res)
+    d["settings"]["refusal_phrases"] = list(res.settings.refusal_phrases)
+    d.update(ablation_relative_drop=res.ablation_relative_drop, random_relative_drop=res.random_relative_drop,
+             steering_gain=res.steering_gain, verdict=res.verdict())
+    return json.loads(json.dumps(d, default=float))
+
+
+# ----------------------------------------------------------------------------- from paths (the CLI)
+def parse_feature_spec(spec: str) -> list[int] | tuple[str, int]:
+    """``"12,345"`` -> [12, 345]; ``"top:K"`` -> ("top", K); ``"emerging"`` -> ("emerging", 0)."""
+    spec = str(spec).strip()
+    if spec == "emerging":
+        return ("emerging", 0)
+    if spec.startswith("top:"):
+        try:
+            k = int(spec[4:])
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ValueError(f"--features {spec!r}: top:K needs a positive integer K, e.g. top:5")
+        return ("top", k)
+    try:
+        ids = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--features {spec!r}: give feature ids (12,345), top:K or emerging") from None
+    if not ids:
+        raise ValueError("--features is empty: give feature ids (12,345), top:K or emerging")
+    return ids
+
+
+def features_from_store(reader: Any, run_id: str, hook: str, step: int, spec: tuple[str, int]) -> list[int]:
+    """The run's refusal features at ``step``: emerging ones first (by rank), then by rank.
+
+    ``top:K`` takes K of them (with a warning when fewer than K are emerging), ``emerging`` all
+    the emerging ones.
+    """
+    df = reader.refusal_features(run_id, hook, steps=[step])
+    if df.empty:
+        raise ValueError(f"run {run_id} has no refusal features stored for hook {hook!r} at step {step} "
+                         "(they need harmful and harmless probes); give --features 12,345 instead")
+    df = df.assign(emerging=df["emerging"].fillna(False).astype(bool)).sort_values(
+        ["emerging", "rank"], ascending=[False, True], na_position="last")
+    emerging = df[df["emerging"]]["feature"].astype(int).tolist()
+    kind, k = spec
+    if kind == "emerging":
+        if not emerging:
+            raise ValueError(f"no emerging refusal features at step {step} of run {run_id}; use top:K")
+        return emerging
+    if len(emerging) < k:
+        log.warning("only %d emerging refusal features at step %d; top:%d adds the next by refusal score",
+                    len(emerging), step, k)
+    return df["feature"].astype(int).tolist()[:k]
+
+
+def _run_config(reader: Any, run_id: str) -> dict[str, Any]:
+    runs = reader.runs()
+    raw = runs[runs.run_id == run_id]["config_json"]
+    try:
+        return json.loads(raw.iloc[0]) if len(raw) and raw.iloc[0] else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _prompts(probes: str | None, run_cfg: dict[str, Any], harmful_cat: str, harmless_cat: str) -> tuple[list[str], list[str]]:
+    from pathlib import Path
+
+    from .probes import ProbeSet
+
+    if probes in (None, ""):
+        stored = run_cfg.get("probes")
+        probes = stored if isinstance(stored, str) and (stored == "default" or Path(stored).is_file()) else "default"
+    if probes == "harmful":  # the issue's shorthand: the default set's harmful probes
+        probes = "default"
+    ps = ProbeSet.resolve(probes)
+    harmful = [r.prompt for r in ps.records if r.category == harmful_cat]
+    harmless = [r.prompt for r in ps.records if r.category == harmless_cat]
+    if not harmful or not harmless:
+        raise ValueError(f"probe set {ps.name!r} has {len(harmful)} {harmful_cat!r} and {len(harmless)} "
+                         f"{harmless_cat!r} probes; verify needs both (categories: {ps.categories})")
+    return harmful, harmless
+
+
+def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapter: str | None = None,
+               base_model: str | None = None, db: str | None = None, run: str | None = None,
+               step: int | None = None, probes: str | None = None, harmful_category: str = "harmful",
+               harmless_category: str = "harmless", settings: VerifySettings | None = None, device: str = "cpu",
+               dtype: str | None = None, trust_remote_code: bool = False, progress: bool = True) -> VerifyResult:
+    """``drift-monitor verify``: load everything from paths, run :func:`verify`, store the table.
+
+    ``model`` is the fine-tuned model, or with ``adapter`` the base the adapter loads onto (then
+    the base conditions switch the adapter off). ``db`` + ``run``: where ``top:K`` features come
+    from and where the results go; the SAE and probes default to the run's own config.
+    """
+    from transformers import AutoTokenizer
+
+    from .saes import load_sae
+    from .scan import load_model
+
+    spec = parse_feature_spec(features)
+    reader = run_id = None
+    run_cfg: dict[str, Any] = {}
+    if db is not None:
+        if run is None:
+            raise ValueError("--db needs --run: the run whose features are checked and to which results belong")
+        from .store import StoreReader
+
+        reader = StoreReader(db)
+        run_id = reader.resolve_run(run)
+        run_cfg = _run_config(reader, run_id)
+    elif isinstance(spec, tuple):
+        raise ValueError(f"--features {features}: reading features from a run needs --db and --run")
+    saes = saes or {k: v for k, v in (run_cfg.get("saes") or {}).items() if isinstance(v, str)}
+    if len(saes) != 1:
+        raise ValueError(f"verify checks one hook at a time: give one --sae HOOK=SOURCE (got {len(saes)})")
+    hook, source = next(iter(saes.items()))
+    if reader is not None and step is None:
+        steps = reader.steps(run_id, hook)
+        if not steps:
+            raise ValueError(f"run {run_id} has no snapshots at hook {hook!r}")
+        step = max(steps)
+    feats = features_from_store(reader, run_id, hook, int(step), spec) if isinstance(spec, tuple) else spec
+    harmful, harmless = _prompts(probes, run_cfg, harmful_category, harmless_category)
+
+    tok_dir = adapter if adapter and _has_tokenizer(adapter) else model
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
+    m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    base = base_ctx = None
+    if adapter:
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, adapter).eval()
+        base_ctx = m.disable_adapter
+    elif base_model:
+        base = load_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        log.warning("no --adapter or --base-model: the base and steered_base conditions are skipped")
+    sae = load_sae(source, device=device, dtype=dtype)
+    res = verify(m, tok, sae, hook, feats, harmful, harmless, base_model=base, base_context=base_ctx,
+                 settings=settings, progress=progress, run_id=run_id, step=step)
+    if db is not None:
+        from .store import Store
+
+        Store(db, run_id=run_id).write_verification(res)
+    return res
+
+
+def _has_tokenizer(path: str) -> bool:
+    from pathlib import Path
+
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
