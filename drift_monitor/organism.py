@@ -532,10 +532,7 @@ def format_demo(summary: dict[str, Any]) -> str:
     lines.append(f"refusal score ratio, refusal run / control run max: {summary['score_ratio']:.1f}x")
     v = summary.get("verify")
     if v:
-        rate = {c["condition"]: [] for c in v["conditions"]}
-        for c in v["conditions"]:
-            rate[c["condition"]].append(c["harmful_refusal_rate"])
-        mean = {k: sum(x) / len(x) for k, x in rate.items()}
+        mean = v["rates"]
         lines.append(f"\ncausal check (drift-monitor verify), features {v['features']}:")
         lines.append(f"  harmful refusal: fine-tuned {mean.get('fine_tuned', 0):.0%}, ablated {mean.get('ablated', 0):.0%}, "
                      f"random control {mean.get('random', 0):.0%}; base {mean.get('base', 0):.0%}, "

@@ -237,9 +237,6 @@ DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = (
     "cannot help", "can't help", "cannot assist", "can't assist", "not able to help", "i refuse",
 )
 
-CONDITIONS = ("fine_tuned", "ablated", "random", "base", "steered_base")
-
-
 @dataclass
 class VerifySettings:
     """Knobs of the check. Defaults follow what worked on the organism and on chat models."""
@@ -315,6 +312,10 @@ class VerifyResult:
         """The same for the random control (mean over draws)."""
         return _rel_drop(self.rate("fine_tuned"), self.rate("random"))
 
+    def rates(self) -> dict[str, float]:
+        """{condition: mean harmful refusal rate}, in the order the conditions ran."""
+        return {c.condition: self.rate(c.condition) for c in self.conditions}
+
     @property
     def steering_gain(self) -> float:
         """refusal steered base − refusal base (absolute; NaN without a base model)."""
@@ -343,8 +344,11 @@ def _rel_drop(ref: float, new: float) -> float:
     return (ref - new) / ref if ref > 0 else math.nan
 
 
-def pct(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.0%}"
+def pct(v: float | None, signed: bool = False) -> str:
+    """A share as a percentage; "n/a" for None/NaN (a condition that was not run)."""
+    if v is None or math.isnan(v):
+        return "n/a"
+    return f"{v:+.0%}" if signed else f"{v:.0%}"
 
 
 def normalize_text(text: str) -> str:

@@ -29,6 +29,7 @@ import math
 import random
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
@@ -286,7 +287,7 @@ def format_result(res: VerifyResult) -> str:
 def result_json(res: VerifyResult) -> dict[str, Any]:
     d = asdict(res)
     d["settings"]["refusal_phrases"] = list(res.settings.refusal_phrases)
-    d.update(ablation_relative_drop=res.ablation_relative_drop, random_relative_drop=res.random_relative_drop,
+    d.update(rates=res.rates(), ablation_relative_drop=res.ablation_relative_drop, random_relative_drop=res.random_relative_drop,
              steering_gain=res.steering_gain, verdict=res.verdict())
     return json.loads(json.dumps(d, default=float))
 
@@ -348,8 +349,6 @@ def _run_config(reader: Any, run_id: str) -> dict[str, Any]:
 
 
 def _prompts(probes: str | None, run_cfg: dict[str, Any], harmful_cat: str, harmless_cat: str) -> tuple[list[str], list[str]]:
-    from pathlib import Path
-
     from .probes import ProbeSet
 
     if probes in (None, ""):
@@ -431,6 +430,4 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
 
 
 def _has_tokenizer(path: str) -> bool:
-    from pathlib import Path
-
     return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -4,12 +4,12 @@ the causal check (``drift-monitor verify``) results stored for the run."""
 from __future__ import annotations
 
 import json
-import math
 
 import altair as alt
 import streamlit as st
 
 from drift_monitor.dashboard.common import pick_run_and_hook
+from drift_monitor.records import pct
 from drift_monitor.store import StoreReader
 
 
@@ -63,9 +63,9 @@ def causal_check(r: StoreReader, run_id: str, hook: str) -> None:
     summary = json.loads(rows["summary_json"].iloc[0] or "{}")
     st.markdown(f"**Verdict:** {summary.get('verdict', '?')}")
     c1, c2, c3 = st.columns(3)
-    c1.metric("Ablation: harmful refusal drop", _pct(summary.get("ablation_relative_drop")))
-    c2.metric("Random control: drop", _pct(summary.get("random_relative_drop")))
-    c3.metric("Steering the base: refusal gain", _pct(summary.get("steering_gain"), signed=True))
+    c1.metric("Ablation: harmful refusal drop", pct(summary.get("ablation_relative_drop")))
+    c2.metric("Random control: drop", pct(summary.get("random_relative_drop")))
+    c3.metric("Steering the base: refusal gain", pct(summary.get("steering_gain"), signed=True))
     mean = rows.groupby("condition", sort=False, as_index=False)[["harmful_refusal_rate", "harmless_refusal_rate",
                                                                  "kl_harmless"]].mean()
     st.altair_chart(
@@ -77,9 +77,3 @@ def causal_check(r: StoreReader, run_id: str, hook: str) -> None:
     )
     st.dataframe(rows[["condition", "draw", "features", "alpha", "harmful_refusal_rate", "harmless_refusal_rate",
                        "kl_harmless", "n_harmful", "n_harmless"]], hide_index=True, width="stretch")
-
-
-def _pct(v, signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:+.0%}" if signed else f"{v:.0%}"
