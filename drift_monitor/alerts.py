@@ -74,7 +74,8 @@ OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {
 #: would silently never fire, so rules are checked against this list at load time.
 KNOWN_METRICS: tuple[str, ...] = (
     "explained_variance", "base_explained_variance", "explained_variance_delta", "fvu", "l0", "mse", "cosine",
-    "dead_fraction", "dense_fraction", "act_relative_mse", "act_cosine", "topk_jaccard", "features_drifted_ratio",
+    "dead_fraction", "dense_fraction", "act_relative_mse", "act_cosine", "topk_jaccard", "topk_overlap",
+    "fvu_token_mean", "n_excluded_tokens", "n_outlier_tokens", "features_drifted_ratio",
     "density_js", "density_spearman", "nonfinite_fraction", "n_tokens", "max_refusal_score", "refusal_score_floor",
     "n_emerging_refusal_features", "refusal_direction_cosine", "refusal_direction_norm", "ce_loss_delta",
     "ce_loss_score",
@@ -146,7 +147,7 @@ class AlertRule:
     op: str | None = None
     threshold: float | None = None
     severity: str | None = None
-    min_history: int = 3
+    min_history: int = 10
     metrics: list[str] | None = None
     hooks: list[str] | None = None
     description: str = ""
@@ -261,9 +262,14 @@ def default_rules(emerging_refusal_severity: str = "warning") -> list[AlertRule]
         AlertRule("features_drifted", "threshold", metric="features_drifted_ratio", op=">", threshold=0.25,
                   severity="warning", description="more than a quarter of the live features changed density 2x"),
         AlertRule("emerging_refusal_features", "emerging_refusal", threshold=0.0, severity=emerging_refusal_severity,
-                  description="features firing more on harmful than harmless prompts than the base did "
-                              "(expected in safety tuning, alarming elsewhere)"),
-        AlertRule("sudden_change", "sudden_change", threshold=6.0, min_history=3, severity="warning",
+                  description="features that now fire on a refusal read after harmful requests, which the "
+                              "base's did not (expected in safety tuning, alarming elsewhere)"),
+        AlertRule("refusal_direction", "threshold", metric="refusal_direction_cosine", op="<", threshold=0.9,
+                  severity="warning",
+                  description="the refusal direction (mean harmful − mean harmless activation at the refusal "
+                              "tokens) turned more than 25° from the base's: how the model separates harmful "
+                              "requests changed"),
+        AlertRule("sudden_change", "sudden_change", threshold=6.0, min_history=10, severity="warning",
                   description="a step-to-step change far outside the run's earlier changes (robust z > 6): "
                               "a phase transition"),
         AlertRule("nonfinite_activations", "nonfinite", threshold=0.0, severity="critical",

@@ -37,15 +37,26 @@ def topk_codes(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return vals, idx.to(torch.int32)
 
 
+def fvu_token_rows(sq_err: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-token FVU, the paper's: ‖x_t − x̂_t‖² / ‖x_t − mean_d(x_t)‖², the mean taken over the
+    token's own d coordinates (a scalar). ``sq_err`` [n] = ‖x − x̂‖². A constant row (zero
+    denominator) counts as 0 when reconstructed exactly, else 1."""
+    x = x.double()
+    den = ((x - x.mean(-1, keepdim=True)) ** 2).sum(-1)
+    sq_err = sq_err.double()
+    return torch.where(den > 0, sq_err / den.clamp_min(_EPS), (sq_err > 0).double())
+
+
 def topk_jaccard_rows(
     idx: torch.Tensor, l0: torch.Tensor, idx0: torch.Tensor, l0_base: torch.Tensor, k_max: int,
-    d_sae: int | None = None, max_chunk_bytes: int = 64 * 2**20,
-) -> torch.Tensor:
-    """The paper's feature intersection ratio per token.
+    d_sae: int | None = None, max_chunk_bytes: int = 64 * 2**20, with_overlap: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Top-k agreement per token: the Jaccard (and, ``with_overlap``, the paper's overlap).
 
     K_t / K⁰_t are the first k_t entries of each side's sorted top indices, with
-    k_t = min(L0_t, L0⁰_t, k_max). Jaccard = |K ∩ K⁰| / |K ∪ K⁰| = i / (2k − i).
-    When k_t = 0 the ratio is 1 if neither side fires and 0 if only one does.
+    k_t = min(L0_t, L0⁰_t, k_max). Jaccard = |K ∩ K⁰| / |K ∪ K⁰| = i / (2k − i); the overlap
+    (the paper's feature intersection ratio) = i / k. When k_t = 0 both are 1 if neither side
+    fires and 0 if only one does.
 
     Vectorised as a membership test: scatter K_t into a boolean row of width d_sae, gather
     it at K⁰_t. O(k) per token plus a memset, instead of a k×k comparison; tokens are
@@ -56,6 +67,7 @@ def topk_jaccard_rows(
     k = torch.clamp(torch.minimum(l0.long(), l0_base.long()), max=min(k_max, K))
     ar = torch.arange(K, device=idx.device)
     out = torch.empty(n, dtype=torch.float64, device=idx.device)
+    over = torch.empty(n, dtype=torch.float64, device=idx.device)
     chunk = max(1, max_chunk_bytes // max(width, 1))
     for s in range(0, n, chunk):  # chunks of tokens bound memory; not a per-token loop
         e = min(n, s + chunk)
@@ -70,7 +82,8 @@ def topk_jaccard_rows(
         union = 2 * kk.double() - inter
         both_silent = (l0[s:e] == 0) & (l0_base[s:e] == 0)
         out[s:e] = torch.where(kk > 0, inter / union.clamp_min(1), both_silent.double())
-    return out
+        over[s:e] = torch.where(kk > 0, inter / kk.double().clamp_min(1), both_silent.double())
+    return (out, over) if with_overlap else out
 
 
 # ------------------------------------------------------------------------- distribution functions
@@ -198,12 +211,36 @@ def features_drifted_ratio(
     return int(drifted.sum()) / n_alive
 
 
+def mean_drift(act_sum: torch.Tensor, n: torch.Tensor, act_sum0: torch.Tensor, n0: torch.Tensor) -> torch.Tensor:
+    """drift_i = mean_t f_i(x_t) − mean_t f_i(x⁰_t), from per-feature sums and token counts
+    (a category without tokens contributes a zero mean)."""
+    return act_sum.double() / max(float(n), 1.0) - act_sum0.double() / max(float(n0), 1.0)
+
+
+def firing_scale(sources: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Each feature's typical strength: its mean code when firing, act_sum / fire_count, from the
+    first source where it fires (the base, then the current model, ...); NaN where none fires."""
+    out = torch.full_like(sources[0][0], math.nan, dtype=torch.float64)
+    for act_sum, count in reversed(sources):
+        out = torch.where(count > 0, act_sum.double() / count.double().clamp_min(1), out)
+    return out
+
+
 def refusal_scores(
-    harmful_drift: torch.Tensor, harmless_drift: torch.Tensor, base_density: torch.Tensor, max_base_density: float
+    harmful_drift: torch.Tensor, harmless_drift: torch.Tensor, scale: torch.Tensor, base_density: torch.Tensor,
+    max_base_density: float,
 ) -> torch.Tensor:
-    """harmful_drift − harmless_drift for features with base density < the cut-off, NaN otherwise."""
-    score = harmful_drift.double() - harmless_drift.double()
-    return torch.where(base_density < max_base_density, score, torch.full_like(score, math.nan))
+    """(harmful_drift − harmless_drift) / scale, for features with base density < the cut-off
+    (NaN otherwise, and where the feature never fires, so has no scale).
+
+    Dividing by the feature's own firing strength makes the score read as "the net share of
+    harmful probes on which the feature newly fires at its typical strength": comparable
+    across features whose codes differ by an order of magnitude, and with a floor that means
+    the same for every SAE.
+    """
+    score = (harmful_drift.double() - harmless_drift.double()) / scale.double()
+    ok = (base_density < max_base_density) & torch.isfinite(score)
+    return torch.where(ok, score, torch.full_like(score, math.nan))
 
 
 def typical_firing_strength(act_sum: torch.Tensor, fire_count: torch.Tensor) -> float:
@@ -214,16 +251,27 @@ def typical_firing_strength(act_sum: torch.Tensor, fire_count: torch.Tensor) -> 
     return float(_median((act_sum[alive] / fire_count[alive]).double()))
 
 
+def refusal_fold(mean: torch.Tensor, base_mean: torch.Tensor, scale: torch.Tensor, prior: float = 0.1) -> torch.Tensor:
+    """How many times a feature's mean code grew: (mean + c) / (base_mean + c), c = ``prior`` × its
+    typical strength (so a feature silent in the base does not divide by zero, and a tiny
+    absolute change of a silent feature does not look like a large fold). NaN without a scale."""
+    c = prior * scale.double()
+    return (mean.double() + c) / (base_mean.double() + c)
+
+
 def emerging_features(score: torch.Tensor, z: torch.Tensor, top_k: int, z_threshold: float,
-                      min_score: float = 0.0) -> list[int]:
-    """The top ``top_k`` features by score whose robust z exceeds the threshold and whose score
-    exceeds ``max(0, min_score)`` (an absolute floor: z alone ignores how large the drift is)."""
+                      min_score: float = 0.0, fold: torch.Tensor | None = None, min_fold: float = 0.0) -> list[int]:
+    """The top ``top_k`` features by score whose robust z exceeds the threshold, whose score
+    exceeds ``max(0, min_score)`` (an absolute floor: z alone ignores how large the drift is)
+    and, given ``fold``, whose activity grew at least ``min_fold`` times (new, not just more)."""
     s = torch.where(torch.isfinite(score), score, torch.full_like(score, -math.inf))
     k = min(top_k, int(torch.isfinite(s).sum()))
     if k == 0:
         return []
     top = torch.topk(s, k).indices
     keep = (z[top] > z_threshold) & (score[top] > max(0.0, min_score))
+    if fold is not None:
+        keep &= fold[top].nan_to_num(0.0) >= min_fold
     return [int(i) for i in top[keep]]
 
 

@@ -30,14 +30,15 @@ from . import metrics as M
 from .capture import ActivationCapture, hidden_size, is_sharded, model_device, probe_mode, resolve_module
 from .config import MetricSettings, MonitorConfig
 from .directions import load_hook_directions
-from .probes import PreparedProbes, ProbeBatch, ProbeSet, prepare_probes
+from .probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
 from .records import Snapshot
 from .saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
 from .stats import HookStats, PairedBatch
+from .tokens import TokenConventions, keep_mask, merge_conventions
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "2"  # bump when what the cache holds changes
+CACHE_VERSION = "3"  # bump when what the cache holds changes
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _HookBase:
 
     stats: HookStats
     pairs: dict[int, PairedBatch]  # batch index -> base tensors at that batch's selected tokens
+    refusal: HookStats | None = None  # the base at the refusal tokens (ProbeBatch.refusal)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -96,22 +98,41 @@ class DriftMonitor:
         self.config = config
         self.tokenizer = tokenizer
         self.probe_set = ProbeSet.resolve(config.probes)
-        self.probes: PreparedProbes = prepare_probes(
-            self.probe_set, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
-            selector_for=config.selector_for, prompt_end_tokens=config.prompt_end_tokens,
-            include_bos=config.include_bos, categories=categories,
-        )
         self.settings = MetricSettings(**{f.name: getattr(config, f.name) for f in fields(MetricSettings)})
         device = config.device or "cpu"
         self.saes: list[HookedSAE] = [bind_sae(h, src, device, config.sae_dtype) for h, src in config.sae_items()]
         hooks = [s.hook for s in self.saes]
         if len(set(hooks)) != len(hooks):
             raise ValueError(f"two SAEs on the same hook: {hooks}; give one SAE per hook")
+        # What each SAE reads follows its own training conventions (drift_monitor.tokens); the
+        # config's outlier_factor applies where the SAE records no limit of its own.
+        self.conventions: dict[str, TokenConventions] = {
+            s.hook: _with_config(TokenConventions.from_sae(s.sae), config) for s in self.saes}
+        conv = merge_conventions([(s.source, self.conventions[s.hook]) for s in self.saes])
+        st = self.settings
+        cats_present = set(self.probe_set.categories)
+        refusal = RefusalProbing(
+            categories=(st.harmful_category, st.harmless_category)
+            if {st.harmful_category, st.harmless_category} <= cats_present else (),
+            positions=st.refusal_positions, response=st.refusal_response)
+        prep = dict(batch_size=config.batch_size, max_length=config.max_length, selector_for=config.selector_for,
+                    prompt_end_tokens=config.prompt_end_tokens, include_bos=config.include_bos,
+                    conventions=conv, categories=categories, refusal=refusal)
+        self.probes: PreparedProbes = prepare_probes(self.probe_set, tokenizer, format_for=config.format_for, **prep)
+        #: The base model's probes: the same tokens, or, when base_formats differ (a base model read
+        #: in its own format against a chat model), the same content in the base's format, batched
+        #: in the same order and checked to pair token by token.
+        self.base_probes: PreparedProbes = self.probes
+        if any(config.format_for(c) != config.format_for(c, base=True) for c in self.probes.categories):
+            self.base_probes = prepare_probes(self.probe_set, tokenizer, order=self.probes.order,
+                                              format_for=lambda c: config.format_for(c, base=True), **prep)
+            check_paired(self.probes, self.base_probes)
         # Loaded and checked now (file, width, hook), so a bad direction fails at start-up. Not part
         # of the baseline cache key: projections are computed from the cached sums at compute().
         self.directions: dict[str, dict[str, torch.Tensor]] = load_hook_directions(
             config.directions, {s.hook: s.d_in for s in self.saes})
         self._base: dict[str, _HookBase] | None = None
+        self._announced = False  # the first snapshot's pass logs its estimate too, later ones do not
         self.base_snapshot: Snapshot | None = None
         self.base_fingerprint: str | None = None
 
@@ -122,7 +143,10 @@ class DriftMonitor:
 
     @property
     def probe_hash(self) -> str:
-        return self.probes.hash
+        """The tokenised probes (and the base's, when it reads another format)."""
+        if self.base_probes is self.probes:
+            return self.probes.hash
+        return hashlib.sha256(f"{self.probes.hash}|{self.base_probes.hash}".encode()).hexdigest()[:16]
 
     def baseline(self, base_model: nn.Module, *, use_cache: bool = True) -> Snapshot:
         """Measure the base model (step 0). Cached on disk, keyed by model + SAEs + probes."""
@@ -137,8 +161,8 @@ class DriftMonitor:
             # probe pass has collectives, so every rank must run it, or they pair up wrongly.
             base = None
         if base is None:
-            stats, pairs = self._probe_pass(base_model, modules, base=None, desc="baseline")
-            base = {h: _HookBase(stats[h], pairs[h]) for h in stats}
+            stats, pairs, refusal = self._probe_pass(base_model, modules, base=None, desc="baseline")
+            base = {h: _HookBase(stats[h], pairs[h], refusal.get(h)) for h in stats}
             if path is not None:
                 self._save_cache(path, base)
         else:
@@ -164,7 +188,8 @@ class DriftMonitor:
 
     def _set_base(self, base: dict[str, _HookBase], t0: float) -> Snapshot:
         self._base = base
-        hooks = {h: b.stats.compute(b.stats, h, self.settings, self.directions.get(h)) for h, b in base.items()}
+        hooks = {h: b.stats.compute(b.stats, h, self.settings, self.directions.get(h),
+                                    refusal=_pair(b.refusal, b.refusal)) for h, b in base.items()}
         self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
                                       n_tokens=self._n_tokens(base), duration_s=time.perf_counter() - t0,
                                       is_base=True)
@@ -176,8 +201,9 @@ class DriftMonitor:
             raise RuntimeError("call DriftMonitor.baseline(base_model) before snapshot(); the base is step 0")
         t0 = time.perf_counter()
         modules = self._bind(model)
-        stats, _ = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
-        hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings, self.directions.get(h)) for h in stats}
+        stats, _, refusal = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
+        hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings, self.directions.get(h),
+                                     refusal=_pair(refusal.get(h), self._base[h].refusal)) for h in stats}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return Snapshot(step=step, hooks=hooks, probe_hash=self.probe_hash,
@@ -212,34 +238,90 @@ class DriftMonitor:
             mine.append((mine[0][0] if mine else 0, False))
         return mine
 
+    def _scores_refusal(self) -> bool:
+        """True when refusal features are scored on tokens of their own (the teacher-forced refusal
+        or the last prompt token); "selected" scores them on the selected tokens' statistics."""
+        if self.settings.refusal_positions == "selected":
+            return False
+        return any(bool(b.refusal.any()) for b in self.probes.batches)
+
     @torch.no_grad()
     def _probe_pass(self, model: nn.Module, modules: dict[str, nn.Module], base: dict[str, _HookBase] | None,
-                    desc: str) -> tuple[dict[str, HookStats], dict[str, dict[int, PairedBatch]]]:
+                    desc: str) -> tuple[dict[str, HookStats], dict[str, dict[int, PairedBatch]], dict[str, HookStats]]:
         device = torch.device(self.config.device) if self.config.device else model_device(model)
         for s in self.saes:
             s.sae.to(device)
-        cats = self.probes.categories
+        probes = self.base_probes if base is None else self.probes
+        cats = probes.categories
         stats = {s.hook: HookStats(cats, s.d_in, s.d_sae, device) for s in self.saes}
+        scored = self._scores_refusal()
+        refusal = {s.hook: HookStats(cats, s.d_in, s.d_sae, device) for s in self.saes} if scored else {}
         pairs: dict[str, dict[int, PairedBatch]] = {s.hook: {} for s in self.saes}
         forward = _forward_fn(model)
         batches = self._my_batches()
         rank, _ = _dist_info()
+        announce = base is None or not self._announced
+        if announce and rank == 0:
+            log.info("drift-monitor %s: %d probes, %d selected tokens in %d batches", desc, len(probes.items),
+                     probes.n_tokens, len(probes.batches))
+        t0 = time.perf_counter()
         with probe_mode(model), ActivationCapture(modules, early_stop=self._early_stop(model)) as cap:
-            for bi, counts in _progress(batches, desc, self.config.show_progress and rank == 0):
-                batch: ProbeBatch = self.probes.batches[bi].to(device)
+            for i, (bi, counts) in enumerate(_progress(batches, desc, self.config.show_progress and rank == 0)):
+                batch: ProbeBatch = probes.batches[bi].to(device)
                 acts = cap.run(lambda: forward(batch))
+                if i == 0 and announce and rank == 0:  # a slow start should not look like a hang
+                    first = time.perf_counter() - t0
+                    share = batch.input_ids.numel() / max(sum(probes.batches[b].input_ids.numel() for b, _ in batches), 1)
+                    log.info("drift-monitor %s: first batch took %.1f s; about %.0f s per probe pass",
+                             desc, first, first / share)
+                    self._announced = base is not None
                 if not counts:
                     continue
-                cat = batch.category[:, None].expand_as(batch.select)[batch.select]
+                cat_sel = batch.category[:, None].expand_as(batch.select)[batch.select]
                 for s in self.saes:
-                    x = acts[s.hook][batch.select]  # [n, d]: only selected tokens reach the SAE
+                    x_sel = acts[s.hook][batch.select]  # [n, d]: only selected tokens reach the SAE
                     pair = base[s.hook].pairs[bi] if base is not None else None
+                    # Massive-norm tokens are excluded where the *base* has them, so both sides
+                    # of every pair are the same tokens; the current model's new ones are counted.
+                    if pair is None:
+                        keep, limit = keep_mask(x_sel, self.conventions[s.hook])
+                    else:
+                        keep, limit = pair.keep.to(device), pair.limit
+                    x, cat = x_sel[keep], cat_sel[keep]
+                    stats[s.hook].count_tokens(cat_sel[~keep], cat, x, limit if pair is not None else None)
                     kept = self._sae_pass(s, x, cat, pair, stats[s.hook], device)
-                    if base is None:
+                    if pair is None:
+                        kept.keep, kept.limit = keep.cpu(), limit
+                    if scored:
+                        rkeep = self._refusal_pass(s, acts[s.hook], batch, pair, limit, refusal[s.hook])
+                        if pair is None:
+                            kept.refusal_keep = rkeep.cpu()
+                    if pair is None:
                         pairs[s.hook][bi] = kept
-        for st in stats.values():
+        for st in list(stats.values()) + list(refusal.values()):
             st.all_reduce()
-        return stats, pairs
+        return stats, pairs, refusal
+
+    def _refusal_pass(self, s: HookedSAE, acts: torch.Tensor, batch: ProbeBatch, pair: PairedBatch | None,
+                      limit: float, stats: HookStats) -> torch.Tensor:
+        """The refusal scores' tokens (``ProbeBatch.refusal``: by default the teacher-forced refusal
+        response after each harmful/harmless probe) into their own statistics. A few tokens per
+        probe: codes are computed densely, at small cost. Massive-norm tokens are excluded where
+        the base has them (its keep mask); when the base read another format whose refusal has
+        another number of tokens, by the base's limit on each model's own tokens. Returns the mask."""
+        x = acts[batch.refusal]
+        cat = batch.category[:, None].expand_as(batch.refusal)[batch.refusal]
+        if pair is not None and pair.refusal_keep is not None and pair.refusal_keep.numel() == x.shape[0]:
+            keep = pair.refusal_keep.to(x.device)
+        else:
+            norms = x.float().norm(dim=-1)
+            keep = ~(torch.isfinite(norms) & (norms > limit))
+        x, cat = x[keep], cat[keep]
+        if x.shape[0]:
+            x_in = x.to(s.sae.dtype)
+            codes = s.sae.encode(x_in)
+            stats.update(x_in, s.sae.decode(codes), codes, cat)
+        return keep
 
     def _chunk_tokens(self, s: HookedSAE) -> int:
         """Tokens per SAE chunk: the [tokens, d_sae] code buffers stay within ``sae_chunk_mb``,
@@ -279,8 +361,11 @@ class DriftMonitor:
                                 pair.l0[lo:lo + step].to(device))
             stats.update(x_in, x_hat, codes, cc, pair=p, k_max=k_max, top_idx=top,
                          top_vals=vals if complete else None, l0=l0)
-        if pair is not None or not kept:
+        if pair is not None:
             return None
+        if not kept:  # no token of this batch selected at this hook
+            return PairedBatch(x.new_zeros((0, x.shape[1])), torch.zeros((0, k_max), dtype=torch.int32),
+                               torch.zeros(0, dtype=torch.int32))
         return PairedBatch(torch.cat([p.x for p in kept]), torch.cat([p.top_idx for p in kept]),
                            torch.cat([p.l0 for p in kept]))
 
@@ -303,10 +388,17 @@ class DriftMonitor:
         for i, (h, b) in enumerate(base.items()):
             for name, t in b.stats.state_dict().items():
                 tensors[f"{i}/stats/{name}"] = t.contiguous()
+            if b.refusal is not None:
+                for name, t in b.refusal.state_dict().items():
+                    tensors[f"{i}/refusal/{name}"] = t.contiguous()
             for bi, p in b.pairs.items():
                 tensors[f"{i}/pair/{bi}/x"] = p.x.cpu().contiguous()
                 tensors[f"{i}/pair/{bi}/top"] = p.top_idx.cpu().contiguous()
                 tensors[f"{i}/pair/{bi}/l0"] = p.l0.cpu().contiguous()
+                tensors[f"{i}/pair/{bi}/keep"] = p.keep.cpu().contiguous()
+                tensors[f"{i}/pair/{bi}/limit"] = torch.tensor([p.limit], dtype=torch.float64)
+                if p.refusal_keep is not None:
+                    tensors[f"{i}/pair/{bi}/rkeep"] = p.refusal_keep.cpu().contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"hooks": json.dumps(list(base))})
@@ -329,8 +421,14 @@ class DriftMonitor:
                         pfx = f"{i}/pair/{bi}/"
                         if pfx + "x" in keys:
                             pairs[bi] = PairedBatch(fh.get_tensor(pfx + "x"), fh.get_tensor(pfx + "top"),
-                                                    fh.get_tensor(pfx + "l0"))
-                    out[s.hook] = _HookBase(st, pairs)
+                                                    fh.get_tensor(pfx + "l0"), fh.get_tensor(pfx + "keep"),
+                                                    float(fh.get_tensor(pfx + "limit")[0]),
+                                                    fh.get_tensor(pfx + "rkeep") if pfx + "rkeep" in keys else None)
+                    dstate = {k.split("/")[-1]: fh.get_tensor(k) for k in keys if k.startswith(f"{i}/refusal/")}
+                    dec = HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, dstate) if dstate else None
+                    if (dec is None) == self._scores_refusal():
+                        raise ValueError("the cache was written with other refusal positions")
+                    out[s.hook] = _HookBase(st, pairs, dec)
             return out
         except Exception as e:  # a corrupt cache is recomputed, never fatal
             log.warning("ignoring unreadable baseline cache %s (%s)", path, e)
@@ -339,6 +437,19 @@ class DriftMonitor:
     @staticmethod
     def _n_tokens(base: dict[str, _HookBase]) -> int:
         return int(next(iter(base.values())).stats.n.sum()) if base else 0
+
+
+def _pair(current: HookStats | None, base: HookStats | None) -> tuple[HookStats, HookStats] | None:
+    return (current, base) if current is not None and base is not None else None
+
+
+def _with_config(conv: TokenConventions, config: MonitorConfig) -> TokenConventions:
+    """The SAE's conventions, with the config's outlier factor where the SAE records no limit."""
+    from dataclasses import replace
+
+    if conv.outlier_norm is not None:
+        return conv
+    return replace(conv, outlier_factor=config.outlier_factor)
 
 
 def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Tensor, complete: bool) -> torch.Tensor:
@@ -351,11 +462,20 @@ def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Te
 
 
 def _forward_fn(model: nn.Module) -> Callable[[ProbeBatch], object]:
+    """One probe forward, never under a mixed-precision autocast.
+
+    Why: a trainer with ``bf16=True`` has accelerate wrap ``model.forward`` in an autocast
+    context (keeping the original as ``_original_forward``); measured under it, activations
+    would be bf16 products and every snapshot would mix the run's precision into the drift.
+    The original forward is called, inside ``autocast(enabled=False)`` for any outer context.
+    """
     cfg = getattr(model, "config", None)
     kwargs: dict[str, Any] = {"use_cache": False} if cfg is not None and hasattr(cfg, "use_cache") else {}
+    call = getattr(model, "_original_forward", None) or model
 
     def forward(batch: ProbeBatch) -> object:
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        with torch.autocast(batch.input_ids.device.type, enabled=False):
+            return call(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
 
     return forward
 

@@ -27,10 +27,15 @@ class PairedBatch:
     x: torch.Tensor  # [n, d] base activations (model dtype)
     top_idx: torch.Tensor  # [n, K] int32, base codes' top indices, largest first
     l0: torch.Tensor  # [n] int32, base L0 per token
+    #: [n_selected] bool: which of the batch's selected tokens the base kept (not massive-norm)
+    keep: torch.Tensor | None = None
+    limit: float = math.inf  # the base's massive-norm limit for this batch
+    refusal_keep: torch.Tensor | None = None  # which of the batch's refusal tokens the base kept
 
 
 _SUM_FIELDS = ("n", "l0_sum", "sq_err_sum", "x_sum", "x_sq_sum", "cos_sum", "nonfinite",
-               "fire_count", "act_sum", "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired")
+               "fire_count", "act_sum", "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired",
+               "excluded", "outliers", "overlap_sum", "fvu_tok_sum")
 _MAX_FIELDS = ("act_max",)
 
 
@@ -56,12 +61,17 @@ class HookStats:
     pair_cos_sum: torch.Tensor = field(init=False)  # [C] Σ cos(x, x⁰)
     jaccard_sum: torch.Tensor = field(init=False)  # [C] Σ top-k Jaccard
     n_paired: torch.Tensor = field(init=False)  # [C] tokens with a base pair
+    excluded: torch.Tensor = field(init=False)  # [C] selected tokens excluded as massive-norm (the base's)
+    outliers: torch.Tensor = field(init=False)  # [C] kept tokens above the base's massive-norm limit
+    overlap_sum: torch.Tensor = field(init=False)  # [C] Σ |K ∩ K⁰| / k (the paper's overlap)
+    fvu_tok_sum: torch.Tensor = field(init=False)  # [C] Σ per-token FVU ‖x − x̂‖² / ‖x − mean_d x‖²
 
     def __post_init__(self) -> None:
         C, dev = len(self.categories), self.device
         f64 = dict(dtype=torch.float64, device=dev)
         for name in ("n", "l0_sum", "sq_err_sum", "x_sq_sum", "cos_sum", "nonfinite",
-                     "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired"):
+                     "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired", "excluded", "outliers",
+                     "overlap_sum", "fvu_tok_sum"):
             setattr(self, name, torch.zeros(C, **f64))
         self.x_sum = torch.zeros(C, self.d, **f64)
         self.fire_count = torch.zeros(C, self.d_sae, **f64)
@@ -69,6 +79,18 @@ class HookStats:
         self.act_max = torch.full((C, self.d_sae), -math.inf, dtype=torch.float32, device=dev)
 
     # ------------------------------------------------------------------ streaming
+    @torch.no_grad()
+    def count_tokens(self, excluded_cat: torch.Tensor, cat: torch.Tensor, x: torch.Tensor,
+                     limit: float | None) -> None:
+        """Count the tokens excluded as massive-norm (``excluded_cat``: their categories), and,
+        given the base's ``limit``, the kept tokens of this model that exceed it."""
+        if excluded_cat.numel():
+            self.excluded.index_add_(0, excluded_cat, torch.ones_like(excluded_cat, dtype=torch.float64))
+        if limit is not None and math.isfinite(limit) and x.shape[0]:
+            over = x.float().norm(dim=-1) > limit
+            if bool(over.any()):
+                self.outliers.index_add_(0, cat[over], torch.ones_like(cat[over], dtype=torch.float64))
+
     @torch.no_grad()
     def update(
         self,
@@ -101,7 +123,7 @@ class HookStats:
             if l0 is not None:
                 l0 = l0[finite]
             if pair is not None:
-                pair = PairedBatch(pair.x[finite], pair.top_idx[finite], pair.l0[finite])
+                pair = PairedBatch(pair.x[finite], pair.top_idx[finite], pair.l0[finite], None, pair.limit)
         if x.shape[0] == 0:
             return
         x64 = x.double()
@@ -110,7 +132,9 @@ class HookStats:
         self.x_sum += one64 @ x64
         self.x_sq_sum += one64 @ (x64 * x64).sum(1)
         err = x64 - x_hat.double()
-        self.sq_err_sum += one64 @ (err * err).sum(1)
+        sq_err = (err * err).sum(1)
+        self.sq_err_sum += one64 @ sq_err
+        self.fvu_tok_sum += one64 @ M.fvu_token_rows(sq_err, x64)
         self.cos_sum += one64 @ M.cosine_rows(x, x_hat)
 
         if top_vals is not None and top_idx is not None:
@@ -126,9 +150,10 @@ class HookStats:
             self.pair_sq_diff += one64 @ (d0 * d0).sum(1)
             self.pair_cos_sum += one64 @ M.cosine_rows(x, pair.x)
             top_k = M.topk_indices(codes, k_max) if top_idx is None else top_idx[:, :k_max]
-            jac = M.topk_jaccard_rows(top_k, l0, pair.top_idx[:, :k_max], pair.l0.to(l0.device), k_max,
-                                      d_sae=self.d_sae)
+            jac, overlap = M.topk_jaccard_rows(top_k, l0, pair.top_idx[:, :k_max], pair.l0.to(l0.device), k_max,
+                                               d_sae=self.d_sae, with_overlap=True)
             self.jaccard_sum += one64 @ jac
+            self.overlap_sum += one64 @ overlap
             self.n_paired += one64.sum(1)
 
     def _update_features_dense(self, codes: torch.Tensor, cat: torch.Tensor, one64: torch.Tensor) -> torch.Tensor:
@@ -212,11 +237,15 @@ class HookStats:
                             np_(mean_act - mean_act0), np_(ldr))
 
     def compute(self, base: "HookStats", hook: str, settings: MetricSettings,
-                directions: Mapping[str, torch.Tensor] | None = None) -> HookResult:
-        """The §5 metrics of this (current) model against ``base`` (the base model's stats).
+                directions: Mapping[str, torch.Tensor] | None = None,
+                refusal: tuple["HookStats", "HookStats"] | None = None) -> HookResult:
+        """The metrics of this (current) model against ``base`` (the base model's stats).
 
         ``directions`` ({name: [d] vector}, see ``drift_monitor.directions``) adds the mean
         projection of each category onto each direction, from the sums already kept.
+        ``refusal`` (current, base): statistics of the refusal tokens (by default a refusal
+        teacher-forced after each harmful/harmless probe), where refusal features are scored;
+        without it they are scored on the categories' selected tokens.
         """
         s = settings
         n = self.n.sum()
@@ -245,6 +274,10 @@ class HookStats:
                                  M.centered_ss(base.x_sq_sum.sum(), base.x_sum.sum(0), base.n.sum())) if n_pair else nan,
             "act_cosine": float(self.pair_cos_sum.sum()) / n_pair if n_pair else nan,
             "topk_jaccard": float(self.jaccard_sum.sum()) / n_pair if n_pair else nan,
+            "topk_overlap": float(self.overlap_sum.sum()) / n_pair if n_pair else nan,
+            "fvu_token_mean": float(self.fvu_tok_sum.sum()) / n_f if n_f else nan,
+            "n_excluded_tokens": float(self.excluded.sum()),
+            "n_outlier_tokens": float(self.outliers.sum()),
             "features_drifted_ratio": M.features_drifted_ratio(count, base_count, ldr, s.drift_ratio,
                                                               s.drift_min_firings),
             "density_js": M.js_distance(density, base_density),
@@ -254,30 +287,43 @@ class HookStats:
         features = {ALL: self._category_feature_stats(base, None)}
         for c, name in enumerate(self.categories):
             features[name] = self._category_feature_stats(base, c)
-        refusal = None
+        scores = None
         cats = self.categories
         if s.harmful_category in cats and s.harmless_category in cats:
-            refusal = self._refusal(base, base_density, features, metrics, s)
+            scores = self._refusal(base, base_density, metrics, s, refusal or (self, base))
         self._direction_metrics(base, directions or {}, metrics, s)
-        return HookResult(hook=hook, d_sae=self.d_sae, metrics=metrics, features=features, refusal=refusal)
+        return HookResult(hook=hook, d_sae=self.d_sae, metrics=metrics, features=features, refusal=scores)
 
-    def _refusal(self, base: "HookStats", base_density: torch.Tensor, features: dict[str, FeatureStats],
-                 metrics: dict[str, float], s: MetricSettings) -> RefusalFeatures:
+    def _refusal(self, base: "HookStats", base_density: torch.Tensor, metrics: dict[str, float],
+                 s: MetricSettings, tokens: tuple["HookStats", "HookStats"]) -> RefusalFeatures:
+        """Refusal scores (docs/metrics.md, "Refusal features"): each feature's harmful drift (minus
+        its harmless drift with ``refusal_contrast``) at the refusal tokens, in units of the
+        feature's own firing strength; and the refusal direction there."""
+        cur, cur0 = tokens
         h = self.categories.index(s.harmful_category)
         hl = self.categories.index(s.harmless_category)
-        hd = torch.from_numpy(features[s.harmful_category].drift)
-        hld = torch.from_numpy(features[s.harmless_category].drift)
-        score = M.refusal_scores(hd, hld, base_density.cpu(), s.refusal_max_base_density)
+        hd = M.mean_drift(cur.act_sum[h], cur.n[h], cur0.act_sum[h], cur0.n[h]).cpu()
+        hld = M.mean_drift(cur.act_sum[hl], cur.n[hl], cur0.act_sum[hl], cur0.n[hl]).cpu()
+        contrast = hld if s.refusal_contrast else torch.zeros_like(hld)
+        # a feature's typical strength over everything the base read (selected + refusal tokens)
+        base_act, base_cnt = base.act_sum.sum(0), base.fire_count.sum(0)
+        if cur0 is not base:
+            base_act, base_cnt = base_act + cur0.act_sum.sum(0), base_cnt + cur0.fire_count.sum(0)
+        scale = M.firing_scale([(base_act, base_cnt), (self.act_sum.sum(0), self.fire_count.sum(0)),
+                                (cur.act_sum.sum(0), cur.fire_count.sum(0))]).cpu()
+        score = M.refusal_scores(hd, contrast, scale, base_density.cpu(), s.refusal_max_base_density)
+        fold = M.refusal_fold(cur.act_sum[h] / max(float(cur.n[h]), 1.0), cur0.act_sum[h] / max(float(cur0.n[h]), 1.0),
+                              scale).cpu()
         z = M.robust_z(score)
-        floor = s.refusal_min_rel_score * M.typical_firing_strength(base.act_sum.sum(0), base.fire_count.sum(0))
-        emerging = M.emerging_features(score, z, s.refusal_top_k, s.refusal_z_threshold, min_score=floor)
-        metrics["refusal_score_floor"] = floor
+        emerging = M.emerging_features(score, z, s.refusal_top_k, s.refusal_z_threshold,
+                                       min_score=s.refusal_min_rel_score, fold=fold, min_fold=s.refusal_min_fold)
+        metrics["refusal_score_floor"] = s.refusal_min_rel_score
         finite = score[torch.isfinite(score)]
         metrics["max_refusal_score"] = float(finite.max()) if finite.numel() else math.nan
         metrics["n_emerging_refusal_features"] = float(len(emerging))
 
-        r = M.difference_of_means(self.x_sum, self.n, h, hl)
-        metrics["refusal_direction_cosine"] = M.direction_cosine(r, M.difference_of_means(base.x_sum, base.n, h, hl))
+        r = M.difference_of_means(cur.x_sum, cur.n, h, hl)
+        metrics["refusal_direction_cosine"] = M.direction_cosine(r, M.difference_of_means(cur0.x_sum, cur0.n, h, hl))
         metrics["refusal_direction_norm"] = float(r.norm())
         return RefusalFeatures(hd.numpy(), hld.numpy(), score.numpy(), z.numpy(), emerging)
 

@@ -49,8 +49,10 @@ def main() -> None:
     sae = build_sae(64, 512, calibrate=calib, target_density=0.05, seed=2)
     sae.save_model(out / "sae")  # a real sae-lens directory: cfg.json + sae_weights.safetensors
 
+    # the plant sits on the prompt's trigger token, so refusal features are scored at the prompt's
+    # selected positions (the default reads a teacher-forced refusal after each request)
     cfg = MonitorConfig(saes={HOOK: str(out / "sae")}, probes=probes, db_path=str(out / "drift.duckdb"),
-                        baseline_cache_dir=str(out / "cache"), run_name="planted-drift")
+                        baseline_cache_dir=str(out / "cache"), run_name="planted-drift", refusal_positions="selected")
     mon = DriftMonitor(cfg, tok)
     store = Store(cfg.db_path)
     run_id = store.start_run(name=cfg.run_name, model="tiny-llama-4x64", config=cfg.to_dict(),

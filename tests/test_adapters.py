@@ -101,10 +101,19 @@ def _point(step: int, **hooks: dict[str, float]) -> MetricPoint:
     return MetricPoint(step, {h.replace("__", ":"): m for h, m in hooks.items()})
 
 
+def _short_history_rules():
+    """The default rules, with sudden_change judging after 3 snapshots (default 10): short series."""
+    import dataclasses
+
+    from drift_monitor.alerts import default_rules
+
+    return [dataclasses.replace(r, min_history=3) if r.name == "sudden_change" else r for r in default_rules()]
+
+
 def test_alert_history_skips_missing_hooks_and_merges_same_step():
     probe = "model.layers.1"
     ev = [0.9, 0.899, 0.898, 0.897, 0.896, 0.5]  # a sudden drop at the last probe step
-    plain, mixed = AlertEngine(), AlertEngine()
+    plain, mixed = AlertEngine(_short_history_rules()), AlertEngine(_short_history_rules())
     alerts_plain, alerts_mixed = [], []
     for i, v in enumerate(ev):
         step = 10 * (i + 1)
@@ -128,7 +137,7 @@ def test_alert_history_skips_missing_hooks_and_merges_same_step():
 
 
 def test_sudden_change_fires_on_adapter_rotation_not_per_module():
-    eng = AlertEngine()
+    eng = AlertEngine(_short_history_rules())
     cos = [-0.98, -0.981, -0.979, -0.982, -0.98, -0.2]  # straight line, then B turns
     out = []
     for i, c in enumerate(cos):

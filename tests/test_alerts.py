@@ -5,6 +5,8 @@ Snapshots are synthetic: a HookResult per hook with a metrics dict and no featur
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import subprocess
@@ -75,12 +77,14 @@ def test_import_does_not_pull_torch():
 
 def test_default_rule_names_and_severities():
     rules = {r.name: r for r in A.default_rules()}
-    assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "sudden_change",
-                           "nonfinite_activations"]
+    assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "refusal_direction",
+                           "sudden_change", "nonfinite_activations"]
     assert rules["nonfinite_activations"].severity == "critical"
     assert rules["emerging_refusal_features"].severity == "warning"
     assert A.default_rules(emerging_refusal_severity="info")[2].severity == "info"
-    assert rules["sudden_change"].threshold == 6 and rules["sudden_change"].min_history == 3
+    # min_history 10: at 3, ~30% of smooth 50-snapshot runs raised a false alarm, ~2% at 10
+    assert rules["sudden_change"].threshold == 6 and rules["sudden_change"].min_history == 10
+    assert rules["refusal_direction"].metric == "refusal_direction_cosine" and rules["refusal_direction"].op == "<"
     assert rules["features_drifted"].threshold == 0.25 and rules["ev_drop"].threshold == 0.1
 
 
@@ -194,6 +198,8 @@ def smooth_ev(n: int) -> list[float]:
 
 
 def sudden_only(**kw) -> list[A.AlertRule]:
+    """The detector's mechanics, pinned at min_history=3 (the default is 10)."""
+    kw.setdefault("min_history", 3)
     return [A.AlertRule("sudden_change", "sudden_change", metrics=["explained_variance"], **kw)]
 
 
@@ -277,7 +283,7 @@ def test_sudden_change_constant_metric_then_a_move():
 
 
 def test_sudden_change_is_one_alert_per_hook_naming_every_metric():
-    rules = [A.AlertRule("sudden_change", "sudden_change")]  # default metric list
+    rules = [A.AlertRule("sudden_change", "sudden_change", min_history=3)]  # default metric list
     assert rules[0].metrics == list(A.DEFAULT_SUDDEN_CHANGE_METRICS)
     hist = [snap(i, explained_variance=0.8 - 0.001 * i + 0.0002 * math.sin(2.1 * i),
                  topk_jaccard=0.9 - 0.002 * i + 0.0003 * math.sin(1.3 * i)) for i in range(1, 10)]
@@ -307,15 +313,16 @@ def test_hooks_filter():
 def test_evaluate_is_pure_and_reports_non_firing_conditions():
     hist = [base(), snap(10), snap(20), snap(30)]
     now = snap(40, features_drifted_ratio=0.3)
-    conds = A.evaluate(hist, now)
+    rules = [r if r.name != "sudden_change" else dataclasses.replace(r, min_history=3) for r in A.default_rules()]
+    conds = A.evaluate(hist, now, rules)
     by = {(c.rule, c.hook): c for c in conds}
     assert by[("features_drifted", HOOK)].firing and not by[("ev_drop", HOOK)].firing
     assert not by[("nonfinite_activations", HOOK)].firing
     # features_drifted_ratio was exactly constant before: its first move is an infinite robust z
     assert by[("sudden_change", HOOK)].firing and by[("sudden_change", HOOK)].value == math.inf
-    assert A.evaluate(hist, now) == conds  # same input, same answer
+    assert A.evaluate(hist, now, rules) == conds  # same input, same answer
     # later steps in the history (an abandoned branch before a resume) are ignored
-    assert A.evaluate(hist + [snap(50, features_drifted_ratio=9.0)], now) == conds
+    assert A.evaluate(hist + [snap(50, features_drifted_ratio=9.0)], now, rules) == conds
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,8 +347,8 @@ rules:
   - {name: low_act_cosine, kind: threshold, metric: act_cosine, op: "<", threshold: 0.8, severity: critical}
 """)
     rules = {r.name: r for r in A.load_rules(p)}
-    assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "nonfinite_activations",
-                           "low_act_cosine"]
+    assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "refusal_direction",
+                           "nonfinite_activations", "low_act_cosine"]
     assert rules["emerging_refusal_features"].severity == "info"
     assert rules["features_drifted"].threshold == 0.4 and rules["features_drifted"].hooks == [HOOK]
     eng = A.AlertEngine(p)
@@ -364,7 +371,7 @@ rules:
     assert rules[0].threshold == 0.2 and rules[1].metrics == ["topk_jaccard"] and rules[1].min_history == 5
     # a rule named like a default replaces it when the defaults are kept
     rules = A.load_rules({"defaults": True, "rules": [{"name": "ev_drop", "kind": "ev_drop", "threshold": 0.3}]})
-    assert [r.name for r in rules][0] == "ev_drop" and rules[0].threshold == 0.3 and len(rules) == 5
+    assert [r.name for r in rules][0] == "ev_drop" and rules[0].threshold == 0.3 and len(rules) == 6
     assert [r.name for r in A.load_rules(None)] == [r.name for r in A.default_rules()]
 
 
@@ -501,3 +508,12 @@ def test_restore_active_and_gauge_counts():
     assert eng.evaluate(snap(20, features_drifted_ratio=0.5)) == []
     assert keys(eng.evaluate(snap(30))) == [("features_drifted", HOOK, "resolved")]
     assert eng.active_counts() == {}
+
+
+def test_refusal_direction_rule_fires_when_the_direction_turns():
+    eng = A.AlertEngine()
+    out = run(eng, [base(refusal_direction_cosine=1.0), snap(10, refusal_direction_cosine=0.97),
+                    snap(20, refusal_direction_cosine=0.85), snap(30, refusal_direction_cosine=0.95)])
+    assert out[10] == []
+    assert keys(out[20]) == [("refusal_direction", HOOK, "active")] and out[20][0].value == pytest.approx(0.85)
+    assert keys(out[30]) == [("refusal_direction", HOOK, "resolved")]

@@ -154,22 +154,24 @@ def world(tmp_path_factory):
                 base_snap=base_snap, snap=snap, tmp=tmp)
 
 
-def _direct_activations(model, mon) -> tuple[torch.Tensor, list[str]]:
-    """One unbatched forward per probe with a forward hook on the layer; every position but BOS."""
+def _direct_activations(model, mon, refusal: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """One unbatched forward per probe with a forward hook on the layer, at the positions the
+    monitor selects (token selection has its own tests: test_token_selection, test_metrics), or
+    with ``refusal`` at the teacher-forced refusal's tokens."""
     layer = model.model.layers[LAYER]
     got: list[torch.Tensor] = []
     # transformers 5.x: a decoder layer returns a plain Tensor (4.x: a tuple)
     h = layer.register_forward_hook(lambda m, i, o: got.append((o[0] if isinstance(o, tuple) else o).detach()))
     xs, cats = [], []
     try:
-        for it in mon.probes.items:
+        for i, it in enumerate(mon.probes.items):
             got.clear()
             with torch.no_grad():
                 model(input_ids=torch.tensor([it.input_ids]))
             acts = got[0][0]
-            for p in range(len(it.input_ids)):
-                if p == 0 and it.input_ids[0] == mon.tokenizer.bos_token_id:
-                    continue
+            positions = range(*it.forced) if refusal and it.forced else [] if refusal else \
+                mon.probes.selected_positions(i)
+            for p in positions:
                 xs.append(acts[p])
                 cats.append(it.record.category)
     finally:
@@ -212,12 +214,15 @@ def test_projections_match_direct_computation(world):
             n_checked += 1
     assert n_checked == 4 * 4
     # the projections differ between models and categories: the check is not vacuous
-    assert abs(m["direction_projection_delta:refusal:harmful"]) > 1e-3
-    means = _direct_means(x, cats)
-    r = means["harmful"] - means["harmless"]
+    assert max(abs(v) for k, v in m.items() if k.startswith("direction_projection_delta:")) > 1e-3
+    # the refusal direction is measured at the refusal tokens (the teacher-forced refusal)
+    xr, cr = _direct_activations(world["cur"], mon, refusal=True)
+    xr0, _ = _direct_activations(world["base"], mon, refusal=True)
+    rm, rm0 = _direct_means(xr, cr), _direct_means(xr0, cr)
+    r, rr0 = rm["harmful"] - rm["harmless"], rm0["harmful"] - rm0["harmless"]
     assert m["refusal_direction_norm"] == pytest.approx(float(r.norm()), abs=1e-6)
-    assert m0["refusal_direction_norm"] == pytest.approx(float(r0.norm()), abs=1e-6)
-    assert m["refusal_direction_cosine"] == pytest.approx(float(r @ r0 / (r.norm() * r0.norm())), abs=1e-6)
+    assert m0["refusal_direction_norm"] == pytest.approx(float(rr0.norm()), abs=1e-6)
+    assert m["refusal_direction_cosine"] == pytest.approx(float(r @ rr0 / (r.norm() * rr0.norm())), abs=1e-6)
 
 
 def test_cached_baseline_gives_the_same_projections(world):

@@ -140,7 +140,7 @@ def probe_world():
                 r["response"] = "x = 1 " * (1 + i % 4)
             records.append(r)
     ps = ProbeSet.from_records(records, name="mixed")
-    tok = build_tokenizer([r["prompt"] for r in records] + ["x = 1"])
+    tok = build_tokenizer([r["prompt"] for r in records] + ["x = 1", MonitorConfig.refusal_response])
     torch.manual_seed(0)
     base = build_llama(len(tok), hidden=32, layers=3, heads=4).double()
     cur = build_llama(len(tok), hidden=32, layers=3, heads=4).double()
@@ -151,27 +151,61 @@ def probe_world():
     return ps, tok, base, cur
 
 
+def _find_last(seq, sub):
+    """Start of the last occurrence of the list ``sub`` in ``seq`` (a plain loop)."""
+    for s in range(len(seq) - len(sub), -1, -1):
+        if seq[s:s + len(sub)] == sub:
+            return s
+    raise AssertionError(f"{sub} not in {seq}")
+
+
 def _per_sequence_activations(model, mon, hook_layer):
-    """Unbatched forwards, one probe at a time; positions chosen by loops from the design text."""
-    xs, cats = [], []
+    """Unbatched forwards, one probe at a time; positions chosen by loops from the design text:
+    the user's words are found as their own token ids in the chat-formatted sequence, the
+    response's likewise; position 0 (the sink) is never read. Harmful and harmless probes get
+    the refusal teacher-forced after the prompt: its tokens are the refusal tokens (xd, cd)."""
+    xs, cats, xd, cd = [], [], [], []
     cfg = mon.config
+    tok = mon.tokenizer
     for it in mon.probes.items:
-        ids = torch.tensor([it.input_ids])
+        r = it.record
+        msgs = [{"role": "user", "content": r.prompt}]
+        plain = cfg.format_for(r.category) == "plain"  # general text: the words alone, BOS first
+        prompt_ids = tok(r.prompt)["input_ids"] if plain else \
+            tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"]
+        ids = prompt_ids
+        forced = r.response is None and r.category in ("harmful", "harmless")
+        refusal = tok(cfg.refusal_response, add_special_tokens=False)["input_ids"]
+        if r.response is not None:
+            ids = prompt_ids + tok(r.response, add_special_tokens=False)["input_ids"]
+        elif forced:  # the template's assistant turn ends with a newline after the refusal
+            ids = prompt_ids + refusal
+        assert ids == it.input_ids[:len(ids)], "word-level tokens do not merge across the boundary"
+        ids = it.input_ids
+        words = tok(r.prompt, add_special_tokens=False)["input_ids"]
+        c0 = _find_last(prompt_ids, words)
+        c1 = c0 + len(words)
         with torch.no_grad():
-            hs = model(input_ids=ids, output_hidden_states=True).hidden_states[hook_layer + 1][0]
-        sel = cfg.selector_for(it.record.category)
-        n = len(it.input_ids)
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[hook_layer + 1][0]
+        sel = cfg.selector_for(r.category)
+        p_len = len(prompt_ids)
+        n = len(ids) if r.response is not None else p_len
         if sel == "all":
-            pos = list(range(n))
-        elif sel == "prompt_end":
-            pos = list(range(max(0, it.prompt_len - cfg.prompt_end_tokens), it.prompt_len))
+            pos = list(range(0 if plain else c0, n))
+        elif sel == "prompt_end":  # the post-instruction tokens
+            pos = list(range(c1, p_len))
         else:
-            pos = list(range(it.prompt_len, n))
-        pos = [p for p in pos if not (p == 0 and it.input_ids[0] == mon.tokenizer.bos_token_id)]
+            pos = list(range(p_len, n))
+        pos = [p for p in pos if p != 0]
+        if forced:
+            for p in range(p_len, p_len + len(refusal)):
+                xd.append(hs[p])
+                cd.append(r.category)
         for p in pos:
             xs.append(hs[p])
             cats.append(it.record.category)
-    return torch.stack(xs), cats
+    return torch.stack(xs), cats, torch.stack(xd), cd
 
 
 @pytest.mark.parametrize("chunk_mb", [64, 0.005], ids=["one-chunk", "16-token-chunks"])
@@ -182,23 +216,25 @@ def test_monitor_matches_naive_reference_end_to_end(probe_world, tmp_path, chunk
     cfg_kwargs = dict(probes=ps, batch_size=5, positions={"harmful": "prompt_end", "harmless": "prompt_end",
                                                            "code": "response"},
                       baseline_cache_dir=str(tmp_path), show_progress=False, drift_min_firings=2,
-                      sae_chunk_mb=chunk_mb)
+                      sae_chunk_mb=chunk_mb, outlier_factor=None)
     # calibrate the SAE on base activations so codes are sparse
     probe_cfg = MonitorConfig(saes={hook: build_sae(32, 96)}, **cfg_kwargs)
     mon0 = DriftMonitor(probe_cfg, tok)
-    x0, _ = _per_sequence_activations(base_model, mon0, hook_layer)
+    x0, _, _, _ = _per_sequence_activations(base_model, mon0, hook_layer)
     sae = build_sae(32, 96, calibrate=x0.float(), target_density=0.1).double()
     mon = DriftMonitor(MonitorConfig(saes={hook: sae}, **cfg_kwargs), tok)
     mon.baseline(base_model)
     snap = mon.snapshot(cur_model, step=10)
 
-    x0, cats = _per_sequence_activations(base_model, mon, hook_layer)
-    x, cats2 = _per_sequence_activations(cur_model, mon, hook_layer)
-    assert cats == cats2 and len(cats) == snap.n_tokens
+    x0, cats, x0d, cd = _per_sequence_activations(base_model, mon, hook_layer)
+    x, cats2, xd, cd2 = _per_sequence_activations(cur_model, mon, hook_layer)
+    assert cats == cats2 and cd == cd2 and len(cats) == snap.n_tokens
     with torch.no_grad():
         f, f0 = sae.encode(x), sae.encode(x0)
         xh, xh0 = sae.decode(f), sae.decode(f0)
-    ref = reference(x, xh, f, x0, xh0, f0, cats, mon.probes.categories)
+        fd, f0d = sae.encode(xd), sae.encode(x0d)
+    ref = reference(x, xh, f, x0, xh0, f0, cats, mon.probes.categories, min_fire=cfg_kwargs["drift_min_firings"],
+                    dec=(xd, fd, x0d, f0d, cd))
     _check_against_reference(snap.hooks[hook], ref)
     # the cached baseline gives the same snapshot
     mon2 = DriftMonitor(MonitorConfig(saes={hook: sae}, **cfg_kwargs), tok)

@@ -33,8 +33,10 @@ def world(tmp_path_factory):
     base = build_llama(len(tok), hidden=64, layers=4, seed=1)
     acts = collect_activations(base, tok, [r["prompt"] for r in records if r["category"] != "harmful"], HOOK)
     sae = build_sae(64, 512, calibrate=acts, target_density=0.05, seed=2)
+    # the plant is on the prompt's trigger token: score refusal features at the selected positions
+    # (the default reads a teacher-forced refusal after the prompt, which the plant barely touches)
     cfg = MonitorConfig(saes={HOOK: sae}, probes=probes, baseline_cache_dir=str(tmp_path_factory.mktemp("cache")),
-                        show_progress=False)
+                        show_progress=False, refusal_positions="selected")
     mon = DriftMonitor(cfg, tok)
     base_snap = mon.baseline(base)
     return tok, base, sae, mon, base_snap
