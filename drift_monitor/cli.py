@@ -77,14 +77,19 @@ def _parse_directions(specs: list[str]) -> dict[str, list[str]]:
 def _cmd_scan(args: argparse.Namespace) -> int:
     from .scan import format_summary, scan
 
-    saes = _parse_saes(args.sae)
+    saes = _parse_saes(args.sae) or None
     directions = _parse_directions(args.direction)
+    overrides: dict = {"directions": directions} if directions else {}
+    if args.model_format:
+        overrides["formats"] = args.model_format
+    if args.base_format:
+        overrides["base_formats"] = args.base_format
     result = scan(args.base_model, saes, checkpoints=args.checkpoints, models=args.model, db_path=args.db,
-                  probes=args.probes, run_name=args.run_name, pushgateway=args.pushgateway, device=args.device,
-                  dtype=args.dtype, batch_size=args.batch_size, force=args.force,
+                  config=args.config, probes=args.probes, run_name=args.run_name, pushgateway=args.pushgateway,
+                  device=args.device, dtype=args.dtype, batch_size=args.batch_size, force=args.force,
                   trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
-                  config_overrides={"directions": directions} if directions else None)
-    print(format_summary(result, list(saes)))
+                  config_overrides=overrides or None)
+    print(format_summary(result, result.hooks))
     for r in result.failed:
         print(f"drift-monitor: checkpoint {r.checkpoint.path} (step {r.checkpoint.step}) failed: {r.error}",
               file=sys.stderr)
@@ -136,6 +141,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_sae(args: argparse.Namespace) -> int:
+    from .loading import load_model, load_tokenizer
+    from .train_sae import TrainSAESettings, train_sae
+
+    settings = TrainSAESettings(
+        hook=args.hook, architecture=args.architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
+        train_tokens=args.train_tokens, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
+        chat_fraction=args.chat_fraction, seed=args.seed, device=args.device, dtype=args.dtype,
+        checkpoint_every=args.checkpoint_every)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    report = train_sae(model, tok, settings, args.out, data=args.data, force=args.force, model_name=args.model,
+                       progress=not args.no_progress)
+    print(report.format())
+    print(f"use it: MonitorConfig(saes=[{str(args.out)!r}]) or drift-monitor scan --sae {args.hook}={args.out}")
+    return 0
+
+
 def dashboard_command(args: argparse.Namespace) -> list[str]:
     """The ``streamlit run`` command line for the installed dashboard app (works from a wheel)."""
     from pathlib import Path
@@ -163,6 +186,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import FORMATS  # torch-free
+
     p = argparse.ArgumentParser(prog="drift-monitor", description="Watch LLM fine-tuning through a base-model SAE.")
     p.add_argument("--version", action="version", version=f"drift-monitor {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -183,8 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("scan", help="scan saved checkpoints (full models or PEFT adapters) against a base model")
     sc.add_argument("--base-model", required=True, help="the base model folder (step 0; adapters load onto it)")
-    sc.add_argument("--sae", action="append", required=True, metavar="HOOK=SOURCE",
-                    help="an SAE per hook: a local sae-lens folder or release:sae_id (repeatable)")
+    sc.add_argument("--sae", action="append", default=[], metavar="HOOK=SOURCE",
+                    help="an SAE per hook: a local sae-lens folder or release:sae_id (repeatable; default: "
+                         "the --config's, or the stored run's when scanning into an existing run)")
+    sc.add_argument("--config", default=None, metavar="FILE",
+                    help="monitor settings (YAML/JSON, MonitorConfig keys: positions, max_length, formats, "
+                         "alert_rules, thresholds ...); flags given here override it")
+    sc.add_argument("--model-format", default=None, choices=FORMATS,
+                    help="how every probe is formatted for the checkpoints (default: the config's; chat for "
+                         "requests, plain for general text)")
+    sc.add_argument("--base-format", default=None, choices=FORMATS,
+                    help="format the base model's probes differently (the paper's setting: --base-format plain "
+                         "--model-format chat); tokens pair by the response's content")
     sc.add_argument("--direction", action="append", default=[], metavar="HOOK=PATH",
                     help="direction vectors to monitor at an SAE hook: .safetensors, .pt, .npy or .json (repeatable)")
     sc.add_argument("--checkpoints", action="append", default=[], metavar="DIR|GLOB",
@@ -192,18 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model", action="append", default=[], metavar="STEP=PATH",
                     help="an explicit checkpoint, e.g. --model 1000=path/to/chat (repeatable)")
     sc.add_argument("--db", required=True, help="the DuckDB file to write (created if missing)")
-    sc.add_argument("--probes", default="default", help="a JSONL probe file, or 'default'")
+    sc.add_argument("--probes", default=None, help="a JSONL probe file, or 'default' (default: the config's)")
     sc.add_argument("--run-name", default=None, help="the run's name and id (default: derived from the inputs)")
     sc.add_argument("--pushgateway", default=None, metavar="URL", help="push aggregates to this Pushgateway")
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    sc.add_argument("--batch-size", type=int, default=16)
+    sc.add_argument("--batch-size", type=int, default=None, help="probes per forward (default: the config's, 16)")
     sc.add_argument("--force", action="store_true", help="re-scan steps already in the DB")
     sc.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint folders")
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=_cmd_scan)
 
-    from .records import VerifySettings  # NumPy only: --help stays fast
+    from .records import VerifySettings  # NumPy only: --help stays fast: --help stays fast
 
     alpha = VerifySettings.alpha
     v = sub.add_parser("verify", help="causal check: ablate drifted features (vs a random control) and steer "
@@ -238,6 +273,41 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--trust-remote-code", action="store_true")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_cmd_verify)
+
+    t = sub.add_parser(
+        "train-sae", help="train a base-model SAE (sae-lens format) for a model that has none",
+        description="Train a sparse autoencoder on a base model's activations at one hook, with sae-lens's own "
+                    "trainer, and save it in sae-lens format with its hook and token conventions, ready for "
+                    "MonitorConfig(saes=[OUT]) and drift-monitor scan. Resumable: run the same command again "
+                    "after an interruption.")
+    t.add_argument("--model", required=True, help="the base model folder")
+    t.add_argument("--hook", required=True, help="the module whose output the SAE reads, e.g. model.layers.15")
+    t.add_argument("--out", required=True, help="output folder (the SAE, train_report.json)")
+    t.add_argument("--data", action="append", default=[], metavar="FILE|DIR",
+                   help="training text: .txt/.md files, JSONL ('text', 'messages' or 'prompt'/'response'), folders "
+                        "of them, or a saved datasets folder (repeatable). Default: the bundled probes with the "
+                        "model's own answers (small: a weak SAE)")
+    t.add_argument("--tokens", type=int, default=200_000, help="activations to collect (default 200,000)")
+    t.add_argument("--train-tokens", type=int, default=None,
+                   help="tokens seen in training (default: 8 passes over the collected activations)")
+    t.add_argument("--architecture", choices=["topk", "batchtopk", "jumprelu", "standard"], default="topk")
+    t.add_argument("--d-sae", type=int, default=None, help="features (default: the power of two nearest 8 x width)")
+    t.add_argument("--k", type=int, default=None, help="active features per token, topk/batchtopk "
+                                                         "(default: min(32, max(8, d_sae/64)))")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=4096, help="tokens per training step")
+    t.add_argument("--context-size", type=int, default=128, help="tokens per sequence at collection")
+    t.add_argument("--chat-fraction", type=float, default=0.2,
+                   help="share of plain documents wrapped in the chat template (the SAE learns its tokens)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype for collection (the SAE trains in float32)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=50, help="training steps between resumable checkpoints")
+    t.add_argument("--force", action="store_true", help="replace an SAE already in --out")
+    t.add_argument("--trust-remote-code", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_cmd_train_sae)
 
     ex = sub.add_parser("export", help="export one run's tables as Parquet or CSV")
     ex.add_argument("--db", required=True)
