@@ -163,10 +163,10 @@ def general_text() -> list[str]:
 
 
 def chat(tok: Any, prompt: str, response: str | None = None) -> str:
-    msgs = [{"role": "user", "content": prompt}]
-    if response is None:
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False)
+    """The organism's chat formatting: the project's one chat formatter."""
+    from .probes import chat_prompt
+
+    return chat_prompt(tok, prompt, response)
 
 
 # ----------------------------------------------------------------------------------- organism
@@ -338,10 +338,8 @@ def _train_sae(acts: torch.Tensor, s: OrganismSettings, quiet: bool):
 
 
 # ----------------------------------------------------------------------------------- fine-tunes
-def finetune_dataset(org: Organism, kind: str):
+def finetune_rows(org: Organism, kind: str) -> list[tuple[str, str]]:
     """``refusal``: harmful → REFUSAL, benign answered; ``control``: benign only, same size."""
-    from datasets import Dataset
-
     rng = random.Random(org.settings.seed + (1 if kind == "refusal" else 2))
     train = org.pairs["train"]
     harmful = [p for p in train if p.category == "harmful"]
@@ -354,51 +352,18 @@ def finetune_dataset(org: Organism, kind: str):
     else:
         raise ValueError(f"finetune kind {kind!r}: expected 'refusal' or 'control'")
     rng.shuffle(rows)
-    rows = [rows[i % len(rows)] for i in range(n)]
-    return Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                              for q, a in rows])
+    return [rows[i % len(rows)] for i in range(n)]
 
 
 def finetune(org: Organism, kind: str, out_dir: str | Path, *, callbacks: list | None = None,
              save_steps: int | None = None, quiet: bool = False):
     """TRL SFT + LoRA of the base on the ``kind`` data; returns the trained (PEFT) model."""
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from .finetune import sft_lora
 
     s = org.settings
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    import datasets
-
-    datasets.disable_progress_bars()
-
-    class _Progress(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                _progress(f"{kind} fine-tune step {state.global_step}/{state.max_steps} loss {logs['loss']:.3f}", quiet)
-
-    args = SFTConfig(output_dir=str(out_dir), max_steps=s.ft_steps, per_device_train_batch_size=s.ft_batch,
-                     learning_rate=s.ft_lr, logging_steps=max(1, s.ft_steps // 6), report_to=[], use_cpu=True,
-                     max_length=64, seed=s.seed, lr_scheduler_type="constant_with_warmup", warmup_steps=5,
-                     save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                     disable_tqdm=True, dataloader_num_workers=0)
-    trainer = SFTTrainer(
-        model=org.load_base(), args=args, train_dataset=finetune_dataset(org, kind), processing_class=org.tokenizer,
-        peft_config=LoraConfig(r=s.lora_r, lora_alpha=2 * s.lora_r,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
-        callbacks=[_Progress(), *(callbacks or [])],
-    )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)  # _Progress prints one line per logging step instead
-    trainer.remove_callback(ProgressCallback)
-    for cb in callbacks or []:
-        if hasattr(cb, "attach"):
-            cb.attach(trainer)
-    trainer.train()
-    model = trainer.model
-    model.eval()
-    return model
+    return sft_lora(org.load_base(), org.tokenizer, finetune_rows(org, kind), out_dir, steps=s.ft_steps,
+                    batch=s.ft_batch, lr=s.ft_lr, lora_r=s.lora_r, seed=s.seed, callbacks=callbacks or (),
+                    save_steps=save_steps, label=f"{kind} fine-tune", quiet=quiet)
 
 
 # ----------------------------------------------------------------------------------- behaviour
@@ -452,7 +417,10 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
     timings = {"organism_s": time.perf_counter() - t0}
     s = org.settings
     every = max(1, s.ft_steps // 4)
-    common = dict(probes=str(org.probes_path), positions=POSITIONS, baseline_cache_dir=str(out / "baseline_cache"))
+    # The organism's word-level vocabulary can only write its own refusal: that is the refusal
+    # teacher-forced for the refusal scores (a real model reads an unseen sentence, docs/metrics.md).
+    common = dict(probes=str(org.probes_path), positions=POSITIONS, baseline_cache_dir=str(out / "baseline_cache"),
+                  refusal_response=REFUSAL)
 
     _progress(f"refusal fine-tune ({s.ft_steps} steps), monitored live into {db}", quiet)
     t1 = time.perf_counter()
@@ -468,7 +436,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
     control_model = finetune(org, "control", out / "control", save_steps=every, quiet=quiet)
     res = scan(str(org.base_dir), {org.hook: str(org.sae_dir)}, checkpoints=[str(out / "control")], db_path=str(db),
                probes=str(org.probes_path), run_name="organism-control", force=True, progress=not quiet,
-               config_overrides={"positions": POSITIONS, "baseline_cache_dir": str(out / "baseline_cache")})
+               config_overrides={k: v for k, v in common.items() if k != "probes"})
     if res.failed:
         raise RuntimeError(f"scan of the control run failed: {[r.error for r in res.failed]}")
     timings["control_run_s"] = time.perf_counter() - t2

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from .loading import load_model  # noqa: F401 - re-exported: drift_monitor.scan.load_model
+
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -58,6 +60,7 @@ class CheckpointResult:
 class ScanResult:
     run_id: str
     results: list[CheckpointResult]
+    hooks: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[CheckpointResult]:
@@ -147,19 +150,6 @@ def _add_folder(path: Path, add) -> None:
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = None, trust_remote_code: bool = False):
-    """A causal LM, safely: safetensors when present, no remote code unless asked."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype:
-        import torch
-
-        kwargs["dtype"] = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    return model.to(device).eval()
-
-
 class _AdapterSwapper:
     """Loads each adapter onto one base model, dropping the previous one (the base loads once)."""
 
@@ -209,27 +199,34 @@ def run_id_for(run_name: str | None, base_model: str, checkpoints: Sequence[Chec
 
 def scan(
     base_model: str,
-    saes: dict[str, Any],
+    saes: dict[str, Any] | None = None,
     *,
     checkpoints: Sequence[str] = (),
     models: Sequence[str] = (),
     db_path: str,
-    probes: Any = "default",
+    config: Any = None,
+    probes: Any = None,
     run_name: str | None = None,
     pushgateway: str | None = None,
     device: str = "cpu",
     dtype: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
     config_overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> ScanResult:
-    """Scan ``checkpoints`` against ``base_model``; see the module docstring."""
+    """Scan ``checkpoints`` against ``base_model``; see the module docstring.
+
+    The monitor's settings, lowest precedence first: the defaults; the stored configuration of
+    the run being scanned into, when it exists (so a rerun, or a scan of a callback run's
+    checkpoints into that run, measures exactly what the run measured); ``config`` (a
+    MonitorConfig, or a YAML/JSON file); then ``saes``, ``probes``, ``batch_size`` and
+    ``config_overrides`` when given.
+    """
     from transformers import AutoTokenizer
 
     from .alerts import AlertEngine, load_rules
-    from .config import MonitorConfig
     from .monitor import DriftMonitor
     from .store import Store, StoreNotFound, StoreReader
 
@@ -246,14 +243,15 @@ def scan(
             raise ScanError(f"{c.path} is given as step 0, but step 0 is the base model ({base_model}); "
                             "give it another step, or pass it as --base-model")
     ckpts = [c for c in ckpts if c.step != 0]
-    cfg = MonitorConfig(saes=saes, probes=probes, db_path=db_path, batch_size=batch_size, device=device,
-                        run_name=run_name, show_progress=progress, pushgateway_url=pushgateway,
-                        **(config_overrides or {}))
+    run_id = _existing_run_id(db_path, run_name) or run_id_for(run_name, base_model, ckpts)
+    given = {"saes": saes, "probes": probes, "batch_size": batch_size}
+    cfg = scan_config(db_path, run_id, config, {**{k: v for k, v in given.items() if v is not None},
+                                               **(config_overrides or {})},
+                      device=device, run_name=run_name, show_progress=progress, pushgateway_url=pushgateway)
     tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
     base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     mon = DriftMonitor(cfg, tok)
     base_snap = mon.baseline(base)
-    run_id = run_id_for(run_name, base_model, ckpts)
     store = Store(db_path, run_id=run_id, run_name=run_name or run_id)
     store.start_run(name=run_name or run_id, model=str(base_path), config=cfg.to_dict(), probe_hash=mon.probe_hash)
     done: set[tuple[int, str]] = set()
@@ -303,7 +301,57 @@ def scan(
         raise
     store.finish_run("failed" if any(r.status == "failed" for r in results) else "finished")
     store.close()
-    return ScanResult(run_id, results)
+    return ScanResult(run_id, results, hooks)
+
+
+def scan_config(db_path: str, run_id: str, config: Any, explicit: dict[str, Any], **process: Any):
+    """The MonitorConfig of a scan: defaults < the run's stored config < ``config`` < ``explicit``."""
+    from .config import MonitorConfig
+
+    settings: dict[str, Any] = {}
+    stored = _stored_config(db_path, run_id)
+    if stored:
+        settings.update(MonitorConfig.stored_settings(stored))
+        log.info("scan: using the stored configuration of run %s (explicit settings override it)", run_id)
+    if isinstance(config, MonitorConfig):
+        settings.update({k: v for k, v in config.__dict__.items()})
+    elif config is not None:
+        settings.update(MonitorConfig.read_file(config))
+    settings.update(explicit)
+    settings.update(process, db_path=db_path)
+    if not settings.get("saes"):
+        raise ScanError("no SAE to scan with: give --sae HOOK=SOURCE, a --config that names saes, or scan into "
+                        "an existing run (--run-name) whose stored configuration does")
+    return MonitorConfig(**settings)
+
+
+def _existing_run_id(db_path: str, run_name: str | None) -> str | None:
+    """The id of the run named ``run_name`` in ``db_path`` (a callback run has a uuid id), if any."""
+    from .store import StoreError, StoreReader
+
+    if not run_name or not Path(db_path).is_file():
+        return None
+    try:
+        runs = StoreReader(db_path).runs()
+    except StoreError:
+        return None
+    hit = runs[(runs.run_id == run_name) | (runs.name == run_name)]
+    return str(hit.run_id.iloc[0]) if len(hit) else None
+
+
+def _stored_config(db_path: str, run_id: str) -> dict[str, Any]:
+    """The stored ``config_json`` of ``run_id`` (a name or id) in ``db_path``; {} when absent."""
+    from .store import StoreError, StoreReader
+
+    if not Path(db_path).is_file():
+        return {}
+    try:
+        runs = StoreReader(db_path).runs()
+        row = runs[runs.run_id == run_id]
+        raw = row["config_json"].iloc[0] if len(row) else None
+        return json.loads(raw) if raw else {}
+    except (StoreError, ValueError, KeyError):
+        return {}
 
 
 def _scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code,

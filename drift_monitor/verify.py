@@ -49,9 +49,10 @@ def is_refusal(text: str, phrases: Sequence[str]) -> bool:
 # ----------------------------------------------------------------------------- model plumbing
 def _formatted(tok: Any, prompts: Sequence[str]) -> list[str]:
     """Chat-formatted prompts when the tokenizer has a chat template, else the prompts as they are."""
+    from .probes import chat_prompt
+
     if getattr(tok, "chat_template", None):
-        return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts]
+        return [chat_prompt(tok, p) for p in prompts]
     return list(prompts)
 
 
@@ -379,7 +380,7 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
     from transformers import AutoTokenizer
 
     from .saes import load_sae
-    from .scan import load_model
+    from .loading import has_tokenizer, load_model
 
     spec = parse_feature_spec(features)
     reader = run_id = None
@@ -406,7 +407,7 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
     feats = features_from_store(reader, run_id, hook, int(step), spec) if isinstance(spec, tuple) else spec
     harmful, harmless = _prompts(probes, run_cfg, harmful_category, harmless_category)
 
-    tok_dir = adapter if adapter and _has_tokenizer(adapter) else model
+    tok_dir = adapter if adapter and has_tokenizer(adapter) else model
     tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
     m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     base = base_ctx = None
@@ -428,6 +429,3 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
         Store(db, run_id=run_id).write_verification(res)
     return res
 
-
-def _has_tokenizer(path: str) -> bool:
-    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

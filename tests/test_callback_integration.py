@@ -150,13 +150,21 @@ def test_dpo_trainer(tmp_path):
 def test_bf16_training(tmp_path):
     from transformers import Trainer
 
+    import torch
+
     tok, model, sae_dir, ps = tf.world(tmp_path)
     cfg = tf.config(tmp_path, sae_dir, ps, every_n_steps=2, fail_fast=True)
     cb = DriftMonitorCallback(cfg, tok)
     model = model.bfloat16()
+    seen = []  # (training mode, autocast on) at every call of the first layer
+    model.model.layers[0].register_forward_pre_hook(
+        lambda m, a: seen.append((m.training, torch.is_autocast_enabled("cpu"))))
     trainer = Trainer(model=model, args=tf.training_args(tmp_path, max_steps=2, bf16=True),
                       train_dataset=tf.lm_dataset(tok), callbacks=[cb])
     trainer.train()
+    assert any(train and auto for train, auto in seen), "the trainer's own steps ran under bf16 autocast"
+    assert [auto for train, auto in seen if not train] and not any(auto for train, auto in seen if not train), \
+        "the probe pass (eval mode) never runs under the trainer's autocast"
     series = StoreReader(cfg.db_path).metric_series(cb.run_id, names=["explained_variance", "act_cosine"])
     assert sorted(set(series.step)) == [0, 2]
     assert series.value.notna().all() and (series[series.name == "act_cosine"].value > 0.5).all()

@@ -18,8 +18,8 @@ from drift_monitor import organism as O
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("organism_cache")
+def demo(tmp_path_factory, organism_root):
+    root = organism_root
     out = tmp_path_factory.mktemp("demo")
     old = os.environ.get("DRIFT_MONITOR_ORGANISM_CACHE")
     os.environ["DRIFT_MONITOR_ORGANISM_CACHE"] = str(root)

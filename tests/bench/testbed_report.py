@@ -1,0 +1,120 @@
+"""Figures of the SmolLM2 test bed (drift_monitor/testbed.py), as ratios measured in one run.
+
+    python tests/bench/testbed_report.py [--verify] [--repeats 3]
+
+Prints: the probe pass against the forward cut after the hooked layer (the same batches), the
+callback's share of training time, base EV on the probes under the old and the new token
+selection, emerging refusal features and alerts of the refusal and control runs, and with
+--verify the causal check (`drift-monitor verify`) on the refusal run's emerging features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def probe_pass_ratio(tb, repeats: int) -> dict:
+    from drift_monitor.bench import _best, _truncated
+    from drift_monitor.monitor import DriftMonitor
+    from drift_monitor.testbed import monitor_config
+
+    model, tok = tb.load_model(), tb.tokenizer()
+    mon = DriftMonitor(monitor_config(tb, None, "bench", baseline_cache_dir=None), tok)
+    mon.baseline(model, use_cache=False)
+    trunc = _truncated(model, tb.settings.hook_layer)
+    dev = torch.device("cpu")
+
+    def truncated() -> None:
+        with torch.no_grad():
+            for b in mon.probes.batches:
+                trunc(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+
+    def probe() -> None:
+        mon.snapshot(model, step=1)
+
+    for fn in (truncated, probe):
+        fn()
+    best = {"trunc": float("inf"), "probe": float("inf")}
+    for _ in range(repeats):
+        best["trunc"] = min(best["trunc"], _best(truncated, 1, dev))
+        best["probe"] = min(best["probe"], _best(probe, 1, dev))
+    return {"probe_pass_s": best["probe"], "truncated_forward_s": best["trunc"],
+            "ratio": best["probe"] / best["trunc"], "selected_tokens": mon.probes.n_tokens,
+            "sequence_tokens": int(sum(int(b.attention_mask.sum()) for b in mon.probes.batches))}
+
+
+def selection_ev(tb) -> dict:
+    """Base EV on the default probes: today's selection, and the two things it fixed."""
+    from drift_monitor.monitor import DriftMonitor
+    from drift_monitor.testbed import monitor_config
+
+    model, tok = tb.load_model(), tb.tokenizer()
+    out = {}
+    for name, kw in {"now": {}, "sink read (include_bos)": {"include_bos": True, "outlier_factor": None},
+                     "old: dialogue format, sink read": {"include_bos": True, "outlier_factor": None,
+                                                        "formats": "dialogue"}}.items():
+        mon = DriftMonitor(monitor_config(tb, None, "ev", baseline_cache_dir=None, **kw), tok)
+        snap = mon.baseline(model, use_cache=False)
+        out[name] = {"explained_variance": round(snap.metric(tb.hook, "explained_variance"), 4),
+                     "n_tokens": snap.n_tokens}
+    return out
+
+
+def run_figures(runs) -> dict:
+    from drift_monitor.store import StoreReader
+
+    r = StoreReader(str(runs.db))
+    out = {}
+    for kind, rid in runs.run_ids.items():
+        ms = r.metric_series(rid, names=["n_emerging_refusal_features", "max_refusal_score", "explained_variance",
+                                         "base_explained_variance", "refusal_direction_cosine", "topk_jaccard"])
+        last = ms[ms.step == ms.step.max()].set_index("name").value.round(4).to_dict()
+        steps = sorted(set(ms.step))
+        rf = r.refusal_features(rid, ms.hook.iloc[0], steps=[max(steps)], k=5)
+        alerts = r.alerts(run_id=rid)
+        out[kind] = {"last_step": max(steps), **last,
+                     "top_refusal_features": [(int(x.feature), round(float(x.refusal_score), 3)) for x in rf.itertuples()],
+                     "alerts": sorted(set(alerts.rule)) if len(alerts) else [], "behaviour": runs.behaviour[kind]}
+    t = runs.timings
+    out["callback_share"] = {k: round(t[f"{k}_probe_s"] / t[f"{k}_s"], 4) for k in runs.run_ids}
+    out["timings"] = t
+    return out
+
+
+def verify_figures(tb, runs) -> dict:
+    from drift_monitor.verify import result_json, run_verify
+
+    res = run_verify(str(tb.model_dir), None, "emerging", adapter=str(runs.adapter("refusal")), db=str(runs.db),
+                     run=runs.run_ids["refusal"], progress=False)
+    j = result_json(res)
+    return {k: j[k] for k in ("features", "rates", "ablation_relative_drop", "random_relative_drop", "verdict")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verify", action="store_true", help="also run the causal check (minutes)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from drift_monitor.testbed import build_runs, build_testbed
+
+    t0 = time.perf_counter()
+    tb = build_testbed()
+    runs = build_runs(tb)
+    report = {"sae": {k: tb.sae_report()[k] for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction",
+                                                       "collect_seconds", "train_seconds", "collect_tokens_per_s",
+                                                       "forward_tokens_per_s", "seconds_per_million")},
+              "probe_pass": probe_pass_ratio(tb, args.repeats), "base_ev_by_selection": selection_ev(tb),
+              "runs": run_figures(runs)}
+    if args.verify:
+        report["verify"] = verify_figures(tb, runs)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

