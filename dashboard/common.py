@@ -20,7 +20,7 @@ from drift_monitor.store import SchemaVersionError, StoreEmpty, StoreError, Stor
 
 DB_ENV = "DRIFT_MONITOR_DB"
 
-#: Metrics shown on the runs table and the run-detail page (DESIGN.md §5).
+#: Metrics shown on the runs table and the run-detail page (docs/metrics.md).
 KEY_METRICS = ("explained_variance", "act_cosine", "features_drifted_ratio", "topk_jaccard", "density_js")
 
 

@@ -1,4 +1,4 @@
-"""Alert rules over snapshots (DESIGN.md §4 step 7): conditions -> :class:`~drift_monitor.records.Alert` records.
+"""Alert rules over snapshots (docs/design.md §4): conditions -> :class:`~drift_monitor.records.Alert` records.
 
 Two layers:
 
@@ -70,7 +70,7 @@ OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {
     "<=": (operator.le, "at or below"),
 }
 
-#: Scalar metrics a rule may name (README's metric table; DESIGN.md §5). A misspelt metric
+#: Scalar metrics a rule may name (docs/metrics.md). A misspelt metric
 #: would silently never fire, so rules are checked against this list at load time.
 KNOWN_METRICS: tuple[str, ...] = (
     "explained_variance", "base_explained_variance", "explained_variance_delta", "fvu", "l0", "mse", "cosine",

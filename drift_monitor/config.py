@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class MetricSettings:
-    """The knobs of DESIGN.md §5 that change a computed number (MonitorConfig inherits them).
+    """The knobs of docs/metrics.md that change a computed number (MonitorConfig inherits them).
 
     Kept apart so ``stats``/``metrics`` can take just these, and so they are defined once.
     """

@@ -2,7 +2,7 @@
 
 One job: turn ``MonitorConfig.directions`` ({hook: source}) into ``{hook: {name: unit vector}}``
 (float64, CPU), checked against the width of each hook, failing at start-up with a message that
-names the fix (DESIGN.md §8). The projections themselves are computed from the streaming sums
+names the fix (docs/metrics.md, direction monitors). The projections themselves are computed from the streaming sums
 in ``stats.HookStats.compute`` (by linearity, no per-token work), see ``metrics.mean_projections``.
 
 A source is a path to ``.safetensors`` (every named tensor a [d] vector or an [n, d] matrix),

@@ -1,4 +1,4 @@
-"""Pure metric functions of DESIGN.md §5. Torch only: no transformers, no I/O.
+"""Pure metric functions of docs/metrics.md. Torch only: no transformers, no I/O.
 
 Two kinds: per-token functions used while streaming (cosine, top-k Jaccard), and functions
 of accumulated sums (see ``stats.HookStats``) that turn them into the contract's metrics.

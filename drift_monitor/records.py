@@ -1,7 +1,7 @@
 """Plain records passed between the engine, the store, the exporters and the dashboard.
 
 Why a separate module: the store and the exporters must never import models, SAEs or the
-monitor (DESIGN.md §3: they take plain records). Everything here is NumPy/pandas and stdlib,
+monitor (docs/design.md, layout: they take plain records). Everything here is NumPy/pandas and stdlib,
 so `store.py` can be used by a dashboard process that never imports torch.
 """
 
@@ -85,7 +85,7 @@ class FeatureStats:
 
 @dataclass
 class RefusalFeatures:
-    """Refusal scores of every feature at one hook (DESIGN.md §5, refusal features).
+    """Refusal scores of every feature at one hook (docs/metrics.md, refusal features).
 
     ``refusal_score`` is NaN for features excluded from the ranking (base density ≥ the
     dense cut-off). ``emerging`` holds the feature ids flagged as emerging refusal features,
@@ -133,7 +133,7 @@ class Snapshot:
             raise KeyError(f"snapshot has no hook {hook!r}; hooks: {sorted(self.hooks)}") from None
 
     def metric(self, hook: str, name: str) -> float:
-        """A scalar metric of DESIGN.md §5 (e.g. ``explained_variance``) at ``hook``."""
+        """A scalar metric of docs/metrics.md (e.g. ``explained_variance``) at ``hook``."""
         metrics = self.hook(hook).metrics
         if name not in metrics:
             raise KeyError(f"unknown metric {name!r}; known: {sorted(metrics)}")

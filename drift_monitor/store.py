@@ -1,4 +1,4 @@
-"""DuckDB store for snapshots, alerts and feature labels (DESIGN.md §6).
+"""DuckDB store for snapshots, alerts and feature labels (docs/design.md §5).
 
 Why it looks the way it does:
 

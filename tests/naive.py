@@ -1,4 +1,4 @@
-"""An independent, deliberately naive implementation of DESIGN.md §5 (NumPy, Python loops).
+"""An independent, deliberately naive implementation of docs/metrics.md (NumPy, Python loops).
 
 It shares no code with drift_monitor.metrics/stats: formulas are written from the design
 text. Tests compare the engine against it to 1e-5.

@@ -1,5 +1,5 @@
 """Prometheus exporter against real components: its own HTTP server, a Prometheus server, a
-Pushgateway and promtool, all started here on 127.0.0.1 (DESIGN.md §7).
+Pushgateway and promtool, all started here on 127.0.0.1 (docs/design.md §6).
 
 The binaries come from the Debian packages `prometheus` (prometheus, promtool) and
 `prometheus-pushgateway`; `bash scripts/install.sh --test` installs them. A missing binary

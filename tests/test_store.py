@@ -1,4 +1,4 @@
-"""Store (DESIGN.md §6): round trip, idempotent re-write, crash safety, lock tolerance, errors.
+"""Store (docs/design.md §5): round trip, idempotent re-write, crash safety, lock tolerance, errors.
 
 Crash and lock behaviour is tested with real processes (tests/store_worker.py): DuckDB locks
 are per process, so threads could not show them.

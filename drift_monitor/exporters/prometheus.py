@@ -1,4 +1,4 @@
-"""Prometheus exporter: Snapshot and Alert records -> bounded-cardinality metrics (DESIGN.md §7).
+"""Prometheus exporter: Snapshot and Alert records -> bounded-cardinality metrics (docs/design.md §6).
 
 Rank 0 of a training job serves ``/metrics`` (:meth:`PrometheusExporter.serve`, 127.0.0.1 by
 default, ``prometheus_port`` 9464 suggested); a batch scan pushes to a Pushgateway
@@ -60,7 +60,7 @@ METRIC_NAMES: dict[str, str] = {
     **{k: k.lower() for k in (*ADAPTER_METRICS, *LORA_MODULE_METRICS)},
 }
 
-#: Help text of the scalar metrics of README.md's metric table (DESIGN.md §5).
+#: Help text of the scalar metrics of docs/metrics.md.
 METRIC_HELP: dict[str, str] = {
     "explained_variance": "Explained variance of the base SAE's reconstruction of the current activations (1 - FVU).",
     "base_explained_variance": "Explained variance of the base SAE on the base model's own activations.",
