@@ -43,12 +43,20 @@ def test_wheel_install_imports_outside_the_checkout(tmp_path):
     for must in ("drift_monitor/callbacks/__init__.py", "drift_monitor/dashboard/__init__.py",
                  "drift_monitor/data/default_probes.jsonl", "drift_monitor/monitor.py"):
         assert must in names, must
+    # every module of the checkout is shipped (a subpackage missing from pyproject's list would be
+    # dropped silently), and nothing else (no stale module from an old build/ folder)
+    source = {f"drift_monitor/{p.relative_to(ROOT / 'drift_monitor').as_posix()}"
+              for p in (ROOT / "drift_monitor").rglob("*.py")}
+    shipped = {n for n in names if n.startswith("drift_monitor/") and n.endswith(".py")
+               and not n.startswith(("drift_monitor/callbacks/", "drift_monitor/dashboard/"))}
+    assert shipped == source, (sorted(source - shipped), sorted(shipped - source))
     assert not any(n.startswith(("callbacks/", "dashboard/", "tests/")) for n in names), \
         "no generic top-level module may be installed"
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, text=True)
-    code = ("import drift_monitor, drift_monitor.callbacks, drift_monitor.dashboard, sys;"
+    code = ("import drift_monitor, drift_monitor.callbacks, drift_monitor.dashboard, drift_monitor.store, "
+            "drift_monitor.alerts, sys;"
             "from drift_monitor import ProbeSet; assert len(ProbeSet.default()) == 216;"
             "print(drift_monitor.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},

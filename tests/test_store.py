@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from drift_monitor import store as st
-from drift_monitor.records import ALL, Alert
+from drift_monitor.records import ALL, Alert, ConditionResult, VerifyResult, VerifySettings
 from store_fixtures import CATEGORIES, HOOK, make_snapshot
 
 WORKER = Path(__file__).parent / "store_worker.py"
@@ -421,9 +421,9 @@ def test_reader_errors(tmp_path):
     con = duckdb.connect(str(s.path))
     con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(st.SchemaVersionError, match=r"version 99 in the file.*reads version 1.*upgrade") as e:
+    with pytest.raises(st.SchemaVersionError, match=rf"version 99 in the file.*reads version {st.SCHEMA_VERSION}.*upgrade") as e:
         r.metric_series(run_id)
-    assert (e.value.found, e.value.expected) == ("99", 1)
+    assert (e.value.found, e.value.expected) == ("99", st.SCHEMA_VERSION)
     assert r.schema_version() == 99
     with pytest.raises(st.SchemaVersionError):
         s.write(make_snapshot(2))
@@ -447,3 +447,84 @@ def test_bad_snapshot_is_rejected_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match=r"'harmful' drift: expected shape \(128,\)"):
         s.write(snap)
     assert r.steps(run_id) == [] and s.pending() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Schema migrations: an older file is upgraded by the writer, read as it is by readers
+# --------------------------------------------------------------------------------------------
+
+
+def _version_1_file(db: Path) -> None:
+    """A genuine version-1 file: the version-1 DDL (no ``verifications`` table), version row 1,
+    and a run with a snapshot row, a metric, an alert and a label written in plain SQL."""
+    assert not any("verifications" in ddl for ddl in st.schema.V1_DDL)
+    con = duckdb.connect(str(db))
+    for ddl in st.schema.V1_DDL:
+        con.execute(ddl)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute("INSERT INTO runs (run_id, name, status, last_step) VALUES ('old', 'old run', 'finished', 3)")
+    con.execute("INSERT INTO snapshots (run_id, step, hook, n_tokens, d_sae) VALUES ('old', 3, ?, 100, 64)", [HOOK])
+    con.execute("INSERT INTO metrics VALUES ('old', 3, ?, 'l0', 12.5), ('old', 3, ?, 'ev', 'NaN')", [HOOK, HOOK])
+    con.execute("INSERT INTO alerts (alert_id, run_id, step, hook, rule, severity, status, acknowledged) "
+                "VALUES ('a1', 'old', 3, ?, 'ev_drop', 'warning', 'active', false)", [HOOK])
+    con.execute("INSERT INTO feature_labels VALUES (?, 7, 'cats', 'manual')", [HOOK])
+    con.close()
+
+
+def _tables(db: Path) -> set[str]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    finally:
+        con.close()
+
+
+def _check_old_rows(r: st.StoreReader) -> None:
+    runs = r.runs()
+    assert runs.run_id.tolist() == ["old"] and runs.iloc[0]["name"] == "old run" and runs.iloc[0].last_step == 3
+    assert r.steps("old") == [3] and r.hooks("old") == [HOOK]
+    ms = r.metric_series("old").set_index("name").value
+    assert ms["l0"] == 12.5 and math.isnan(ms["ev"])
+    assert r.alerts(run_id="old").alert_id.tolist() == ["a1"]
+    assert r.labels(HOOK).label.tolist() == ["cats"]
+
+
+def test_version_1_file_is_migrated_by_the_writer(tmp_path):
+    db = tmp_path / "v1.duckdb"
+    _version_1_file(db)
+
+    # readers cannot migrate: they read the v1 file as it is, verifications empty, nothing changed
+    r = st.StoreReader(db)
+    assert st.SCHEMA_VERSION == 2 and r.schema_version() == 1
+    _check_old_rows(r)
+    assert r.verifications().empty and list(r.verifications().columns) == list(st.VERIFICATION_COLUMNS)
+    assert "verifications" not in _tables(db) and r.schema_version() == 1
+
+    # the writer migrates on open: table added, version bumped, earlier rows intact
+    s = st.Store(db, run_id="old")
+    res = VerifyResult("h", [1], [ConditionResult("fine_tuned", [], 1.0, 0, 0, 1, 1)], VerifySettings(), [1.0],
+                       run_id="old", step=3)
+    assert s.write_verification(res) == "committed"
+    assert r.schema_version() == st.SCHEMA_VERSION and "verifications" in _tables(db)
+    assert r.verifications(run_id="old").verify_id.tolist() == [res.verify_id]
+    _check_old_rows(r)
+    assert s.write(make_snapshot(4, d_sae=64)) == "committed"  # and takes new snapshots
+    assert r.steps("old") == [3, 4]
+
+
+def test_schema_versions_the_writer_cannot_migrate_name_the_fix(tmp_path):
+    db = tmp_path / "v0.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '0')")
+    con.close()
+    with pytest.raises(st.SchemaVersionError, match="version 0 in the file.*re-create the store"):
+        st.Store(db, run_id="r").start_run()
+    with pytest.raises(st.SchemaVersionError, match="re-create the store"):
+        st.StoreReader(db).runs()
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(st.SCHEMA_VERSION + 1)])
+    con.close()
+    with pytest.raises(st.SchemaVersionError, match="upgrade drift-monitor"):
+        st.Store(db, run_id="r").start_run()
+    assert _tables(db) == {"meta"}  # neither refusal touched the file

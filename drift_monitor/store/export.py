@@ -1,0 +1,44 @@
+"""Export of one run's rows to Parquet or CSV files, for analysis outside drift-monitor.
+
+Why through :class:`~.reader.StoreReader`: the file is opened read-only, one connection for all
+tables, so a training run can keep writing between the export's reads and the run is resolved
+by id or name exactly as the CLI and dashboard do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from .reader import StoreReader
+
+#: The tables exported, each restricted to the run's rows.
+EXPORT_TABLES = ("runs", "snapshots", "metrics", "feature_stats", "refusal_features", "alerts")
+
+
+def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLike[str],
+               fmt: Literal["parquet", "csv"] = "parquet") -> list[Path]:
+    """Write one run's rows of every table in :data:`EXPORT_TABLES` to ``out_dir/<run>_<table>.<fmt>``.
+
+    ``run`` is a run id or a run name. The file is opened read-only, so a training run can keep
+    writing (between its writes).
+    """
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
+    reader = StoreReader(path)
+    run_id = reader.resolve_run(run)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    written = []
+    with reader._connection() as con:
+        for table in EXPORT_TABLES:
+            target = out / f"{safe}_{table}.{fmt}"
+            df = con.execute(f"SELECT * FROM {table} WHERE run_id = ?", [run_id]).df()  # fixed table names, not user data
+            if fmt == "parquet":
+                df.to_parquet(target, index=False)
+            else:
+                df.to_csv(target, index=False)
+            written.append(target)
+    return written
