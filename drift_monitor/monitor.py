@@ -33,12 +33,12 @@ from .directions import load_hook_directions
 from .probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
 from .records import Snapshot
 from .saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
-from .stats import HookStats, PairedBatch
+from .stats import STATE_LAYOUT, HookStats, PairedBatch
 from .tokens import TokenConventions, keep_mask, merge_conventions
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "3"  # bump when what the cache holds changes
+CACHE_VERSION = "3"  # bump when what the cache holds changes (HookStats' states are keyed by STATE_LAYOUT)
 
 
 @dataclass
@@ -374,7 +374,7 @@ class DriftMonitor:
         rank, world = _dist_info()
         root = Path(self.config.baseline_cache_dir or os.environ.get("DRIFT_MONITOR_CACHE")
                     or Path.home() / ".cache" / "drift_monitor" / "baselines")
-        key = json.dumps({"v": CACHE_VERSION, "model": fingerprint, "probes": self.probe_hash,
+        key = json.dumps({"v": CACHE_VERSION, "states": STATE_LAYOUT, "model": fingerprint, "probes": self.probe_hash,
                           "saes": {s.hook: sae_fingerprint(s.sae) for s in self.saes},
                           "k": self.settings.topk_jaccard_k, "batch": self.config.batch_size,
                           "early": str(self.config.early_stop), "world": world}, sort_keys=True)

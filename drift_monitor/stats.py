@@ -1,23 +1,41 @@
-"""Streaming sufficient statistics of one hook: update per batch, merge, all-reduce, compute.
+"""Streaming sufficient statistics of one hook: update per batch, merge, all-reduce.
 
 Modelled on torchmetrics' ``Metric``: everything accumulated is a sum, a count or a max, so
 batches can be processed in any order, shards merged, and ranks all-reduced with SUM/MAX,
 and the result is the same as one pass over the whole probe set. Token-space sums are kept
 in float64 because explained variance subtracts two large numbers (Σ‖x‖² − ‖Σx‖²/n).
+
+Each state is declared once, in ``STATES`` (torchmetrics' ``add_state``): its name, shape,
+dtype and reduction drive ``HookStats`` initialisation, ``merge``, ``all_reduce``,
+``state_dict``/``load_state_dict`` and ``STATE_LAYOUT``. A new statistic is one more row
+there plus the lines of ``update`` that accumulate it. The metrics computed from a current
+and a base ``HookStats`` are a pure function, ``drift_monitor.compare.compare``.
+
+Outside the table, on purpose:
+
+* ``categories``, ``d``, ``d_sae``, ``device``: configuration, the sizes the shapes name;
+* ``HookStats._reduced``: a Python flag, so ``all_reduce`` cannot count the ranks twice; it
+  is per process and in memory only (never merged, reduced or saved);
+* ``PairedBatch``: the base model's per-token tensors at one batch's selected tokens, kept
+  by the monitor per batch index for pairing. They are not sufficient statistics (nothing
+  to sum or max: each rank keeps its own batches), so they are never merged or reduced and
+  the baseline cache stores them beside the states.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from . import metrics as M
+from .compare import compare
 from .config import MetricSettings
-from .records import ALL, PROJECTION, PROJECTION_DELTA, REFUSAL_BASE, FeatureStats, HookResult, RefusalFeatures
+from .records import HookResult
 
 
 @dataclass
@@ -33,50 +51,80 @@ class PairedBatch:
     refusal_keep: torch.Tensor | None = None  # which of the batch's refusal tokens the base kept
 
 
-_SUM_FIELDS = ("n", "l0_sum", "sq_err_sum", "x_sum", "x_sq_sum", "cos_sum", "nonfinite",
-               "fire_count", "act_sum", "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired",
-               "excluded", "outliers", "overlap_sum", "fvu_tok_sum")
-_MAX_FIELDS = ("act_max",)
+Reduce = Literal["sum", "max"]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One streaming state of ``HookStats`` (torchmetrics' ``Metric.add_state``).
+
+    ``shape`` names its dimensions after the sizes of the ``HookStats``: ``"C"`` (categories),
+    ``"d"`` (model width), ``"d_sae"`` (features). ``reduce`` is how two shards combine, in
+    ``merge`` and ``all_reduce`` alike; a state starts at that reduction's identity (0 for a
+    sum, −inf for a max).
+    """
+
+    name: str
+    shape: tuple[str, ...]
+    reduce: Reduce = "sum"
+    dtype: torch.dtype = torch.float64
+    doc: str = ""
+
+    @property
+    def identity(self) -> float:
+        return -math.inf if self.reduce == "max" else 0.0
+
+
+#: The streaming states of one hook, per category; order is ``state_dict``'s order.
+STATES: tuple[StateSpec, ...] = (
+    StateSpec("n", ("C",), doc="tokens"),
+    StateSpec("l0_sum", ("C",), doc="Σ L0_t"),
+    StateSpec("sq_err_sum", ("C",), doc="Σ ‖x − x̂‖²"),
+    StateSpec("x_sum", ("C", "d"), doc="Σ x"),
+    StateSpec("x_sq_sum", ("C",), doc="Σ ‖x‖²"),
+    StateSpec("cos_sum", ("C",), doc="Σ cos(x, x̂)"),
+    StateSpec("nonfinite", ("C",), doc="tokens dropped for NaN/inf activations"),
+    StateSpec("fire_count", ("C", "d_sae"), doc="Σ 1[f > 0]"),
+    StateSpec("act_sum", ("C", "d_sae"), doc="Σ f"),
+    StateSpec("pair_sq_diff", ("C",), doc="Σ ‖x − x⁰‖²"),
+    StateSpec("pair_cos_sum", ("C",), doc="Σ cos(x, x⁰)"),
+    StateSpec("jaccard_sum", ("C",), doc="Σ top-k Jaccard"),
+    StateSpec("n_paired", ("C",), doc="tokens with a base pair"),
+    StateSpec("excluded", ("C",), doc="selected tokens excluded as massive-norm (the base's)"),
+    StateSpec("outliers", ("C",), doc="kept tokens above the base's massive-norm limit"),
+    StateSpec("overlap_sum", ("C",), doc="Σ |K ∩ K⁰| / k (the paper's overlap)"),
+    StateSpec("fvu_tok_sum", ("C",), doc="Σ per-token FVU ‖x − x̂‖² / ‖x − mean_d x‖²"),
+    StateSpec("act_max", ("C", "d_sae"), "max", torch.float32, doc="max f (−inf before any token)"),
+)
+
+#: The table as one string (name:shape:dtype:reduce per state), for anything keyed on the
+#: set of states, such as a baseline cache key: it changes whenever the table does.
+STATE_LAYOUT = ";".join(f"{s.name}:{'x'.join(s.shape)}:{str(s.dtype).removeprefix('torch.')}:{s.reduce}"
+                        for s in STATES)
 
 
 @dataclass
 class HookStats:
-    """Per-category sums for one hook. C categories, d model width, d_sae features."""
+    """Per-category sums for one hook. C categories, d model width, d_sae features.
+
+    One tensor attribute per row of ``STATES`` (``self.n``, ``self.x_sum``, ...), created by
+    ``__post_init__`` from the table.
+    """
 
     categories: list[str]
     d: int
     d_sae: int
     device: torch.device | str = "cpu"
-    n: torch.Tensor = field(init=False)  # [C] tokens
-    l0_sum: torch.Tensor = field(init=False)  # [C] Σ L0_t
-    sq_err_sum: torch.Tensor = field(init=False)  # [C] Σ ‖x − x̂‖²
-    x_sum: torch.Tensor = field(init=False)  # [C, d] Σ x
-    x_sq_sum: torch.Tensor = field(init=False)  # [C] Σ ‖x‖²
-    cos_sum: torch.Tensor = field(init=False)  # [C] Σ cos(x, x̂)
-    nonfinite: torch.Tensor = field(init=False)  # [C] tokens dropped for NaN/inf activations
-    fire_count: torch.Tensor = field(init=False)  # [C, d_sae] Σ 1[f > 0]
-    act_sum: torch.Tensor = field(init=False)  # [C, d_sae] Σ f
-    act_max: torch.Tensor = field(init=False)  # [C, d_sae] max f (−inf before any token)
-    pair_sq_diff: torch.Tensor = field(init=False)  # [C] Σ ‖x − x⁰‖²
-    pair_cos_sum: torch.Tensor = field(init=False)  # [C] Σ cos(x, x⁰)
-    jaccard_sum: torch.Tensor = field(init=False)  # [C] Σ top-k Jaccard
-    n_paired: torch.Tensor = field(init=False)  # [C] tokens with a base pair
-    excluded: torch.Tensor = field(init=False)  # [C] selected tokens excluded as massive-norm (the base's)
-    outliers: torch.Tensor = field(init=False)  # [C] kept tokens above the base's massive-norm limit
-    overlap_sum: torch.Tensor = field(init=False)  # [C] Σ |K ∩ K⁰| / k (the paper's overlap)
-    fvu_tok_sum: torch.Tensor = field(init=False)  # [C] Σ per-token FVU ‖x − x̂‖² / ‖x − mean_d x‖²
+    #: set by ``all_reduce``: the states are totals over the ranks (see the module docstring)
+    _reduced: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        C, dev = len(self.categories), self.device
-        f64 = dict(dtype=torch.float64, device=dev)
-        for name in ("n", "l0_sum", "sq_err_sum", "x_sq_sum", "cos_sum", "nonfinite",
-                     "pair_sq_diff", "pair_cos_sum", "jaccard_sum", "n_paired", "excluded", "outliers",
-                     "overlap_sum", "fvu_tok_sum"):
-            setattr(self, name, torch.zeros(C, **f64))
-        self.x_sum = torch.zeros(C, self.d, **f64)
-        self.fire_count = torch.zeros(C, self.d_sae, **f64)
-        self.act_sum = torch.zeros(C, self.d_sae, **f64)
-        self.act_max = torch.full((C, self.d_sae), -math.inf, dtype=torch.float32, device=dev)
+        for s in STATES:
+            setattr(self, s.name, torch.full(self._shape(s), s.identity, dtype=s.dtype, device=self.device))
+
+    def _shape(self, spec: StateSpec) -> tuple[int, ...]:
+        sizes = {"C": len(self.categories), "d": self.d, "d_sae": self.d_sae}
+        return tuple(sizes[dim] for dim in spec.shape)
 
     # ------------------------------------------------------------------ streaming
     @torch.no_grad()
@@ -181,178 +229,82 @@ class HookStats:
         self.act_max.view(-1).scatter_reduce_(0, flat, v.float(), reduce="amax")
         return firing.view(vals.shape).sum(1)
 
-    def merge(self, other: "HookStats") -> "HookStats":
-        """Fold another shard's sums into this one (same categories and sizes)."""
+    def merge(self, other: HookStats) -> HookStats:
+        """Fold another shard's states into this one (same categories and sizes), each by its
+        reduction: sums add, maxes max."""
         if other.categories != self.categories or other.d_sae != self.d_sae or other.d != self.d:
             raise ValueError("cannot merge statistics of different hooks or category sets")
-        for name in _SUM_FIELDS:
-            getattr(self, name).add_(getattr(other, name).to(self.device))
-        self.act_max = torch.maximum(self.act_max, other.act_max.to(self.device))
+        for s in STATES:
+            mine, theirs = getattr(self, s.name), getattr(other, s.name).to(self.device)
+            if s.reduce == "sum":
+                mine.add_(theirs)
+            else:
+                torch.maximum(mine, theirs, out=mine)
         return self
 
-    def all_reduce(self, group: object | None = None) -> "HookStats":
-        """SUM the sums and MAX the maxes over a torch.distributed group (one collective each)."""
+    def all_reduce(self, group: object | None = None) -> HookStats:
+        """Reduce every state over a torch.distributed group by its reduction (SUM or MAX),
+        one collective per (reduction, dtype). Outside a group of several ranks, nothing to do.
+
+        Call it once, after the last ``update``: it turns this rank's sums into totals over
+        the ranks, and a second call would count every rank world_size times, so it raises
+        RuntimeError (in a single process too, where it would be harmless, so the mistake is
+        caught before it matters).
+        """
         import torch.distributed as dist
 
+        if self._reduced:
+            raise RuntimeError("HookStats.all_reduce() was already called on these statistics: they hold the "
+                               "totals over the ranks, and reducing again would count each rank's tokens "
+                               "world_size times")
+        self._reduced = True
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
-        flat = torch.cat([getattr(self, n).reshape(-1) for n in _SUM_FIELDS])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        offset = 0
-        for n in _SUM_FIELDS:
-            t = getattr(self, n)
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-        dist.all_reduce(self.act_max, op=dist.ReduceOp.MAX, group=group)
+        groups: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
+        for s in STATES:
+            groups.setdefault((s.reduce, s.dtype), []).append(getattr(self, s.name))
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        for (reduce, _), tensors in groups.items():
+            if len(tensors) == 1:
+                dist.all_reduce(tensors[0], op=ops[reduce], group=group)
+                continue
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat, op=ops[reduce], group=group)
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
         return self
 
     # ------------------------------------------------------------------ persistence (baseline cache)
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n).cpu() for n in _SUM_FIELDS + _MAX_FIELDS}
+        """Every state of ``STATES``, on the CPU, by name."""
+        return {s.name: getattr(self, s.name).cpu() for s in STATES}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> HookStats:
+        """Copy a ``state_dict`` into this one. Strict: the names, shapes and dtypes must be
+        exactly those of ``STATES`` at these sizes, so a state dict written by another version
+        of the table raises ValueError instead of loading as something else."""
+        names = [s.name for s in STATES]
+        if set(state) != set(names):
+            missing, extra = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+            raise ValueError(f"HookStats state dict does not match STATES: missing {missing}, unexpected {extra}")
+        for s in STATES:
+            t, shape = state[s.name], self._shape(s)
+            if tuple(t.shape) != shape or t.dtype != s.dtype:
+                raise ValueError(f"HookStats state {s.name!r}: expected {list(shape)} {s.dtype}, "
+                                 f"got {list(t.shape)} {t.dtype}")
+            getattr(self, s.name).copy_(t)
+        return self
 
     @classmethod
-    def from_state_dict(cls, categories: list[str], d: int, d_sae: int, state: dict[str, torch.Tensor],
-                        device: torch.device | str = "cpu") -> "HookStats":
-        st = cls(categories, d, d_sae, device)
-        for n in _SUM_FIELDS + _MAX_FIELDS:
-            getattr(st, n).copy_(state[n])
-        return st
+    def from_state_dict(cls, categories: list[str], d: int, d_sae: int, state: Mapping[str, torch.Tensor],
+                        device: torch.device | str = "cpu") -> HookStats:
+        return cls(categories, d, d_sae, device).load_state_dict(state)
 
     # ------------------------------------------------------------------ results
-    def _category_feature_stats(self, base: "HookStats", c: int | None) -> FeatureStats:
-        sel = (lambda t: t.sum(0)) if c is None else (lambda t: t[c])
-        n = float(sel(self.n))
-        n0 = float(sel(base.n))
-        count, count0 = sel(self.fire_count), sel(base.fire_count)
-        density = count / max(n, 1.0)
-        density0 = count0 / max(n0, 1.0)
-        mean_act = sel(self.act_sum) / max(n, 1.0)
-        mean_act0 = sel(base.act_sum) / max(n0, 1.0)
-        mx = self.act_max.amax(0) if c is None else self.act_max[c]
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).double()
-        ldr = M.log_density_ratio(density, density0, n)
-        name = ALL if c is None else self.categories[c]
-        np_ = lambda t: t.cpu().numpy()  # noqa: E731
-        return FeatureStats(name, int(n), np_(count), np_(count0), np_(density), np_(mean_act), np_(mx),
-                            np_(mean_act - mean_act0), np_(ldr))
-
-    def compute(self, base: "HookStats", hook: str, settings: MetricSettings,
+    def compute(self, base: HookStats, hook: str, settings: MetricSettings,
                 directions: Mapping[str, torch.Tensor] | None = None,
-                refusal: tuple["HookStats", "HookStats"] | None = None) -> HookResult:
-        """The metrics of this (current) model against ``base`` (the base model's stats).
-
-        ``directions`` ({name: [d] vector}, see ``drift_monitor.directions``) adds the mean
-        projection of each category onto each direction, from the sums already kept.
-        ``refusal`` (current, base): statistics of the refusal tokens (by default a refusal
-        teacher-forced after each harmful/harmless probe), where refusal features are scored;
-        without it they are scored on the categories' selected tokens.
-        """
-        s = settings
-        n = self.n.sum()
-        base_ev = M.explained_variance(base.sq_err_sum.sum(), base.x_sq_sum.sum(), base.x_sum.sum(0), base.n.sum())
-        ev = M.explained_variance(self.sq_err_sum.sum(), self.x_sq_sum.sum(), self.x_sum.sum(0), n)
-        n_f = float(n)
-        count = self.fire_count.sum(0)
-        base_count = base.fire_count.sum(0)
-        density = count / max(n_f, 1.0)
-        base_density = base_count / max(float(base.n.sum()), 1.0)
-        ldr = M.log_density_ratio(density, base_density, n_f)
-        n_pair = float(self.n_paired.sum())
-        nan = math.nan
-        metrics: dict[str, float] = {
-            "n_tokens": n_f,
-            "l0": float(self.l0_sum.sum()) / n_f if n_f else nan,
-            "mse": float(self.sq_err_sum.sum()) / (n_f * self.d) if n_f else nan,
-            "explained_variance": ev,
-            "fvu": 1.0 - ev,
-            "cosine": float(self.cos_sum.sum()) / n_f if n_f else nan,
-            "dead_fraction": float((count == 0).double().mean()),
-            "dense_fraction": float((density > s.dense_density).double().mean()),
-            "base_explained_variance": base_ev,
-            "explained_variance_delta": ev - base_ev,
-            "act_relative_mse": (float(self.pair_sq_diff.sum()) /
-                                 M.centered_ss(base.x_sq_sum.sum(), base.x_sum.sum(0), base.n.sum())) if n_pair else nan,
-            "act_cosine": float(self.pair_cos_sum.sum()) / n_pair if n_pair else nan,
-            "topk_jaccard": float(self.jaccard_sum.sum()) / n_pair if n_pair else nan,
-            "topk_overlap": float(self.overlap_sum.sum()) / n_pair if n_pair else nan,
-            "fvu_token_mean": float(self.fvu_tok_sum.sum()) / n_f if n_f else nan,
-            "n_excluded_tokens": float(self.excluded.sum()),
-            "n_outlier_tokens": float(self.outliers.sum()),
-            "features_drifted_ratio": M.features_drifted_ratio(count, base_count, ldr, s.drift_ratio,
-                                                              s.drift_min_firings),
-            "density_js": M.js_distance(density, base_density),
-            "density_spearman": M.spearman(density, base_density),
-            "nonfinite_fraction": float(self.nonfinite.sum()) / max(n_f + float(self.nonfinite.sum()), 1.0),
-        }
-        features = {ALL: self._category_feature_stats(base, None)}
-        for c, name in enumerate(self.categories):
-            features[name] = self._category_feature_stats(base, c)
-        scores = None
-        cats = self.categories
-        if s.harmful_category in cats and s.harmless_category in cats:
-            scores = self._refusal(base, base_density, metrics, s, refusal or (self, base))
-        self._direction_metrics(base, directions or {}, metrics, s)
-        return HookResult(hook=hook, d_sae=self.d_sae, metrics=metrics, features=features, refusal=scores)
-
-    def _refusal(self, base: "HookStats", base_density: torch.Tensor, metrics: dict[str, float],
-                 s: MetricSettings, tokens: tuple["HookStats", "HookStats"]) -> RefusalFeatures:
-        """Refusal scores (docs/metrics.md, "Refusal features"): each feature's harmful drift (minus
-        its harmless drift with ``refusal_contrast``) at the refusal tokens, in units of the
-        feature's own firing strength; and the refusal direction there."""
-        cur, cur0 = tokens
-        h = self.categories.index(s.harmful_category)
-        hl = self.categories.index(s.harmless_category)
-        hd = M.mean_drift(cur.act_sum[h], cur.n[h], cur0.act_sum[h], cur0.n[h]).cpu()
-        hld = M.mean_drift(cur.act_sum[hl], cur.n[hl], cur0.act_sum[hl], cur0.n[hl]).cpu()
-        contrast = hld if s.refusal_contrast else torch.zeros_like(hld)
-        # a feature's typical strength over everything the base read (selected + refusal tokens)
-        base_act, base_cnt = base.act_sum.sum(0), base.fire_count.sum(0)
-        if cur0 is not base:
-            base_act, base_cnt = base_act + cur0.act_sum.sum(0), base_cnt + cur0.fire_count.sum(0)
-        scale = M.firing_scale([(base_act, base_cnt), (self.act_sum.sum(0), self.fire_count.sum(0)),
-                                (cur.act_sum.sum(0), cur.fire_count.sum(0))]).cpu()
-        score = M.refusal_scores(hd, contrast, scale, base_density.cpu(), s.refusal_max_base_density)
-        fold = M.refusal_fold(cur.act_sum[h] / max(float(cur.n[h]), 1.0), cur0.act_sum[h] / max(float(cur0.n[h]), 1.0),
-                              scale).cpu()
-        z = M.robust_z(score)
-        emerging = M.emerging_features(score, z, s.refusal_top_k, s.refusal_z_threshold,
-                                       min_score=s.refusal_min_rel_score, fold=fold, min_fold=s.refusal_min_fold)
-        metrics["refusal_score_floor"] = s.refusal_min_rel_score
-        finite = score[torch.isfinite(score)]
-        metrics["max_refusal_score"] = float(finite.max()) if finite.numel() else math.nan
-        metrics["n_emerging_refusal_features"] = float(len(emerging))
-
-        r = M.difference_of_means(cur.x_sum, cur.n, h, hl)
-        metrics["refusal_direction_cosine"] = M.direction_cosine(r, M.difference_of_means(cur0.x_sum, cur0.n, h, hl))
-        metrics["refusal_direction_norm"] = float(r.norm())
-        return RefusalFeatures(hd.numpy(), hld.numpy(), score.numpy(), z.numpy(), emerging)
-
-    def _direction_metrics(self, base: "HookStats", directions: Mapping[str, torch.Tensor],
-                           metrics: dict[str, float], s: MetricSettings) -> None:
-        """``direction_projection:<name>:<category>`` (and ``..._delta:``, current − base) for
-        each user direction and for the base refusal direction r̂⁰ (``refusal_base``), the
-        standard way to watch refusal strengthen (Arditi et al.). One matmul per model."""
-        names = list(directions)
-        vecs = [directions[k].to(self.x_sum.device, torch.float64) for k in names]
-        cats = self.categories
-        if s.harmful_category in cats and s.harmless_category in cats:
-            h, hl = cats.index(s.harmful_category), cats.index(s.harmless_category)
-            r0 = M.difference_of_means(base.x_sum, base.n, h, hl)
-            if float(base.n[h]) > 0 and float(base.n[hl]) > 0 and float(r0.norm()) > 0:
-                names.append(REFUSAL_BASE)
-                vecs.append(r0)
-        if not names:
-            return
-        V = torch.stack(vecs)
-
-        def proj(st: HookStats) -> torch.Tensor:  # [D, C + 1]: the categories, then "all"
-            sums = torch.cat([st.x_sum, st.x_sum.sum(0, keepdim=True)])
-            return M.mean_projections(sums, torch.cat([st.n, st.n.sum(0, keepdim=True)]), V)
-
-        cur = proj(self)
-        delta = (cur - proj(base)).tolist()
-        cur_l = cur.tolist()
-        for i, name in enumerate(names):
-            for j, cat in enumerate(cats + [ALL]):
-                metrics[f"{PROJECTION}:{name}:{cat}"] = cur_l[i][j]
-                metrics[f"{PROJECTION_DELTA}:{name}:{cat}"] = delta[i][j]
+                refusal: tuple[HookStats, HookStats] | None = None) -> HookResult:
+        """The metrics of this (current) model against ``base``: ``compare.compare``, which see."""
+        return compare(self, base, hook, settings, directions, refusal)
