@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from drift_monitor import robust
+
 _EPS = 1e-12
 
 
@@ -148,6 +150,11 @@ def robust_z(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.T
     A sparse SAE often has MAD = 0 (most features never move), which would make every
     non-median score infinite; then the mean absolute deviation (×1.2533, the normal-consistent
     factor) is used instead, and if that is 0 too, any score above the median is +inf.
+
+    The tensor front of :func:`drift_monitor.robust.robust_z`, the one definition of the
+    estimator, which the torch-free alerts share. Not a hot path: the scores are one value per
+    feature, computed once per snapshot (on the CPU at the caller), so the NumPy round trip
+    costs nothing worth a second implementation.
     """
     s = scores.double()
     if valid is None:
@@ -156,16 +163,7 @@ def robust_z(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.T
     v = s[valid]
     if v.numel() == 0:
         return out
-    med = _median(v)
-    dev = (v - med).abs()
-    scale = 1.4826 * _median(dev)
-    if scale == 0:
-        scale = 1.2533 * dev.mean()
-    if scale == 0:
-        z = torch.where(v > med, math.inf, torch.where(v < med, -math.inf, 0.0)).double()
-    else:
-        z = (v - med) / scale
-    out[valid] = z
+    out[valid] = torch.from_numpy(robust.robust_z(v.detach().cpu().numpy())).to(out.device)
     return out
 
 

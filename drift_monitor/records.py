@@ -216,7 +216,7 @@ Severity = Literal["info", "warning", "critical"]
 
 @dataclass
 class Alert:
-    """One alert raised (or resolved) by a rule at a step. Built by ``alerts.py``."""
+    """One alert raised (or resolved) by a rule at a step. Built by :mod:`drift_monitor.alerts`."""
 
     rule: str
     severity: Severity

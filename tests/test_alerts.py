@@ -1,4 +1,4 @@
-"""Alert rules and the alert engine (drift_monitor/alerts.py).
+"""Alert rules and the alert engine (drift_monitor/alerts/).
 
 Snapshots are synthetic: a HookResult per hook with a metrics dict and no feature tables.
 """

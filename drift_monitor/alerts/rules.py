@@ -1,0 +1,373 @@
+"""Alert rules: what a rule is, the shipped ones, and reading them from YAML.
+
+Why this is checked so hard at load time: a rule with a misspelt metric, kind or key would
+never fire, and a silent alert is worse than none. So :class:`AlertRule` validates itself on
+construction and :func:`load_rules` names the file, the rule and the offending key, with a
+suggestion, in every :class:`AlertRuleError`.
+
+Rule kinds:
+
+``threshold``         ``metric op threshold`` (``op`` one of ``> < >= <=``).
+``ev_drop``           explained variance more than ``threshold`` below the base's.
+``emerging_refusal``  more than ``threshold`` emerging refusal features (expected in safety
+                      tuning, alarming elsewhere: its severity is meant to be configured).
+``sudden_change``     the phase-transition detector: a robust z-score of the newest
+                      snapshot-to-snapshot change of each watched metric against the run's
+                      earlier changes (see :func:`drift_monitor.robust.robust_change_z`).
+``nonfinite``         a share of probe tokens with NaN/inf activations above ``threshold`` (0).
+
+Imports only the stdlib, PyYAML and :mod:`drift_monitor.records` (no torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import operator
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from drift_monitor.records import (
+    ADAPTER_METRICS,
+    LORA_MODULE_METRICS,
+    parse_direction_key,
+)
+
+Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite"]
+KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite")
+SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
+
+#: Comparison operators of ``threshold`` rules, with the words used in messages.
+OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {
+    ">": (operator.gt, "above"),
+    "<": (operator.lt, "below"),
+    ">=": (operator.ge, "at or above"),
+    "<=": (operator.le, "at or below"),
+}
+
+#: Scalar metrics a rule may name (docs/metrics.md). A misspelt metric
+#: would silently never fire, so rules are checked against this list at load time.
+KNOWN_METRICS: tuple[str, ...] = (
+    "explained_variance", "base_explained_variance", "explained_variance_delta", "fvu", "l0", "mse", "cosine",
+    "dead_fraction", "dense_fraction", "act_relative_mse", "act_cosine", "topk_jaccard", "topk_overlap",
+    "fvu_token_mean", "n_excluded_tokens", "n_outlier_tokens", "features_drifted_ratio",
+    "density_js", "density_spearman", "nonfinite_fraction", "n_tokens", "max_refusal_score", "refusal_score_floor",
+    "n_emerging_refusal_features", "refusal_direction_cosine", "refusal_direction_norm", "ce_loss_delta",
+    "ce_loss_score",
+    # LoRA adapter signals (drift_monitor.adapters): aggregates on hook "adapter", per module on "adapter:<module>"
+    *ADAPTER_METRICS, *LORA_MODULE_METRICS,
+)
+
+#: What ``sudden_change`` watches unless told otherwise.
+DEFAULT_SUDDEN_CHANGE_METRICS: tuple[str, ...] = (
+    "explained_variance", "features_drifted_ratio", "topk_jaccard", "act_relative_mse", "density_js",
+    "act_cosine", "max_refusal_score",
+    # the rotation of the LoRA B trajectory (aggregate hook "adapter" only: per-module names differ).
+    # Not the B norm: its growth follows the LR schedule, so warm-up and decay would look sudden.
+    "adapter_B_local_cosine", "adapter_B_local_cosine_global",
+)
+
+# Per kind: the default threshold, severity and metric (None: the kind takes no single metric).
+_KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "threshold": {"threshold": None, "severity": "warning", "metric": None},
+    "ev_drop": {"threshold": 0.1, "severity": "warning", "metric": "explained_variance"},
+    "emerging_refusal": {"threshold": 0.0, "severity": "warning", "metric": "n_emerging_refusal_features"},
+    "sudden_change": {"threshold": 6.0, "severity": "warning", "metric": None},
+    "nonfinite": {"threshold": 0.0, "severity": "critical", "metric": "nonfinite_fraction"},
+}
+
+
+class AlertRuleError(ValueError):
+    """A bad alert rule or rules file, with a message that names the problem and the fix."""
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    match = difflib.get_close_matches(str(name), list(known), 1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+@dataclass
+class AlertRule:
+    """One alert rule. Validated at construction; ``name`` is the stable ``rule`` label.
+
+    ``threshold`` means, per kind: ``threshold`` – the bound of ``metric op threshold``;
+    ``ev_drop`` – the largest allowed drop of explained variance below the base's (0.1);
+    ``emerging_refusal`` – the count of emerging refusal features that is still fine (0);
+    ``sudden_change`` – the |robust z| above which a change is sudden (6);
+    ``nonfinite`` – the share of non-finite tokens that is still fine (0).
+    ``severity`` and ``threshold`` default per kind (``nonfinite`` is critical, the rest warn).
+    ``min_history`` (sudden_change only) is the number of earlier non-base snapshots needed
+    before the rule can fire. ``hooks`` limits the rule to those hooks (None: every hook).
+    """
+
+    name: str
+    kind: Kind
+    metric: str | None = None
+    op: str | None = None
+    threshold: float | None = None
+    severity: str | None = None
+    min_history: int = 10
+    metrics: list[str] | None = None
+    hooks: list[str] | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise AlertRuleError(f"alert rule name must be a non-empty string, got {self.name!r}")
+        where = f"alert rule {self.name!r}"
+        if self.kind not in KINDS:
+            raise AlertRuleError(f"{where}: unknown kind {self.kind!r}{_suggest(self.kind, KINDS)}; "
+                                 f"use one of {', '.join(KINDS)}")
+        d = _KIND_DEFAULTS[self.kind]
+        if self.severity is None:
+            self.severity = d["severity"]
+        if self.severity not in SEVERITIES:
+            raise AlertRuleError(f"{where}: bad severity {self.severity!r}; use one of {', '.join(SEVERITIES)}")
+        # threshold
+        if self.threshold is None:
+            if d["threshold"] is None:
+                raise AlertRuleError(f"{where}: kind 'threshold' needs a threshold (e.g. threshold: 0.25)")
+            self.threshold = d["threshold"]
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold):
+            raise AlertRuleError(f"{where}: threshold must be a finite number, got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        if self.kind == "ev_drop" and self.threshold < 0:
+            raise AlertRuleError(f"{where}: an ev_drop threshold is the size of the drop below the base's "
+                                 f"explained variance (e.g. 0.1), not the delta; got {self.threshold!r}, "
+                                 f"did you mean {-self.threshold!r}?")
+        if self.kind == "sudden_change" and self.threshold <= 0:
+            raise AlertRuleError(f"{where}: a sudden_change threshold is a |robust z| (e.g. 6), got {self.threshold!r}")
+        # op
+        if self.kind == "threshold":
+            if self.op is None:
+                raise AlertRuleError(f"{where}: kind 'threshold' needs op, one of {', '.join(OPS)}")
+            if self.op not in OPS:
+                raise AlertRuleError(f"{where}: unknown op {self.op!r}; use one of {', '.join(OPS)}")
+        elif self.op is not None:
+            raise AlertRuleError(f"{where}: op applies to kind 'threshold' only (kind {self.kind!r} fixes its "
+                                 "comparison); remove it")
+        # metric / metrics
+        self.hooks = self._str_list("hooks", self.hooks)
+        self.metrics = self._str_list("metrics", self.metrics)
+        if self.kind == "sudden_change":
+            if self.metric is not None:
+                if self.metrics is not None:
+                    raise AlertRuleError(f"{where}: give either metric or metrics, not both")
+                self.metrics = [self._check_metric(self.metric)]
+                self.metric = None
+            if self.metrics is None:
+                self.metrics = list(DEFAULT_SUDDEN_CHANGE_METRICS)
+            for m in self.metrics:
+                self._check_metric(m)
+            if isinstance(self.min_history, bool) or not isinstance(self.min_history, int) or self.min_history < 2:
+                raise AlertRuleError(f"{where}: min_history must be an integer >= 2 (two earlier snapshots give "
+                                     f"one step-to-step change to compare with), got {self.min_history!r}")
+        else:
+            if self.metrics is not None:
+                raise AlertRuleError(f"{where}: metrics applies to kind 'sudden_change' only; "
+                                     f"use metric for kind {self.kind!r}")
+            if isinstance(self.min_history, bool) or not isinstance(self.min_history, int) or self.min_history < 0:
+                raise AlertRuleError(f"{where}: min_history must be a non-negative integer, got {self.min_history!r}")
+            if self.kind == "threshold":
+                if self.metric is None:
+                    raise AlertRuleError(f"{where}: kind 'threshold' needs a metric, e.g. features_drifted_ratio")
+                self._check_metric(self.metric)
+            else:
+                fixed = d["metric"]
+                if self.metric is None:
+                    self.metric = fixed
+                elif self.metric != fixed:
+                    raise AlertRuleError(f"{where}: kind {self.kind!r} always reads {fixed!r}; remove metric "
+                                         f"{self.metric!r} or use kind 'threshold' for it")
+        if not isinstance(self.description, str):
+            raise AlertRuleError(f"{where}: description must be a string")
+
+    def _str_list(self, key: str, v: Any) -> list[str] | None:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)) or not v or not all(isinstance(x, str) and x for x in v):
+            raise AlertRuleError(f"alert rule {self.name!r}: {key} must be a non-empty list of names, got {v!r}")
+        return list(v)
+
+    def _check_metric(self, m: Any) -> str:
+        # Direction monitors are named by the user's config, so they are accepted by pattern:
+        # direction_projection[_delta]:<direction>:<category>, e.g. direction_projection:refusal:harmful.
+        if m not in KNOWN_METRICS and not (isinstance(m, str) and parse_direction_key(m) is not None):
+            raise AlertRuleError(f"alert rule {self.name!r}: unknown metric {m!r}{_suggest(m, KNOWN_METRICS)}; "
+                                 f"known metrics: {', '.join(KNOWN_METRICS)}, or direction_projection:<direction>:"
+                                 f"<category> and direction_projection_delta:<direction>:<category>")
+        return m
+
+    def applies_to(self, hook: str) -> bool:
+        return self.hooks is None or hook in self.hooks
+
+
+_RULE_FIELDS = tuple(f.name for f in dataclasses.fields(AlertRule))
+
+
+def default_rules(emerging_refusal_severity: str = "warning") -> list[AlertRule]:
+    """The shipped rules; their names are the stable ``rule`` label values.
+
+    ``emerging_refusal_severity``: emerging refusal features are expected in safety tuning
+    (use ``"info"`` there) and alarming elsewhere (``"critical"``).
+    """
+    return [
+        AlertRule("ev_drop", "ev_drop", threshold=0.1, severity="warning",
+                  description="explained variance dropped more than 0.1 below the base's: the base SAE "
+                              "no longer explains the activations (something new is being learnt)"),
+        AlertRule("features_drifted", "threshold", metric="features_drifted_ratio", op=">", threshold=0.25,
+                  severity="warning", description="more than a quarter of the live features changed density 2x"),
+        AlertRule("emerging_refusal_features", "emerging_refusal", threshold=0.0, severity=emerging_refusal_severity,
+                  description="features that now fire on a refusal read after harmful requests, which the "
+                              "base's did not (expected in safety tuning, alarming elsewhere)"),
+        AlertRule("refusal_direction", "threshold", metric="refusal_direction_cosine", op="<", threshold=0.9,
+                  severity="warning",
+                  description="the refusal direction (mean harmful − mean harmless activation at the refusal "
+                              "tokens) turned more than 25° from the base's: how the model separates harmful "
+                              "requests changed"),
+        AlertRule("sudden_change", "sudden_change", threshold=6.0, min_history=10, severity="warning",
+                  description="a step-to-step change far outside the run's earlier changes (robust z > 6): "
+                              "a phase transition"),
+        AlertRule("nonfinite_activations", "nonfinite", threshold=0.0, severity="critical",
+                  description="NaN/inf activations at a hook"),
+    ]
+
+
+RulesSource = Union[None, str, "os.PathLike[str]", Mapping[str, Any], Sequence[Any]]
+
+
+def load_rules(source: RulesSource = None) -> list[AlertRule]:
+    """Rules from a YAML file, a dict of the same shape, a list of rules, or None (the defaults).
+
+    File format::
+
+        defaults: true            # start from default_rules() (default: true unless `rules` is given)
+        overrides:                # change fields of rules by name (of the defaults or of `rules`)
+          emerging_refusal_features: {severity: info}
+          features_drifted: {threshold: 0.3, hooks: [model.layers.12]}
+          sudden_change: {enabled: false}      # drop a rule
+        rules:                    # more rules; one named like a default replaces it
+          - {name: low_cosine, kind: threshold, metric: act_cosine, op: "<", threshold: 0.8, severity: warning}
+
+    A bare list is read as ``rules``. Unknown keys, kinds, severities, metrics and rule names
+    raise :class:`AlertRuleError` naming the key and the file.
+    """
+    if source is None:
+        return default_rules()
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise AlertRuleError(f"alert rules file {origin} does not exist") from None
+        except OSError as e:
+            raise AlertRuleError(f"alert rules file {origin} cannot be read: {e}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise AlertRuleError(f"alert rules file {origin} is not valid YAML: {e}") from None
+        if data is None:
+            raise AlertRuleError(f"alert rules file {origin} is empty; write `defaults: true` for the default rules")
+        return _parse_rules(data, origin)
+    if isinstance(source, Mapping):
+        return _parse_rules(source, "<alert rules dict>")
+    if isinstance(source, Sequence) and all(isinstance(r, AlertRule) for r in source):
+        rules = list(source)
+        _check_unique([r.name for r in rules], "<alert rules list>")
+        return rules
+    if isinstance(source, Sequence):
+        return _parse_rules(list(source), "<alert rules list>")
+    raise AlertRuleError(f"alert rules must be a YAML path, a dict, a list or None, got {type(source).__name__}")
+
+
+def _check_unique(names: list[str], origin: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise AlertRuleError(f"{origin}: two rules are named {n!r}; rule names must be unique")
+        seen.add(n)
+
+
+def _parse_rules(data: Any, origin: str) -> list[AlertRule]:
+    if isinstance(data, list):
+        data = {"rules": data}
+    if not isinstance(data, Mapping):
+        raise AlertRuleError(f"{origin}: expected a mapping with keys defaults/overrides/rules, "
+                             f"got {type(data).__name__}")
+    top = ("defaults", "overrides", "rules")
+    for key in data:
+        if key not in top:
+            raise AlertRuleError(f"{origin}: unknown key {key!r}{_suggest(key, top)}; "
+                                 f"allowed top-level keys: {', '.join(top)}")
+    use_defaults = data.get("defaults", "rules" not in data)
+    if not isinstance(use_defaults, bool):
+        raise AlertRuleError(f"{origin}: defaults must be true or false, got {use_defaults!r}")
+    rules: dict[str, AlertRule] = {r.name: r for r in default_rules()} if use_defaults else {}
+
+    entries = data.get("rules") or []
+    if not isinstance(entries, list):
+        raise AlertRuleError(f"{origin}: rules must be a list of rules, got {type(entries).__name__}")
+    own: set[str] = set()
+    for i, entry in enumerate(entries):
+        label = f"rule #{i + 1}"
+        if not isinstance(entry, Mapping):
+            raise AlertRuleError(f"{origin}: {label} must be a mapping (name, kind, ...), got {entry!r}")
+        if "name" in entry:
+            label += f" ({entry['name']!r})"
+        for key in entry:
+            if key not in _RULE_FIELDS:
+                raise AlertRuleError(f"{origin}: {label}: unknown key {key!r}{_suggest(key, _RULE_FIELDS)}; "
+                                     f"allowed: {', '.join(_RULE_FIELDS)}")
+        for key in ("name", "kind"):
+            if key not in entry:
+                raise AlertRuleError(f"{origin}: {label}: missing {key!r}")
+        try:
+            rule = AlertRule(**dict(entry))
+        except AlertRuleError as e:
+            raise AlertRuleError(f"{origin}: {label}: {e}") from None
+        if rule.name in own:
+            raise AlertRuleError(f"{origin}: two rules are named {rule.name!r}; rule names must be unique")
+        own.add(rule.name)
+        rules[rule.name] = rule  # a rule named like a default replaces it, in place
+
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise AlertRuleError(f"{origin}: overrides must map rule names to fields, got {type(overrides).__name__}")
+    for name, changes in overrides.items():
+        if name not in rules:
+            hint = "" if use_defaults else " (defaults: false, so only the file's own rules can be overridden)"
+            raise AlertRuleError(f"{origin}: overrides: unknown rule {name!r}{_suggest(name, rules)}{hint}; "
+                                 f"rules: {', '.join(rules) or '(none)'}")
+        if not isinstance(changes, Mapping):
+            raise AlertRuleError(f"{origin}: overrides: {name!r} must map fields to values, got {changes!r}")
+        changes = dict(changes)
+        enabled = changes.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise AlertRuleError(f"{origin}: overrides: {name!r}: enabled must be true or false, got {enabled!r}")
+        allowed = tuple(f for f in _RULE_FIELDS if f not in ("name", "kind")) + ("enabled",)
+        for key in changes:
+            if key in ("name", "kind"):
+                raise AlertRuleError(f"{origin}: overrides: {name!r}: {key} cannot be overridden; "
+                                     "define a new rule under rules: instead")
+            if key not in _RULE_FIELDS:
+                raise AlertRuleError(f"{origin}: overrides: {name!r}: unknown key {key!r}{_suggest(key, allowed)}; "
+                                     f"allowed: {', '.join(allowed)}")
+        if not enabled:
+            del rules[name]
+            continue
+        try:
+            rules[name] = dataclasses.replace(rules[name], **changes)
+        except AlertRuleError as e:
+            raise AlertRuleError(f"{origin}: overrides: {e}") from None
+    return list(rules.values())
+
