@@ -41,7 +41,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from drift_monitor.config import MonitorConfig
-from drift_monitor.records import ADAPTER_HOOK_PREFIX, Alert, Snapshot, is_adapter_hook
+from drift_monitor.records import ADAPTER_HOOK_PREFIX, Snapshot, is_adapter_hook
 
 log = logging.getLogger("drift_monitor.callback")
 
@@ -63,14 +63,11 @@ class DriftMonitorCallback(TrainerCallback):
         self.trainer = trainer
         self.run_id = run_id
         self.monitor = None
-        self.store = None
-        self.exporter = None
-        self.alerts = None
+        self.recorder = None  # drift_monitor.recorder.RunRecorder, world process zero only
         self.base_fingerprint: str | None = None
         self.done_steps: set[int] = set()
         self.errors = 0
         self.probe_seconds = 0.0
-        self.prometheus_port: int | None = None
         self.adapters = None  # drift_monitor.adapters.AdapterTracker when adapter signals are on (rank 0)
         self.adapter_steps: set[int] = set()
         self._t_start = time.perf_counter()
@@ -149,35 +146,30 @@ class DriftMonitorCallback(TrainerCallback):
             self._record(self._with_adapters(base, model), state)
 
     def _open_outputs(self, args, model, resumed) -> None:
-        from drift_monitor.alerts import AlertEngine, load_rules
+        from drift_monitor.recorder import RunRecorder
 
-        name = self.config.run_name or getattr(args, "run_name", None)
-        if self.config.db_path:
-            from drift_monitor.store import Store
+        self.recorder = RunRecorder.open(
+            self.config, probe_hash=self.monitor.probe_hash, run_id=self.run_id,
+            run_name=self.config.run_name or getattr(args, "run_name", None), model_name=_model_name(model),
+            alert_state=(resumed or {}).get("alerts"))
+        self.run_id = self.recorder.run_id
 
-            self.store = Store(self.config.db_path, run_id=self.run_id, run_name=name)
-            self.run_id = self.store.start_run(
-                name=name, model=_model_name(model), config=self.config.to_dict(), probe_hash=self.monitor.probe_hash)
-        if self.run_id is None:
-            import uuid
+    # the recorder's outputs, for users and tests that reach them through the callback
+    @property
+    def store(self):
+        return self.recorder.store if self.recorder is not None else None
 
-            self.run_id = uuid.uuid4().hex
-        rules = load_rules(self.config.alert_rules)
-        state = (resumed or {}).get("alerts")
-        self.alerts = AlertEngine.from_state(state, rules=rules) if state else AlertEngine(rules, run=self.run_id)
-        if self.config.prometheus_port is not None or self.config.pushgateway_url:
-            self._guard("prometheus", self._open_exporter, model)
+    @property
+    def exporter(self):
+        return self.recorder.exporter if self.recorder is not None else None
 
-    def _open_exporter(self, model) -> None:
-        from drift_monitor import __version__
-        from drift_monitor.exporters.prometheus import PrometheusExporter
+    @property
+    def alerts(self):
+        return self.recorder.alerts if self.recorder is not None else None
 
-        self.exporter = PrometheusExporter(run=self.run_id)
-        self.exporter.set_info(model=_model_name(model) or "", probe_hash=self.monitor.probe_hash, version=__version__)
-        if self.config.prometheus_port is not None:
-            self.prometheus_port = self.exporter.serve(self.config.prometheus_port, self.config.prometheus_host)
-            log.info("drift-monitor: Prometheus metrics at http://%s:%d/metrics", self.config.prometheus_host,
-                     self.prometheus_port)
+    @property
+    def prometheus_port(self) -> int | None:
+        return self.recorder.prometheus_port if self.recorder is not None else None
 
     def _snapshot(self, args, state, model) -> None:
         step = int(state.global_step)
@@ -234,18 +226,9 @@ class DriftMonitorCallback(TrainerCallback):
         self._log_scalars(snap, state)
 
     def _record(self, snap: Snapshot, state) -> None:
-        """Rank 0: alerts, one store transaction, exporter."""
-        alerts = self.alerts.evaluate(snap) if self.alerts is not None else []
-        for a in alerts:
-            (log.warning if a.status == "active" else log.info)("drift-monitor alert [%s] %s: %s", a.severity,
-                                                                 a.rule, a.message)
-        if self.store is not None:
-            self.store.write(snap, alerts)
-        if self.exporter is not None:
-            # update() also records snap.duration_s in drift_monitor_probe_duration_seconds
-            self.exporter.update(snap, alerts, active=self.alerts.active() if self.alerts else None)
-            if self.config.pushgateway_url:
-                self.exporter.push(self.config.pushgateway_url)
+        """Rank 0: alerts, one store transaction, exporter (the recorder's job)."""
+        if self.recorder is not None:
+            self.recorder.record(snap)
 
     def _log_scalars(self, snap: Snapshot, state) -> None:
         # per-LoRA-module signals stay in the store / Prometheus: trackers get the aggregates
@@ -265,7 +248,7 @@ class DriftMonitorCallback(TrainerCallback):
             return
         data = {"run_id": self.run_id, "base_fingerprint": self.base_fingerprint,
                 "probe_hash": self.monitor.probe_hash, "done_steps": sorted(self.done_steps),
-                "alerts": self.alerts.state() if self.alerts is not None else None}
+                "alerts": self.recorder.alert_state() if self.recorder is not None else None}
         tmp = ckpt / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, ckpt / STATE_FILE)
@@ -290,11 +273,8 @@ class DriftMonitorCallback(TrainerCallback):
         if wall > 0:
             log.info("drift-monitor: probe passes (baseline included) took %.1f s of %.1f s of training (%.1f%%)",
                      self.probe_seconds, wall, 100 * self.probe_seconds / wall)
-        if self.store is not None:
-            self.store.finish_run("finished")
-            self.store.close()
-        if self.exporter is not None and self.config.pushgateway_url:
-            self.exporter.push(self.config.pushgateway_url)
+        if self.recorder is not None:
+            self.recorder.finish("finished")
 
     # ------------------------------------------------------------------ never break training
     def _guard(self, what: str, fn, *args) -> None:
@@ -309,15 +289,8 @@ class DriftMonitorCallback(TrainerCallback):
             self._report_error(what, e)
 
     def _report_error(self, what: str, e: Exception) -> None:
-        try:
-            if self.exporter is not None:
-                self.exporter.record_error()
-            if self.store is not None and self._is_zero:
-                step = max(self.done_steps) if self.done_steps else 0
-                self.store.write_alerts([Alert(rule="monitor_error", severity="warning", step=step, hook="",
-                                               message=f"{what}: {type(e).__name__}: {e}")])
-        except Exception:  # noqa: BLE001 - reporting an error must not raise another
-            log.debug("drift-monitor: could not record the error", exc_info=True)
+        if self.recorder is not None and self._is_zero:
+            self.recorder.record_error(what, e, step=max(self.done_steps) if self.done_steps else 0)
 
 
 def _model_name(model: Any) -> str | None:

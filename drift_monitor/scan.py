@@ -226,9 +226,9 @@ def scan(
     """
     from transformers import AutoTokenizer
 
-    from .alerts import AlertEngine, load_rules
     from .monitor import DriftMonitor
-    from .store import Store, StoreNotFound, StoreReader
+    from .recorder import RunRecorder
+    from .store import StoreNotFound, StoreReader
 
     ckpts = discover(checkpoints, models)
     base_path = Path(base_model)
@@ -252,8 +252,8 @@ def scan(
     base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     mon = DriftMonitor(cfg, tok)
     base_snap = mon.baseline(base)
-    store = Store(db_path, run_id=run_id, run_name=run_name or run_id)
-    store.start_run(name=run_name or run_id, model=str(base_path), config=cfg.to_dict(), probe_hash=mon.probe_hash)
+    rec = RunRecorder.open(cfg, probe_hash=mon.probe_hash, run_id=run_id, run_name=run_name or run_id,
+                           model_name=str(base_path), push_job="drift_monitor_scan")
     done: set[tuple[int, str]] = set()
     try:
         snaps = StoreReader(db_path).snapshots(run_id)
@@ -261,17 +261,10 @@ def scan(
     except StoreNotFound:
         pass
     hooks = mon.hooks
-    engine = AlertEngine(load_rules(cfg.alert_rules), run=run_id)
     if force or not all((0, h) in done for h in hooks):
-        store.write(base_snap, engine.evaluate(base_snap))
+        rec.record(base_snap)
     else:
-        engine.observe(base_snap)
-    exporter = None
-    if pushgateway:
-        from .exporters.prometheus import PrometheusExporter
-
-        exporter = PrometheusExporter(run=run_id)
-        exporter.set_info(model=str(base_path), probe_hash=mon.probe_hash)
+        rec.observe(base_snap)
     results: list[CheckpointResult] = []
     swapper = _AdapterSwapper(base)
     tracker = None
@@ -284,23 +277,15 @@ def scan(
         for ckpt in _bar(ckpts, progress):
             if not force and all((ckpt.step, h) in done for h in hooks):
                 if ckpt.step in history:
-                    engine.observe(history[ckpt.step])
+                    rec.observe(history[ckpt.step])
                 results.append(CheckpointResult(ckpt, "skipped"))
                 continue
-            results.append(_scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code,
-                                     tracker))
-            if exporter is not None and results[-1].status == "scanned":
-                try:
-                    exporter.push(pushgateway, job="drift_monitor_scan")
-                except Exception as e:  # noqa: BLE001 - a gateway outage must not stop the scan
-                    log.error("push to %s failed: %s", pushgateway, e)
+            results.append(_scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker))
     except KeyboardInterrupt:
         # every stored snapshot is whole (one transaction each); a rerun skips them and finishes
-        store.finish_run("failed")
-        store.close()
+        rec.finish("failed")
         raise
-    store.finish_run("failed" if any(r.status == "failed" for r in results) else "finished")
-    store.close()
+    rec.finish("failed" if any(r.status == "failed" for r in results) else "finished")
     return ScanResult(run_id, results, hooks)
 
 
@@ -354,8 +339,7 @@ def _stored_config(db_path: str, run_id: str) -> dict[str, Any]:
         return {}
 
 
-def _scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_remote_code,
-              tracker=None) -> CheckpointResult:
+def _scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker=None) -> CheckpointResult:
     t0 = time.perf_counter()
     try:
         if ckpt.kind == "adapter":
@@ -371,10 +355,7 @@ def _scan_one(ckpt, mon, swapper, engine, store, exporter, device, dtype, trust_
         return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=str(e))
     except Exception as e:  # noqa: BLE001 - report it, scan the rest
         return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=f"{type(e).__name__}: {_first_line(e)}")
-    alerts = engine.evaluate(snap)
-    store.write(snap, alerts)
-    if exporter is not None:
-        exporter.update(snap, alerts, active=engine.active())
+    alerts = rec.record(snap)
     if ckpt.kind == "full":
         del model
     return CheckpointResult(
