@@ -66,7 +66,7 @@ class DriftMonitorCallback(TrainerCallback):
         self.recorder = None  # drift_monitor.recorder.RunRecorder, world process zero only
         self.base_fingerprint: str | None = None
         self.done_steps: set[int] = set()
-        self.errors = 0
+        self._errors = 0  # caught here; the recorder counts its own output failures
         self.probe_seconds = 0.0
         self.adapters = None  # drift_monitor.adapters.AdapterTracker when adapter signals are on (rank 0)
         self.adapter_steps: set[int] = set()
@@ -166,6 +166,11 @@ class DriftMonitorCallback(TrainerCallback):
     @property
     def alerts(self):
         return self.recorder.alerts if self.recorder is not None else None
+
+    @property
+    def errors(self) -> int:
+        """Errors caught inside the monitor so far (training went on after each)."""
+        return self._errors + (self.recorder.errors if self.recorder is not None else 0)
 
     @property
     def prometheus_port(self) -> int | None:
@@ -283,7 +288,7 @@ class DriftMonitorCallback(TrainerCallback):
         except Exception as e:  # noqa: BLE001 - the monitor must never stop training
             if self.config.fail_fast:
                 raise
-            self.errors += 1
+            self._errors += 1
             log.error("drift-monitor: %s failed (%s: %s); training continues", what, type(e).__name__, e)
             log.debug("%s", traceback.format_exc())
             self._report_error(what, e)

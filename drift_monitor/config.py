@@ -41,10 +41,11 @@ class MetricSettings:
     refusal_top_k: int = 20
     refusal_z_threshold: float = 3.5
     #: An emerging refusal feature's score (its drift in units of its own firing strength) must
-    #: reach this: 0.3 reads "now fires, at its typical strength, on 30% more of the refusal
-    #: tokens". The robust z alone does not discriminate: most features never move, so anything
-    #: that moves has a large z (docs/metrics.md, "Refusal features").
-    refusal_min_rel_score: float = 0.3
+    #: reach this: 0.5 reads "now fires, at its typical strength, on half of the refusal tokens
+    #: more than before". The robust z alone does not discriminate: most features never move, so
+    #: anything that moves has a large z. A benign chat fine-tune on the SmolLM2 test bed moved
+    #: its top feature by up to 0.39; the refusal fine-tune by 0.63–0.73 (docs/metrics.md).
+    refusal_min_rel_score: float = 0.5
     #: ... and its mean activity on the harmful refusal tokens must have grown this many times
     #: (with a pseudo-count of 0.1 × its strength): new activity, not more of what the base did.
     refusal_min_fold: float = 2.0

@@ -115,8 +115,9 @@ class RunRecorder:
 
     # ------------------------------------------------------------------ errors and status
     def record_error(self, what: str, e: BaseException, step: int | None = None) -> None:
-        """Count an error caught inside the monitor and store it as a ``monitor_error`` alert."""
-        self.errors += 1
+        """Count an error caught inside the monitor (``drift_monitor_errors_total``) and store it
+        as a ``monitor_error`` alert. ``errors`` counts only the recorder's own failures: a caller
+        that reports its errors here keeps its own count."""
         try:
             if self.exporter is not None:
                 self.exporter.record_error()
@@ -145,6 +146,9 @@ class RunRecorder:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - an output failing must not stop training or a scan
+            if self.config.fail_fast:
+                raise
+            self.errors += 1
             log.error("drift-monitor: %s failed (%s: %s)", what, type(e).__name__, e)
             self.record_error(what, e)
 

@@ -261,7 +261,7 @@ def finetune(tb: TestBed, kind: str, out_dir: str | Path, *, callbacks: list | N
 
 
 # ----------------------------------------------------------------------------------- monitored runs
-RUNS_VERSION = "3"
+RUNS_VERSION = "4"
 KINDS = ("refusal", "control")
 
 

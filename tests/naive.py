@@ -38,7 +38,7 @@ def _robust_z(s):
 
 
 def reference(x, xhat, f, x0, xhat0, f0, cats, categories, *, k_max=100, dense=0.1, ratio=2.0, min_fire=5,
-              refusal_max_base=0.3, refusal_top_k=20, z_thr=3.5, min_rel=0.3, dec=None, contrast=False,
+              refusal_max_base=0.3, refusal_top_k=20, z_thr=3.5, min_rel=0.5, dec=None, contrast=False,
               min_fold=2.0):
     """x, xhat, x0, xhat0: [N, d]; f, f0: [N, S]; cats: list of N category names.
 
