@@ -16,7 +16,7 @@ Rule kinds:
                       earlier changes (see :func:`drift_monitor.robust.robust_change_z`).
 ``nonfinite``         a share of probe tokens with NaN/inf activations above ``threshold`` (0).
 
-Imports only the stdlib, PyYAML and :mod:`drift_monitor.records` (no torch).
+Imports only the stdlib, PyYAML and :mod:`drift_monitor.catalog` (no torch).
 """
 
 from __future__ import annotations
@@ -33,11 +33,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from drift_monitor.records import (
-    ADAPTER_METRICS,
-    LORA_MODULE_METRICS,
-    parse_direction_key,
-)
+from drift_monitor import catalog
 
 Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite"]
 KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite")
@@ -51,18 +47,13 @@ OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {
     "<=": (operator.le, "at or below"),
 }
 
-#: Scalar metrics a rule may name (docs/metrics.md). A misspelt metric
-#: would silently never fire, so rules are checked against this list at load time.
-KNOWN_METRICS: tuple[str, ...] = (
-    "explained_variance", "base_explained_variance", "explained_variance_delta", "fvu", "l0", "mse", "cosine",
-    "dead_fraction", "dense_fraction", "act_relative_mse", "act_cosine", "topk_jaccard", "topk_overlap",
-    "fvu_token_mean", "n_excluded_tokens", "n_outlier_tokens", "features_drifted_ratio",
-    "density_js", "density_spearman", "nonfinite_fraction", "n_tokens", "max_refusal_score", "refusal_score_floor",
-    "n_emerging_refusal_features", "refusal_direction_cosine", "refusal_direction_norm", "ce_loss_delta",
-    "ce_loss_score",
-    # LoRA adapter signals (drift_monitor.adapters): aggregates on hook "adapter", per module on "adapter:<module>"
-    *ADAPTER_METRICS, *LORA_MODULE_METRICS,
-)
+#: Scalar metrics a rule may name: every plain name of the metric catalog
+#: (:mod:`drift_monitor.catalog`, which the engine's output is tested against). A misspelt
+#: metric would silently never fire, so rules are checked against the catalog at load time;
+#: the catalog's patterns (direction monitors) are accepted by :func:`drift_monitor.catalog.is_known`.
+KNOWN_METRICS: tuple[str, ...] = catalog.names(patterns=False)
+#: The catalog's pattern names (``direction_projection:<direction>:<category>``, ...), for messages.
+METRIC_PATTERNS: tuple[str, ...] = tuple(s.name for s in catalog.CATALOG if s.pattern)
 
 #: What ``sudden_change`` watches unless told otherwise.
 DEFAULT_SUDDEN_CHANGE_METRICS: tuple[str, ...] = (
@@ -201,10 +192,9 @@ class AlertRule:
     def _check_metric(self, m: Any) -> str:
         # Direction monitors are named by the user's config, so they are accepted by pattern:
         # direction_projection[_delta]:<direction>:<category>, e.g. direction_projection:refusal:harmful.
-        if m not in KNOWN_METRICS and not (isinstance(m, str) and parse_direction_key(m) is not None):
+        if not (isinstance(m, str) and catalog.is_known(m)):
             raise AlertRuleError(f"alert rule {self.name!r}: unknown metric {m!r}{_suggest(m, KNOWN_METRICS)}; "
-                                 f"known metrics: {', '.join(KNOWN_METRICS)}, or direction_projection:<direction>:"
-                                 f"<category> and direction_projection_delta:<direction>:<category>")
+                                 f"known metrics: {', '.join(KNOWN_METRICS)}, or {' and '.join(METRIC_PATTERNS)}")
         return m
 
     def applies_to(self, hook: str) -> bool:

@@ -6,6 +6,13 @@ default, ``prometheus_port`` 9464 suggested); a batch scan pushes to a Pushgatew
 :class:`~prometheus_client.CollectorRegistry`, so several exporters (one per run, or many in
 tests) coexist in one process.
 
+How: prometheus_client's pattern for mirroring state kept elsewhere. The exporter records
+plain values (the last value of every metric per hook, the active alerts, the counters) and
+one :class:`DriftMonitorCollector` per registry turns them into ``GaugeMetricFamily`` /
+``CounterMetricFamily`` / ... objects at each scrape or push. The families and their help
+text come from the metric catalog (:mod:`drift_monitor.catalog`), the one list of what the
+engine emits.
+
 Conventions: prefix ``drift_monitor_``, base units (seconds), ``_total`` on counters, ``_info``
 for run metadata. The only labels are ``run``, ``hook``, ``category``, ``severity``, ``rule`` and
 ``direction`` (``category`` and ``direction`` label the direction monitors'
@@ -16,10 +23,10 @@ convention (one series per run, so still bounded).
 
 Each scalar in ``HookResult.metrics`` becomes a gauge ``drift_monitor_<name>{run, hook}``
 (:data:`METRIC_NAMES` holds the renamed ones, e.g. ``n_emerging_refusal_features`` ->
-``drift_monitor_emerging_refusal_features``), except the direction monitors: every
+``drift_monitor_emerging_refusal_features``), except the catalog's patterns: every
 ``direction_projection[_delta]:<direction>:<category>`` key goes to the one labelled family
 ``drift_monitor_direction_projection[_delta]{run, hook, direction, category}``. A metric unknown
-to this module is exported under its sanitised name. Non-finite values (NaN, ±inf, None) are exported as NaN: Prometheus
+to the catalog is exported under its sanitised name. Non-finite values (NaN, ±inf, None) are exported as NaN: Prometheus
 stores NaN, and a comparison with NaN is false, so no alert rule fires on it by accident.
 
 This module takes plain records and never imports torch, models or SAEs.
@@ -32,15 +39,38 @@ import logging
 import math
 import re
 import threading
+import time
 import weakref
 from collections import Counter as _Tally
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import prometheus_client.metrics as _pm
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import push_to_gateway, start_http_server
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
-from ..records import (ADAPTER_METRICS, LORA_MODULE_METRICS, PROJECTION, PROJECTION_DELTA, Alert, Snapshot,
-                       parse_direction_key)
+from .. import catalog
+from ..records import Alert, Snapshot
+
+if TYPE_CHECKING:
+    from typing import Self
+
+__all__ = [
+    "ALLOWED_LABELS", "DEFAULT_PORT", "DURATION_BUCKETS", "METRIC_HELP", "METRIC_NAMES", "PREFIX",
+    "DriftMonitorCollector", "PortInUseError", "PrometheusExporter", "PrometheusExporterError", "PushError",
+    "metric_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,50 +82,13 @@ ALLOWED_LABELS = ("run", "hook", "category", "severity", "rule", "direction")
 #: Suggested ``prometheus_port`` (examples/prometheus/prometheus.yml scrapes it).
 DEFAULT_PORT = 9464
 
-#: HookResult.metrics key -> exported gauge name (without the prefix) where the two differ.
-METRIC_NAMES: dict[str, str] = {
-    "n_emerging_refusal_features": "emerging_refusal_features",
-    "n_tokens": "probe_tokens",
-    # LoRA adapter signals: lower-case gauge names (drift_monitor_adapter_b_norm, drift_monitor_lora_b_norm, ...)
-    **{k: k.lower() for k in (*ADAPTER_METRICS, *LORA_MODULE_METRICS)},
-}
+#: HookResult.metrics key -> exported gauge name (without the prefix) where the two differ
+#: (from the catalog: ``n_tokens`` -> ``probe_tokens``, ``adapter_B_norm`` -> ``adapter_b_norm``, ...).
+METRIC_NAMES: dict[str, str] = {s.name: s.exported for s in catalog.CATALOG
+                                if not s.pattern and s.exported != s.name}
 
-#: Help text of the scalar metrics of docs/metrics.md.
-METRIC_HELP: dict[str, str] = {
-    "explained_variance": "Explained variance of the base SAE's reconstruction of the current activations (1 - FVU).",
-    "base_explained_variance": "Explained variance of the base SAE on the base model's own activations.",
-    "explained_variance_delta": "explained_variance - base_explained_variance (negative: the base SAE explains the model less well).",
-    "fvu": "Fraction of variance unexplained by the base SAE (1 - explained_variance).",
-    "l0": "Mean number of active SAE features per selected token.",
-    "mse": "Mean squared reconstruction error per activation dimension.",
-    "cosine": "Mean cosine similarity between activations and their SAE reconstructions.",
-    "dead_fraction": "Share of SAE features that never fired on the probe set.",
-    "dense_fraction": "Share of SAE features with firing density above the dense cut-off (0.1).",
-    "act_relative_mse": "Sum of squared activation change vs the base at the same tokens, relative to the base variance.",
-    "act_cosine": "Mean cosine similarity between current and base activations at the same tokens.",
-    "topk_jaccard": "Mean Jaccard overlap of the top-k active features, current vs base, per token.",
-    "features_drifted_ratio": "Share of live SAE features whose firing density moved by more than the drift ratio (2x).",
-    "density_js": "Jensen-Shannon distance (base 2) between current and base feature-density vectors.",
-    "density_spearman": "Spearman rank correlation between current and base feature densities.",
-    "nonfinite_fraction": "Share of selected tokens dropped for NaN/inf activations.",
-    "n_tokens": "Selected probe tokens that reached the SAE in the last probe pass.",
-    "max_refusal_score": "Largest refusal score (harmful drift - harmless drift) over ranked features.",
-    "n_emerging_refusal_features": "Number of emerging refusal features (robust z-score above the threshold).",
-    "refusal_direction_cosine": "Cosine between the current and base refusal directions (mean harmful - mean harmless activation).",
-    "refusal_direction_norm": "Norm of the current refusal direction (mean harmful - mean harmless activation).",
-    # LoRA adapter signals (drift_monitor.adapters); hook="adapter" aggregates, hook="adapter:<module>" per module
-    "adapter_A_norm": "Frobenius norm of all LoRA A matrices together (sqrt of the sum of squares over modules).",
-    "adapter_B_norm": "Frobenius norm of all LoRA B matrices together (sqrt of the sum of squares over modules).",
-    "adapter_BA_norm": "Frobenius norm of all LoRA weight updates scaling*B*A together.",
-    "adapter_B_local_cosine": "Mean over LoRA modules of cos(B[t-2k]-B[t-k], B[t]-B[t-k]) (centred at t-k): "
-                              "-1 straight line, rising toward 0 or above when B turns.",
-    "adapter_B_local_cosine_max": "Largest per-module local cosine of the LoRA B trajectory (centred at t-k).",
-    "adapter_B_local_cosine_global": "Local cosine of the concatenated LoRA B vector of all modules (centred at t-k).",
-    "lora_A_norm": "Frobenius norm of one module's LoRA A matrix.",
-    "lora_B_norm": "Frobenius norm of one module's LoRA B matrix.",
-    "lora_BA_norm": "Frobenius norm of one module's LoRA weight update scaling*B*A.",
-    "lora_B_local_cosine": "One module's cos(B[t-2k]-B[t-k], B[t]-B[t-k]) (centred at t-k; NaN when B did not move).",
-}
+#: Help text of the per-hook gauges: the catalog's, for every plain (non-pattern) metric.
+METRIC_HELP: dict[str, str] = {s.name: s.help for s in catalog.CATALOG if not s.pattern}
 
 #: Probe-duration histogram buckets, seconds (tiny models: tens of ms; 8B models: minutes).
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, math.inf)
@@ -154,12 +147,10 @@ class PrometheusExporter:
         self._port: int | None = None
         self._host = "127.0.0.1"
         self._active: dict[tuple[str, str], str] = {}  # (rule, hook) -> severity of the active alert
-        self._active_keys: set[tuple[str, str]] = set()  # (rule, severity) series ever exported
         self._info_values: dict[str, str] = {}
-        self._m = _families(self.registry)
-        # Series of the run itself exist from the start (0), so rate()/increase() see the first event.
-        self._m.snapshots.labels(run)
-        self._m.errors.labels(run)
+        self.collector = _collector(self.registry)
+        # The run's own series exist from the start (0), so rate()/increase() see the first event.
+        self._state = self.collector.run_state(run)
         self.set_info()
 
     # ------------------------------------------------------------------ recording
@@ -171,7 +162,7 @@ class PrometheusExporter:
         """
         from .. import __version__
 
-        with self._lock:
+        with self._lock, self.collector.lock:
             self._info_values.setdefault("version", __version__)
             for key, value in metadata.items():
                 name = _INVALID.sub("_", str(key))
@@ -183,7 +174,7 @@ class PrometheusExporter:
                     self._info_values.pop(name, None)
                 else:
                     self._info_values[name] = str(value)
-            self._m.info.labels(self.run).info(dict(self._info_values))
+            self._state.info = dict(self._info_values)
 
     def update(self, snapshot: Snapshot, alerts: Iterable[Alert] = (), active: Iterable[Alert] | None = None) -> None:
         """Export one snapshot and the alerts raised/resolved with it.
@@ -195,22 +186,19 @@ class PrometheusExporter:
         counts the active alerts per (rule, severity): taken from ``active`` when given (the
         complete list of alerts active now), else maintained from the records received, an
         active record of (rule, hook) replacing the previous one and a resolved record removing it.
+        A hook's metrics keep their last value until a later snapshot sets them again.
         """
-        with self._lock:
-            run = self.run
+        with self._lock, self.collector.lock:
+            st = self._state
             for hook, result in snapshot.hooks.items():
                 for key, value in result.metrics.items():
-                    parsed = parse_direction_key(key)
-                    if parsed is not None:  # one labelled family, not a gauge per direction/category
-                        kind, direction, category = parsed
-                        self._m.directions[kind].labels(run, hook, direction, category).set(_as_float(value))
-                        continue
-                    gauge = self._m.gauge(key)
-                    if gauge is not None:
-                        gauge.labels(run, hook).set(_as_float(value))
-            self._m.last_step.labels(run).set(snapshot.step)
-            self._m.last_ts.labels(run).set(snapshot.created_at)
-            self._m.snapshots.labels(run).inc()
+                    family = self.collector.family_of(key)
+                    if family is not None:  # None: a name clash, not exported (logged once)
+                        name, fields = family
+                        st.values.setdefault(name, {})[(hook, *fields)] = _as_float(value)
+            st.last_step = float(snapshot.step)
+            st.last_ts = float(snapshot.created_at)
+            st.snapshots += 1
             if snapshot.duration_s and snapshot.duration_s > 0:
                 self.observe_probe_duration(snapshot.duration_s)
             if snapshot.probe_hash and self._info_values.get("probe_hash") != snapshot.probe_hash:
@@ -218,13 +206,16 @@ class PrometheusExporter:
 
             for alert in alerts:
                 if alert.status == "active":
-                    self._m.raised.labels(run, alert.rule, alert.severity).inc()
+                    st.raised.setdefault((alert.rule, alert.severity), [0.0, time.time()])[0] += 1
                     self._active[(alert.rule, alert.hook)] = alert.severity
                 elif alert.status == "resolved":
                     self._active.pop((alert.rule, alert.hook), None)
             if active is not None:
                 self._active = {(a.rule, a.hook): a.severity for a in active if a.status == "active"}
-            self._export_active()
+            # every (rule, severity) ever active stays exported: 0 when resolved, never absent
+            counts = _Tally((rule, severity) for (rule, _hook), severity in self._active.items())
+            for key in set(st.active) | set(counts):
+                st.active[key] = float(counts.get(key, 0))
 
     def observe_probe_duration(self, seconds: float) -> None:
         """Record one probe pass's duration (``update`` already records ``snapshot.duration_s``)."""
@@ -232,12 +223,13 @@ class PrometheusExporter:
         if not math.isfinite(seconds) or seconds < 0:
             log.warning("ignoring probe duration %r s (not a finite, non-negative number)", seconds)
             return
-        self._m.duration.labels(self.run).observe(seconds)
-        self._m.last_duration.labels(self.run).set(seconds)
+        with self.collector.lock:
+            self._state.observe(seconds)
 
     def record_error(self) -> None:
         """Count one error caught inside the monitor (``drift_monitor_errors_total``)."""
-        self._m.errors.labels(self.run).inc()
+        with self.collector.lock:
+            self._state.errors += 1
 
     # ------------------------------------------------------------------ serving / pushing
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> int:
@@ -266,7 +258,8 @@ class PrometheusExporter:
                 ) from e
             self._server, self._thread, self._host = server, thread, host
             self._port = int(server.server_port)
-        log.info("drift-monitor: serving Prometheus metrics of run %r on http://%s:%d/metrics", self.run, host, self._port)
+        log.info("drift-monitor: serving Prometheus metrics of run %r on http://%s:%d/metrics",
+                 self.run, host, self._port)
         return self._port
 
     @property
@@ -304,80 +297,161 @@ class PrometheusExporter:
         if thread is not None:
             thread.join(timeout=5)
 
-    def __enter__(self) -> "PrometheusExporter":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ internals
-    def _export_active(self) -> None:
-        counts = _Tally((rule, severity) for (rule, _hook), severity in self._active.items())
-        for key in self._active_keys | set(counts):
-            self._m.active.labels(self.run, *key).set(counts.get(key, 0))
-        self._active_keys |= set(counts)
+
+@dataclass
+class _RunState:
+    """What the exporters of one run recorded in one registry: plain values, read by the collector."""
+
+    created: float = field(default_factory=time.time)  # the counters' _created
+    info: dict[str, str] = field(default_factory=dict)
+    last_step: float | None = None
+    last_ts: float | None = None
+    snapshots: float = 0.0
+    errors: float = 0.0
+    raised: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (rule, severity) -> [n, created]
+    active: dict[tuple[str, str], float] = field(default_factory=dict)  # (rule, severity) -> alerts active now
+    #: family (without the prefix) -> label values after ``run`` (hook, then a pattern's fields) -> value
+    values: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
+    buckets: list[float] | None = None  # probe-duration observations per bucket (None: none yet)
+    duration_sum: float = 0.0
+    duration_created: float = 0.0
+    last_duration: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        if self.buckets is None:
+            self.buckets, self.duration_created = [0.0] * len(DURATION_BUCKETS), time.time()
+        self.buckets[next(i for i, b in enumerate(DURATION_BUCKETS) if seconds <= b)] += 1
+        self.duration_sum += seconds
+        self.last_duration = seconds
 
 
-class _Families:
-    """The metric families of one registry, shared by every exporter (run) that uses it."""
+# The families the collector always describes: name -> (type, help, labels after `run`).
+_FIXED: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "run": ("info", "Run metadata (model, probe_hash, version, ...) as labels.", ()),
+    "last_step": ("gauge", "Training step of the last snapshot.", ()),
+    "last_snapshot_timestamp_seconds": ("gauge", "Unix time at which the last snapshot was computed.", ()),
+    "snapshots": ("counter", "Snapshots exported.", ()),
+    "errors": ("counter", "Errors caught inside the monitor (training went on).", ()),
+    "probe_duration_seconds": ("histogram", "Duration of probe passes.", ()),
+    "last_probe_duration_seconds": ("gauge", "Duration of the last probe pass.", ()),
+    "alerts_raised": ("counter", "Alerts raised (Alert records received with status active).", ("rule", "severity")),
+    "alerts_active": ("gauge", "Alerts currently active.", ("rule", "severity")),
+    # the catalog: one gauge per metric and hook, a pattern's fields as more labels
+    **{s.exported: ("gauge", s.help, ("hook", *s.labels)) for s in catalog.CATALOG},
+}
+_SUFFIXES = {"info": ("_info",), "counter": ("_total", "_created"), "gauge": (),
+             "histogram": ("_bucket", "_count", "_sum", "_created")}
+#: Every series name the fixed families produce (prometheus_client's CollectorRegistry reckoning).
+_RESERVED = frozenset(PREFIX + n + sfx for n, (kind, _, _) in _FIXED.items() for sfx in ("", *_SUFFIXES[kind]))
 
-    def __init__(self, reg: CollectorRegistry) -> None:
-        self._registry = weakref.ref(reg)  # weak: _FAMILIES must not keep the registry alive
-        self.lock = threading.Lock()
-        self.info = Info(PREFIX + "run", "Run metadata (model, probe_hash, version, ...) as labels.", ["run"], registry=reg)
-        self.last_step = Gauge(PREFIX + "last_step", "Training step of the last snapshot.", ["run"], registry=reg)
-        self.last_ts = Gauge(PREFIX + "last_snapshot_timestamp_seconds",
-                             "Unix time at which the last snapshot was computed.", ["run"], registry=reg)
-        self.snapshots = Counter(PREFIX + "snapshots", "Snapshots exported.", ["run"], registry=reg)
-        self.errors = Counter(PREFIX + "errors", "Errors caught inside the monitor (training went on).", ["run"], registry=reg)
-        self.duration = Histogram(PREFIX + "probe_duration_seconds", "Duration of probe passes.", ["run"],
-                                  buckets=DURATION_BUCKETS, registry=reg)
-        self.last_duration = Gauge(PREFIX + "last_probe_duration_seconds", "Duration of the last probe pass.",
-                                   ["run"], registry=reg)
-        self.raised = Counter(PREFIX + "alerts_raised", "Alerts raised (Alert records received with status active).",
-                              ["run", "rule", "severity"], registry=reg)
-        self.active = Gauge(PREFIX + "alerts_active", "Alerts currently active.", ["run", "rule", "severity"], registry=reg)
-        self.gauges: dict[str, Gauge | None] = {}  # metrics key -> gauge (None: name clash, not exported)
-        # Direction monitors: bounded labels (user-supplied directions x probe categories).
-        dir_labels = ["run", "hook", "direction", "category"]
-        self.directions = {
-            PROJECTION: Gauge(PREFIX + PROJECTION, "Mean projection of a probe category's activations onto a unit "
-                              "direction (user-supplied, or refusal_base: the base refusal direction).",
-                              dir_labels, registry=reg),
-            PROJECTION_DELTA: Gauge(PREFIX + PROJECTION_DELTA, "Mean projection onto a unit direction, current "
-                                    "minus base model.", dir_labels, registry=reg),
-        }
-        for key in METRIC_HELP:
-            self.gauge(key)
 
-    def gauge(self, key: str) -> Gauge | None:
-        """The per-hook gauge of a ``HookResult.metrics`` key, created on first use."""
+class DriftMonitorCollector(Collector):
+    """The drift-monitor series of one registry, built at each scrape from the recorded values.
+
+    A custom collector (prometheus_client's pattern for state kept elsewhere): the exporters of
+    the registry's runs record plain values in a :class:`_RunState` each, under :attr:`lock`,
+    and :meth:`collect` yields the families from them. One per registry (:func:`_collector`),
+    so exporters of several runs share one ``/metrics``.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._runs: dict[str, _RunState] = {}
+        self._extra: dict[str, str] = {}  # family of a metric unknown to the catalog -> its key
+        self._skipped: set[str] = set()  # keys not exported (a name clash), warned about once
+
+    def run_state(self, run: str) -> _RunState:
         with self.lock:
-            if key in self.gauges:
-                return self.gauges[key]
-            doc = METRIC_HELP.get(key, f"drift-monitor metric {key!r} per hook.")
+            return self._runs.setdefault(run, _RunState())
+
+    def family_of(self, key: str) -> tuple[str, tuple[str, ...]] | None:
+        """(family without the prefix, label values a pattern adds) of a metrics key; None when
+        the key's sanitised name collides with another series (not exported, logged once)."""
+        spec = catalog.find(key)
+        if spec is not None:
+            return spec.exported, spec.fields(key) or ()
+        name = metric_name(key)
+        family = name[len(PREFIX):]
+        with self.lock:
+            owner = self._extra.setdefault(family, key) if name not in _RESERVED else None
+            if owner == key:
+                return family, ()
+            if key not in self._skipped:
+                self._skipped.add(key)
+                log.warning("drift-monitor: not exporting metric %r to Prometheus: its name %s is taken by %s",
+                            key, name, "another drift-monitor series" if owner is None else f"metric {owner!r}")
+            return None
+
+    def describe(self) -> Iterator[Metric]:
+        """The fixed families, empty: what registering checks against the registry's other names."""
+        for name, (kind, doc, labels) in _FIXED.items():
+            yield _family(kind, name, doc, labels)
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            runs = list(self._runs.items())
+            fams = {name: _family(kind, name, doc, labels) for name, (kind, doc, labels) in _FIXED.items()}
+            created = getattr(_pm, "_use_created", True)
+            for run, st in runs:
+                fams["run"].add_metric([run], st.info)
+                if st.last_step is not None:
+                    fams["last_step"].add_metric([run], st.last_step)
+                if st.last_ts is not None:
+                    fams["last_snapshot_timestamp_seconds"].add_metric([run], st.last_ts)
+                fams["snapshots"].add_metric([run], st.snapshots, created=st.created if created else None)
+                fams["errors"].add_metric([run], st.errors, created=st.created if created else None)
+                if st.buckets is not None:
+                    h, acc, cum = fams["probe_duration_seconds"], 0.0, []
+                    for b, n in zip(DURATION_BUCKETS, st.buckets):
+                        acc += n
+                        cum.append((floatToGoString(b), acc))
+                    h.add_metric([run], cum, st.duration_sum)
+                    if created:
+                        h.samples.append(Sample(h.name + "_created", {"run": run}, st.duration_created))
+                if st.last_duration is not None:
+                    fams["last_probe_duration_seconds"].add_metric([run], st.last_duration)
+                for (rule, severity), (n, t0) in st.raised.items():
+                    fams["alerts_raised"].add_metric([run, rule, severity], n, created=t0 if created else None)
+                for (rule, severity), n in st.active.items():
+                    fams["alerts_active"].add_metric([run, rule, severity], n)
+                for name, series in st.values.items():
+                    if name not in fams:  # a metric unknown to the catalog
+                        fams[name] = _family("gauge", name, f"drift-monitor metric {self._extra[name]!r} per hook.",
+                                             ("hook",))
+                    for labels, v in series.items():
+                        fams[name].add_metric([run, *labels], v)
+        yield from fams.values()
+
+
+def _family(kind: str, name: str, doc: str, labels: tuple[str, ...]) -> Metric:
+    cls = {"info": InfoMetricFamily, "gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
+           "histogram": HistogramMetricFamily}[kind]
+    return cls(PREFIX + name, doc, labels=["run", *labels])
+
+
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, DriftMonitorCollector] = weakref.WeakKeyDictionary()
+_COLLECTORS_LOCK = threading.Lock()
+
+
+def _collector(registry: CollectorRegistry) -> DriftMonitorCollector:
+    """The registry's drift-monitor collector, registered on first use (weakly keyed: it dies
+    with the registry)."""
+    with _COLLECTORS_LOCK:
+        col = _COLLECTORS.get(registry)
+        if col is None:
+            col = DriftMonitorCollector()
             try:
-                gauge: Gauge | None = Gauge(metric_name(key), doc, ["run", "hook"], registry=self._registry())
-            except ValueError as e:  # the sanitised name collides with another series
-                log.warning("drift-monitor: not exporting metric %r to Prometheus: %s", key, e)
-                gauge = None
-            self.gauges[key] = gauge
-            return gauge
-
-
-_FAMILIES: "weakref.WeakKeyDictionary[CollectorRegistry, _Families]" = weakref.WeakKeyDictionary()
-_FAMILIES_LOCK = threading.Lock()
-
-
-def _families(registry: CollectorRegistry) -> _Families:
-    with _FAMILIES_LOCK:
-        fams = _FAMILIES.get(registry)
-        if fams is None:
-            try:
-                fams = _FAMILIES[registry] = _Families(registry)
+                registry.register(col)
             except ValueError as e:
                 raise ValueError(
                     f"this registry already holds drift_monitor_* metrics not made by PrometheusExporter: {e}. "
                     f"Give the exporter its own registry (the default)."
                 ) from e
-        return fams
+            _COLLECTORS[registry] = col
+        return col
