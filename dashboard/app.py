@@ -5,64 +5,63 @@
 
 Reads the DuckDB store read-only through :class:`~drift_monitor.store.StoreReader`, which opens
 the file per query and closes it again, so a training run keeps writing while the page is open.
+
+This file is the router: ``st.navigation`` registers every view once, with its own URL (``/`` for
+Runs, ``/run_detail``, ``/features``, ...: the page file's name), and the sidebar menu; then the
+shared sidebar controls (:func:`common.sidebar`), then the chosen page's script runs. Each page
+script calls :func:`common.render_page`, the preamble they share. Links between views carry the
+run in the URL (``/run_detail?run=ID``).
+
+Why the page scripts sit in ``views/`` and not ``pages/``: Streamlit treats a ``pages/`` folder
+beside the main script as its older folder-based navigation and would run a page file alone
+(no menu, no sidebar) on a new server's first request for it.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from pathlib import Path
 
 import streamlit as st
 
 from drift_monitor.dashboard import common
-from drift_monitor.dashboard.pages import adapter, alerts, compare, directions, features, refusal, run_detail, runs
 
-PAGES = {
-    "Runs": runs.page,
-    "Run detail": run_detail.page,
-    "Features": features.page,
-    "Refusal": refusal.page,
-    "Directions": directions.page,
-    "Adapter": adapter.page,
-    "Alerts": alerts.page,
-    "Compare": compare.page,
-}
+#: The views in menu order: (page script relative to this file, title, icon). The URL of each is
+#: the script's name (the first one is served at ``/``).
+PAGES = (
+    ("views/runs.py", "Runs", ":material/table_rows:"),
+    ("views/run_detail.py", "Run detail", ":material/monitoring:"),
+    ("views/features.py", "Features", ":material/scatter_plot:"),
+    ("views/refusal.py", "Refusal", ":material/block:"),
+    ("views/directions.py", "Directions", ":material/explore:"),
+    ("views/adapter.py", "Adapter", ":material/tune:"),
+    ("views/alerts.py", "Alerts", ":material/notifications:"),
+    ("views/compare.py", "Compare", ":material/compare_arrows:"),
+)
 
 
-def _default_refresh() -> float:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--refresh", type=float, default=5.0)
-    args, _ = p.parse_known_args(sys.argv[1:])
-    return max(1.0, args.refresh)
+def open_requested(views: dict[str, st.Page], current: st.Page) -> None:
+    """Old-style view requests open that view once: ``?page=Run+detail`` (links and bookmarks from
+    before ``st.navigation``) or ``st.session_state["page"]`` set before the first run (AppTest,
+    tests/bench). ``views``: every page by its title and by its URL name; the other query
+    parameters are kept."""
+    asked = st.query_params.get("page") or st.session_state.pop("page", None)
+    if not asked:
+        return
+    st.query_params.pop("page", None)
+    target = views.get(asked)
+    if target is not None and target.title != current.title:
+        st.switch_page(target, query_params=st.query_params.to_dict())
 
 
 def main() -> None:
-    st.set_page_config(page_title="drift-monitor", layout="wide")
-    # One registered page (this function): st.navigation stops Streamlit from also treating the
-    # modules in pages/ as separate script pages; the sidebar radio picks the view.
-    st.navigation([st.Page(_view, title="drift-monitor", url_path="dashboard", default=True)],
-                  position="hidden").run()
+    pages = [st.Page(path, title=title, icon=icon, default=i == 0) for i, (path, title, icon) in enumerate(PAGES)]
+    pg = st.navigation(pages, expanded=True)
+    st.set_page_config(page_title=f"{pg.title} · drift-monitor", layout="wide")
+    views = {name: page for (path, title, _), page in zip(PAGES, pages) for name in (title, Path(path).stem)}
+    open_requested(views, pg)
+    common.sidebar()
+    pg.run()
 
 
-def _view() -> None:
-    with st.sidebar:
-        st.title("drift-monitor")
-        names = list(PAGES)
-        asked = st.query_params.get("page")  # ?page=Run+detail opens that view
-        page = st.radio("Page", names, index=names.index(asked) if asked in names else 0, key="page")
-        st.divider()
-        # ?live=0 in the URL opens the page with live refresh off (e.g. for a screenshot)
-        live = st.toggle("Live refresh", value=st.query_params.get("live", "1") != "0", key="live")
-        paused = st.toggle("Pause", value=False, key="paused", disabled=not live)
-        interval = st.number_input("Refresh every (s)", min_value=1.0, max_value=3600.0,
-                                   value=_default_refresh(), step=1.0, key="refresh_s")
-        path = common.db_path()
-        st.caption(f"Database: {path or '(none)'} (read-only)")
-    body = PAGES[page]
-    if live and not paused:
-        st.fragment(lambda: common.show_page(body), run_every=float(interval))()
-    else:
-        common.show_page(body)
-
-
-main()
+if __name__ == "__main__":  # streamlit runs this file as __main__; importing it only reads PAGES
+    main()

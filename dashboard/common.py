@@ -1,4 +1,10 @@
-"""Shared pieces of the dashboard pages: the DB path, the reader, error messages, live refresh.
+"""Shared pieces of the dashboard views: the DB path, the reader, the sidebar, and
+:func:`render_page`, the one preamble every page runs (header, DB checks, run and hook pickers,
+store problems as messages, live refresh).
+
+Navigation lives in ``app.py`` (``st.navigation``: one URL per view); each file in ``views/`` is a
+page script whose body receives a :class:`PageContext`. Links between views carry the run as
+``?run=ID`` (:func:`pick_run` reads it, :func:`open_run` switches page with it).
 
 Safety rules every page follows: the DB is read through :class:`StoreReader` only (read-only,
 opened per query and closed again, so a training run keeps writing); every query is a
@@ -10,28 +16,51 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import duckdb
+import pandas as pd
 import streamlit as st
 
+from drift_monitor import catalog
 from drift_monitor.records import is_adapter_hook
-from drift_monitor.store import SchemaVersionError, StoreEmpty, StoreError, StoreLocked, StoreNotFound, StoreReader
+from drift_monitor.store import (
+    SchemaVersionError,
+    StoreEmpty,
+    StoreError,
+    StoreLocked,
+    StoreNotFound,
+    StoreReader,
+)
 
 DB_ENV = "DRIFT_MONITOR_DB"
 
-#: Metrics shown on the runs table and the run-detail page (docs/metrics.md).
-KEY_METRICS = ("explained_variance", "act_cosine", "features_drifted_ratio", "topk_jaccard", "density_js")
+#: Metrics shown on the runs table: the lead metric of each run-detail panel (drift_monitor.catalog).
+KEY_METRICS: tuple[str, ...] = tuple(group[0] for group in catalog.panels().values() if group)
+
+
+def _cli_option(name: str, default: str | None) -> str | None:
+    """``--name VALUE`` after ``--`` on the streamlit command line (``drift-monitor dashboard`` passes them)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(f"--{name}", default=default)
+    args, _ = p.parse_known_args(sys.argv[1:])
+    return getattr(args, name)
 
 
 def db_path() -> str | None:
     """``--db`` after ``--`` on the streamlit command line, else $DRIFT_MONITOR_DB, else the session's."""
     if st.session_state.get("db_path"):
         return str(st.session_state["db_path"])
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--db", default=None)
-    args, _ = p.parse_known_args(sys.argv[1:])
-    return args.db or os.environ.get(DB_ENV) or None
+    return _cli_option("db", None) or os.environ.get(DB_ENV) or None
+
+
+def default_refresh() -> float:
+    """``--refresh`` seconds from the command line (at least 1; default 5)."""
+    try:
+        return max(1.0, float(_cli_option("refresh", "5") or 5))
+    except ValueError:
+        return 5.0
 
 
 def reader() -> StoreReader:
@@ -40,15 +69,80 @@ def reader() -> StoreReader:
     return StoreReader(path, retries=50, retry_timeout_s=5.0)
 
 
-def show_page(page: Callable[[StoreReader], None]) -> None:
-    """Run one page; store problems become one clear message on the page, never a traceback."""
+# --------------------------------------------------------------------------------------------
+# The frame around every view: the sidebar (once, in app.py) and render_page (each page file)
+# --------------------------------------------------------------------------------------------
+
+def sidebar() -> None:
+    """The controls under the page menu, the same on every view (app.py calls it before ``pg.run()``).
+
+    ``?live=0`` in the URL opens the dashboard with live refresh off (e.g. for a screenshot).
+    """
+    with st.sidebar:
+        live = st.toggle("Live refresh", value=st.query_params.get("live", "1") != "0", key="live")
+        st.toggle("Pause", value=False, key="paused", disabled=not live)
+        st.number_input("Refresh every (s)", min_value=1.0, max_value=3600.0, value=default_refresh(),
+                        step=1.0, key="refresh_s")
+        st.caption(f"Database: {db_path() or '(none)'} (read-only)")
+
+
+@dataclass(frozen=True)
+class PageContext:
+    """What :func:`render_page` hands a page body: the reader, the DB path (for the two pages that
+    write through :class:`Store`: labels, acknowledgements), and the picked run and hook."""
+
+    reader: StoreReader
+    db: str
+    run: pd.Series | None = None  #: the runs row (``StoreReader.runs()``) when the page picks a run
+    hook: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        assert self.run is not None
+        return str(self.run["run_id"])
+
+
+def render_page(title: str, body: Callable[[PageContext], None], *, key: str | None = None,
+                hook: bool = False) -> None:
+    """Show one view: its header, then the shared preamble and ``body``, live-refreshed.
+
+    The preamble: no DB path given -> a hint; open the :class:`StoreReader`; with ``key`` (the key
+    prefix of the page's widgets) a run picker (``?run=ID`` in the URL preselects that run), with
+    ``hook=True`` also a hook picker; nothing to pick -> a message and ``body`` is not called.
+    Store problems become one clear message on the page, never a traceback. Live refresh re-runs
+    the preamble and the body every N seconds (``st.fragment(run_every=...)``) unless the sidebar
+    turns it off or pauses it.
+    """
+    st.header(title)
+
+    def frame() -> None:
+        _frame(body, key, hook)
+
+    if st.session_state.get("live", True) and not st.session_state.get("paused", False):
+        interval = float(st.session_state.get("refresh_s") or default_refresh())
+        st.fragment(frame, run_every=interval)()
+    else:
+        frame()
+
+
+def _frame(body: Callable[[PageContext], None], key: str | None, hook: bool) -> None:
     path = db_path()
     if not path:
         st.info("No database given. Start the dashboard with `drift-monitor dashboard --db PATH` "
                 "or `streamlit run dashboard/app.py -- --db PATH`.")
         return
     try:
-        page(reader())
+        r = reader()
+        run, picked_hook = None, None
+        if key is not None:
+            run = pick_run(r, key=f"{key}_run")
+            if run is None:
+                return
+            if hook:
+                picked_hook = pick_hook(r, run["run_id"], key=f"{key}_hook")
+                if picked_hook is None:
+                    return
+        body(PageContext(r, path, run, picked_hook))
     except StoreEmpty:
         st.info(f"The database {path} holds no drift-monitor data yet. It fills in once a run writes "
                 "its first snapshot; this page refreshes itself in live mode.")
@@ -66,17 +160,45 @@ def show_page(page: Callable[[StoreReader], None]) -> None:
         st.error(f"Cannot read the database {path}: {type(exc).__name__}: {exc}")
 
 
+# --------------------------------------------------------------------------------------------
+# Pickers and links between views
+# --------------------------------------------------------------------------------------------
+
+#: The run-detail page, as ``st.switch_page`` / ``st.page_link`` name it (relative to app.py).
+RUN_DETAIL = "views/run_detail.py"
+#: Session key of the run last picked on any view.
+FOCUS_KEY = "_run_in_focus"
+
+
+def open_run(page: str, run_id: str) -> None:
+    """Switch to ``page`` (a file under views/) showing ``run_id``: the URL becomes ``/<page>?run=ID``."""
+    st.switch_page(page, query_params={"run": run_id})
+
+
 def pick_run(r: StoreReader, key: str = "run"):
-    """A run selector; returns the selected runs row (a Series) or None when there are no runs."""
+    """A run selector; returns the selected runs row (a Series) or None when there are no runs.
+
+    ``?run=ID`` in the URL (a link from another view, a bookmark) selects that run once; the
+    selection is written back to ``?run=``, so the address bar always names the run shown. A
+    view opened from the menu starts on the run last picked on any view (the run in focus).
+    """
     runs = r.runs()
     if runs.empty:
         st.info("No runs in this database yet.")
         return None
     ids = runs["run_id"].tolist()
     names = dict(zip(runs["run_id"], runs["name"].fillna("")))
-    if st.session_state.get(key) not in ids:
-        st.session_state.pop(key, None)
+    state, linked, seen = st.session_state, st.query_params.get("run"), f"_{key}_linked"
+    if linked in ids and state.get(seen) != linked:
+        state[key] = linked  # a new link: it wins over the picker's earlier choice
+    elif state.get(key) not in ids and state.get(FOCUS_KEY) in ids:
+        state[key] = state[FOCUS_KEY]
+    if state.get(key) not in ids:
+        state.pop(key, None)
     rid = st.selectbox("Run", ids, key=key, format_func=lambda i: f"{names.get(i) or i} ({i})")
+    state[seen] = state[FOCUS_KEY] = rid
+    if linked != rid:
+        st.query_params["run"] = rid
     return runs[runs["run_id"] == rid].iloc[0]
 
 
@@ -92,14 +214,3 @@ def pick_hook(r: StoreReader, run_id: str, key: str = "hook") -> str | None:
     if st.session_state.get(key) not in hooks:
         st.session_state.pop(key, None)
     return st.selectbox("Hook", hooks, key=key)
-
-
-def pick_run_and_hook(r: StoreReader, prefix: str):
-    """A run selector and a hook selector; (runs row, hook) or None when either has nothing yet."""
-    run = pick_run(r, key=f"{prefix}_run")
-    if run is None:
-        return None
-    hook = pick_hook(r, run["run_id"], key=f"{prefix}_hook")
-    if hook is None:
-        return None
-    return run, hook

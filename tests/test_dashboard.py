@@ -1,9 +1,11 @@
 """The Streamlit dashboard (dashboard/, installed as drift_monitor.dashboard).
 
 Every page runs under ``streamlit.testing.v1.AppTest`` on a fixture DB written through the
-Store API, and what it shows is compared with the DB. Store problems (missing file, empty DB,
-older schema) must be a message on the page, never a traceback. A writer process keeps writing
-while the page refreshes, and a real headless Chromium renders the served app.
+Store API, and what it shows is compared with the DB. The app is ``dashboard/app.py``, which
+registers the views with ``st.navigation``; a test opens a view with ``AppTest.switch_page`` (its
+page script). Store problems (missing file, empty DB, older schema) must be a message on the
+page, never a traceback. A writer process keeps writing while the page refreshes, and a real
+headless Chromium renders the served app and follows its navigation.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 from servers import free_port, stop
 from store_fixtures import HOOK, make_snapshot
 
+from drift_monitor.dashboard.app import PAGES as VIEWS
 from drift_monitor.records import Alert
 from drift_monitor.store import Store, StoreReader, create_schema
 
@@ -32,6 +35,11 @@ AppTest = streamlit_testing.AppTest
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")
 PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare", "Adapter", "Directions"]
+#: View title -> its page script (relative to app.py), as app.py registers it with st.navigation.
+PAGE_FILES = {title: path for path, title, _ in VIEWS}
+#: View title -> the header its page shows.
+HEADERS = {"Runs": "Runs", "Run detail": "Run detail", "Features": "Features", "Refusal": "Refusal features",
+           "Alerts": "Alerts", "Compare": "Compare runs", "Adapter": "Adapter signals", "Directions": "Directions"}
 STEPS = [0, 10, 20, 30]
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -66,13 +74,18 @@ def db(tmp_path_factory) -> Path:
     return path
 
 
-def app(db_path, page: str) -> AppTest:
+def app(db_path, page: str, **query: str) -> AppTest:
+    """The app opened on one view (its title), as a visit to that view's URL with ``query``."""
     at = AppTest.from_file(APP, default_timeout=30)
     if db_path is not None:
         at.session_state["db_path"] = str(db_path)
-    at.session_state["page"] = page
-    at.run()
+    at.query_params.update(query)
+    at.switch_page(PAGE_FILES[page]).run()
     return at
+
+
+def header(at: AppTest) -> str:
+    return at.header[0].value
 
 
 def no_errors(at: AppTest) -> None:
@@ -203,12 +216,105 @@ def test_pause_toggle_and_interval(db):
 
 
 # --------------------------------------------------------------------------------------------
+# Navigation: st.navigation in app.py (one URL per view); links carry the run as ?run=ID
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_view_is_registered_with_st_navigation(db):
+    assert [title for _, title, _ in VIEWS] == ["Runs", "Run detail", "Features", "Refusal", "Directions", "Adapter",
+                                                "Alerts", "Compare"]
+    assert sorted(PAGE_FILES) == sorted(PAGES) == sorted(HEADERS)  # every view is tested here
+    files = [(Path(APP).parent / path).resolve() for path in PAGE_FILES.values()]
+    assert all(f.is_file() for f in files) and len({f.stem for f in files}) == len(files)  # URL = the file's name
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.session_state["db_path"] = str(db)
+    at.run()
+    no_errors(at)
+    assert header(at) == "Runs"  # the default view, served at /
+    # after a run, switch_page resolves through st.navigation's registry: an unregistered file raises
+    for title, path in PAGE_FILES.items():
+        at.switch_page(path).run()
+        no_errors(at)
+        assert header(at) == HEADERS[title], title
+        assert at.toggle(key="live") and at.number_input(key="refresh_s")  # the shared sidebar on every view
+    with pytest.raises(ValueError, match="navigation page"):
+        at.switch_page("common.py")
+
+
+def test_runs_table_row_opens_the_run_detail(db):
+    at = app(db, "Runs")
+    no_errors(at)
+    rid = at.dataframe[0].value["run_id"].iloc[1]
+    at.session_state["runs_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}  # a click on row 2
+    at.run()
+    no_errors(at)
+    assert header(at) == "Run detail"
+    assert at.selectbox(key="detail_run").value == rid
+    assert at.query_params == {"run": rid}  # the URL names the run: /run_detail?run=ID
+    assert {m.label: m.value for m in at.metric}["last step"] == "30"
+
+
+@pytest.mark.parametrize("page,key", [("Run detail", "detail_run"), ("Features", "feat_run"), ("Refusal", "ref_run"),
+                                      ("Directions", "dir_run"), ("Adapter", "adp_run")])
+def test_run_in_the_url_selects_the_run(db, page, key):
+    first = StoreReader(db).runs()["run_id"].iloc[0]
+    other = "alpha-id" if first == "beta-id" else "beta-id"
+    at = app(db, page, run=other)  # /<view>?run=ID: a link or a bookmark
+    no_errors(at)
+    assert at.selectbox(key=key).value == other
+    at = app(db, page, run="no-such-run")  # an unknown id: the first run, and the URL says which
+    no_errors(at)
+    assert at.selectbox(key=key).value == first and at.query_params == {"run": first}
+
+
+def test_run_picker_updates_the_url_and_new_links_win(db):
+    at = app(db, "Features", run="alpha-id")
+    at.selectbox(key="feat_run").set_value("beta-id").run()
+    no_errors(at)
+    assert at.selectbox(key="feat_run").value == "beta-id" and at.query_params["run"] == "beta-id"
+    at.run()  # the picker's choice stays (the old link does not come back)
+    assert at.selectbox(key="feat_run").value == "beta-id"
+    at.query_params["run"] = "alpha-id"  # a new link to this view
+    at.run()
+    assert at.selectbox(key="feat_run").value == "alpha-id"
+    # a view opened from the menu (no ?run=) starts on the run in focus, not on the first run
+    assert StoreReader(db).runs()["run_id"].iloc[0] != "alpha-id"
+    at.query_params.clear()
+    at.switch_page(PAGE_FILES["Run detail"]).run()
+    no_errors(at)
+    assert at.selectbox(key="detail_run").value == "alpha-id" and at.query_params == {"run": "alpha-id"}
+
+
+def test_old_page_links_open_their_view_once(db):
+    # ?page=Run+detail (links from before st.navigation); the other parameters stay
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.session_state["db_path"] = str(db)
+    at.query_params.update(page="Run detail", live="0")
+    at.run()
+    no_errors(at)
+    assert header(at) == "Run detail" and "page" not in at.query_params and at.query_params["live"] == "0"
+    assert at.toggle(key="live").value is False
+    at.run()
+    assert header(at) == "Run detail"
+    # st.session_state["page"] before the first run (tests/bench, test_directions); a URL name works too
+    for asked in ("Features", "features"):
+        at = AppTest.from_file(APP, default_timeout=30)
+        at.session_state["db_path"] = str(db)
+        at.session_state["page"] = asked
+        at.run()
+        no_errors(at)
+        assert header(at) == "Features"
+        at.switch_page(PAGE_FILES["Runs"]).run()  # the request does not stick
+        assert header(at) == "Runs"
+
+
+# --------------------------------------------------------------------------------------------
 # Labels import
 # --------------------------------------------------------------------------------------------
 
 
 def test_parse_and_import_neuronpedia_labels(tmp_path, db):
-    from drift_monitor.dashboard.pages.features import import_labels, parse_labels
+    from drift_monitor.dashboard.views.features import import_labels, parse_labels
 
     neuronpedia = json.dumps([
         {"modelId": "m", "layer": "6-res", "index": "5", "description": " says no", "explanationModelName": "x"},
@@ -355,12 +461,15 @@ def test_cli_dashboard_command_defaults(db):
 
 def test_browser_renders_dashboard_and_refreshes_live(db, tmp_path):
     """`drift-monitor dashboard` serves the app; headless Chromium (driven over the DevTools pipe, so
-    it waits in real time for Streamlit's websocket) shows the runs and the charts, and a snapshot
-    written while the page is open appears without a reload."""
+    it waits in real time for Streamlit's websocket) shows the runs and the charts, a snapshot
+    written while the page is open appears without a reload, and the views link to each other:
+    every view has its own URL (even as the first visit to a new server), the sidebar menu
+    switches views, and a click on a row of the runs table opens that run's detail."""
     from cdp import Chromium
 
     chromium = "/usr/bin/chromium"
-    assert os.path.exists(chromium), "chromium is missing: run `bash scripts/install.sh --test` (or apt-get install chromium)"
+    assert os.path.exists(chromium), (
+        "chromium is missing: run `bash scripts/install.sh --test` (or apt-get install chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
     live_db = tmp_path / "browser.duckdb"
     shutil.copy(db, live_db)
@@ -379,27 +488,25 @@ def test_browser_renders_dashboard_and_refreshes_live(db, tmp_path):
             socket.create_connection((other, port), timeout=1).close()
         url = f"http://127.0.0.1:{port}/"
         not_stale = "!document.querySelector('[data-stale=\"true\"]')"
-
-        browser = Chromium(chromium, tmp_path / "profile-runs")
-        browser.open(url + "?live=0")
-        browser.wait_for("document.documentElement.outerHTML.includes('alpha-id') && "
-                         "document.querySelector('[data-testid=\"stDataFrame\"]') !== null && " + not_stale, 60)
-        time.sleep(1)  # let the data grid paint its canvas
-        browser.screenshot(ARTIFACTS / "dashboard_runs.png")
-        dom = browser.dom()
-        (ARTIFACTS / "dashboard_runs.html").write_text(dom)
-        browser.close()
-        assert "alpha" in dom and "beta" in dom and "Runs" in dom  # run names, the view
-        assert "stException" not in dom and "Traceback" not in dom
-        assert (ARTIFACTS / "dashboard_runs.png").stat().st_size > 30_000  # a blank page is ~17 kB
-
-        browser = Chromium(chromium, tmp_path / "profile-detail")
-        browser.open(url + "?page=Run+detail")  # live refresh on, every 1 s
         charts_drawn = "document.querySelectorAll('[data-testid=\"stVegaLiteChart\"] canvas, " \
-                       "[data-testid=\"stVegaLiteChart\"] svg').length >= 5"
-        browser.wait_for(charts_drawn + " && " + not_stale, 60)
+                       "[data-testid=\"stVegaLiteChart\"] svg').length >= {n}"
         metric_values = "Array.from(document.querySelectorAll('[data-testid=\"stMetricValue\"]')).map(e => e.innerText)"
+        selected = "Array.from(document.querySelectorAll('[data-testid=\"stSelectbox\"] input')).map(e => e.value)"
+        sidebar = "document.querySelector('[data-testid=\"stSidebar\"]').innerText"
+        nav_links = "Array.from(document.querySelectorAll('[data-testid=\"stSidebarNav\"] a'))"
+        headers = "Array.from(document.querySelectorAll('h2')).map(e => e.innerText)"
+
+        # a view's own URL (a bookmark, a link), as the first visit to this server; live refresh on, every 1 s
+        browser = Chromium(chromium, tmp_path / "profile-detail")
+        browser.open(url + "run_detail?run=beta-id")
+        browser.wait_for(charts_drawn.format(n=5) + " && " + not_stale, 60)
         assert "30" in browser.evaluate(metric_values)
+        assert "beta (beta-id)" in browser.evaluate(selected)  # the run the URL names
+        # the menu is app.py's st.navigation: every view, each with its own URL
+        links = browser.evaluate(nav_links + ".map(a => [a.innerText.split('\\n').pop(), a.getAttribute('href')])")
+        want = [[title, url + ("" if i == 0 else Path(path).stem)] for i, (path, title, _) in enumerate(VIEWS)]
+        assert links == want, links
+        assert "Live refresh" in browser.evaluate(sidebar)  # app.py's sidebar, though the URL was a page's
         time.sleep(1)
         browser.screenshot(ARTIFACTS / "dashboard_run_detail.png")
         dom = browser.dom()
@@ -410,6 +517,37 @@ def test_browser_renders_dashboard_and_refreshes_live(db, tmp_path):
             with Store(live_db, run_id=rid) as s:
                 s.write(make_snapshot(40, d_sae=256, seed=7))
         browser.wait_for(metric_values + ".includes('40')", 30)
+        assert "stException" not in browser.dom()
+        # the sidebar menu switches the view in the same session, and the URL follows
+        browser.evaluate(nav_links + ".find(a => a.innerText.endsWith('Features')).click()")
+        browser.wait_for("location.pathname === '/features' && " + headers + ".includes('Features') && "
+                         + charts_drawn.format(n=1) + " && " + not_stale, 60)
+        assert "stException" not in browser.dom()
+        browser.close()
+
+        browser = Chromium(chromium, tmp_path / "profile-runs")
+        browser.open(url + "?live=0")
+        browser.wait_for("document.documentElement.outerHTML.includes('alpha-id') && "
+                         "document.querySelector('[data-testid=\"stDataFrame\"]') !== null && " + not_stale, 60)
+        time.sleep(1)  # let the data grid paint its canvas
+        browser.screenshot(ARTIFACTS / "dashboard_runs.png")
+        dom = browser.dom()
+        (ARTIFACTS / "dashboard_runs.html").write_text(dom)
+        assert "alpha" in dom and "beta" in dom and "Runs" in dom  # run names, the view
+        assert "stException" not in dom and "Traceback" not in dom
+        assert (ARTIFACTS / "dashboard_runs.png").stat().st_size > 30_000  # a blank page is ~17 kB
+        # a click on alpha's row (its selection cell; the grid is a canvas: 35 px rows under a 35 px header)
+        row = StoreReader(live_db).runs()["run_id"].tolist().index("alpha-id")
+        grid = browser.evaluate("JSON.stringify(document.querySelector('[data-testid=\"stDataFrame\"]')"
+                                ".getBoundingClientRect())")
+        box = json.loads(grid)
+        x, y = box["x"] + 15, box["y"] + 35 * (row + 1) + 17
+        for kind in ("mousePressed", "mouseReleased"):
+            browser.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1})
+        browser.wait_for("location.pathname === '/run_detail' && location.search === '?run=alpha-id' && "
+                         + charts_drawn.format(n=5) + " && " + not_stale, 60)
+        assert "alpha (alpha-id)" in browser.evaluate(selected)
+        assert "40" in browser.evaluate(metric_values)
         assert "stException" not in browser.dom()
     finally:
         if browser is not None:

@@ -70,7 +70,7 @@ def build(db: Path, runs: int, snaps: int, d_sae: int, n_cats: int) -> float:
 
 def page_queries(r: StoreReader) -> dict:
     from drift_monitor.dashboard.common import KEY_METRICS
-    from drift_monitor.dashboard.pages.run_detail import PANELS
+    from drift_monitor.dashboard.views.run_detail import PANELS
 
     runs = r.runs()
     rid = runs["run_id"].iloc[0]

@@ -1,4 +1,6 @@
-"""Run detail: the key metrics over steps for one run and hook, with alert markers."""
+"""Run detail: the key metrics over steps for one run and hook, with alert markers.
+
+``/run_detail?run=ID`` opens it on that run (the Runs table links here)."""
 
 from __future__ import annotations
 
@@ -6,17 +8,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from drift_monitor.dashboard.common import pick_run_and_hook
-from drift_monitor.store import StoreReader
+from drift_monitor import catalog
+from drift_monitor.dashboard.common import PageContext, render_page
 
-#: Chart title -> metrics drawn together.
-PANELS: dict[str, tuple[str, ...]] = {
-    "Explained variance (current vs base)": ("explained_variance", "base_explained_variance"),
-    "Activation drift": ("act_cosine", "act_relative_mse"),
-    "Features drifted ratio": ("features_drifted_ratio",),
-    "Top-k Jaccard": ("topk_jaccard",),
-    "Density JS distance": ("density_js",),
-}
+#: Chart title -> metrics drawn together (each catalog metric's ``panel``, drift_monitor.catalog).
+PANELS: dict[str, tuple[str, ...]] = catalog.panels()
 
 
 def metric_chart(series: pd.DataFrame, alerts: pd.DataFrame, title: str) -> alt.LayerChart | alt.Chart:
@@ -38,12 +34,8 @@ def metric_chart(series: pd.DataFrame, alerts: pd.DataFrame, title: str) -> alt.
     return alt.layer(lines, marks).resolve_scale(color="independent")
 
 
-def page(r: StoreReader) -> None:
-    st.header("Run detail")
-    picked = pick_run_and_hook(r, "detail")
-    if picked is None:
-        return
-    run, hook = picked
+def body(ctx: PageContext) -> None:
+    r, run, hook = ctx.reader, ctx.run, ctx.hook
     names = [n for names in PANELS.values() for n in names]
     series = r.metric_series(run["run_id"], hook=hook, names=names)
     alerts = r.alerts(run_id=run["run_id"], hook=hook)
@@ -65,3 +57,7 @@ def page(r: StoreReader) -> None:
             st.caption(f"{title}: not measured in this run.")
             continue
         st.altair_chart(metric_chart(sub, amarks, title), width="stretch")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Run detail", body, key="detail", hook=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import altair as alt
 import streamlit as st
 
-from drift_monitor.store import StoreReader
+from drift_monitor.dashboard.common import PageContext, render_page
 
 
-def page(r: StoreReader) -> None:
-    st.header("Compare runs")
+def body(ctx: PageContext) -> None:
+    r = ctx.reader
     runs = r.runs()
     if runs.empty:
         st.info("No runs in this database yet.")
@@ -46,3 +46,7 @@ def page(r: StoreReader) -> None:
     )
     last = df.sort_values("step").groupby("run_id").tail(1)[["run_name", "run_id", "step", "value"]]
     st.dataframe(last, hide_index=True, width="stretch")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Compare runs", body)

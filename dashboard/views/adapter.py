@@ -1,5 +1,5 @@
 """Adapter signals of LoRA runs: A/B norms, the weight-update norm and the local cosine of the B
-trajectory over steps, for all modules together and per module (drift_monitor.adapters).
+trajectory over steps, for all modules together and per module (drift_monitor.probe.adapters).
 
 Why a page of its own: these hooks (``adapter``, ``adapter:<module>``) have no SAE and no feature
 tables, so the hook-based pages do not offer them; and the cosine needs its fixed [−1, 1] axis to
@@ -12,9 +12,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from drift_monitor.dashboard.common import pick_run
+from drift_monitor.dashboard.common import PageContext, render_page
 from drift_monitor.records import ADAPTER_HOOK, ADAPTER_HOOK_PREFIX, LORA_MODULE_METRICS
-from drift_monitor.store import StoreReader
 
 NORMS = ("adapter_A_norm", "adapter_B_norm", "adapter_BA_norm")
 COSINES = ("adapter_B_local_cosine", "adapter_B_local_cosine_max", "adapter_B_local_cosine_global")
@@ -42,12 +41,8 @@ def last_step_table(modules: pd.DataFrame) -> pd.DataFrame:
     return table[cols].reset_index()
 
 
-def page(r: StoreReader) -> None:
-    st.header("Adapter signals")
-    run = pick_run(r, key="adp_run")
-    if run is None:
-        return
-    rid = run["run_id"]
+def body(ctx: PageContext) -> None:
+    r, rid = ctx.reader, ctx.run_id
     agg = r.metric_series(rid, hook=ADAPTER_HOOK)
     if agg.empty:
         st.info("This run has no adapter signals. They are recorded for LoRA runs by the trainer callback "
@@ -75,3 +70,7 @@ def page(r: StoreReader) -> None:
                     width="stretch")
     st.caption(f"Last step with adapter signals: {int(modules['step'].max())}")
     st.dataframe(last_step_table(modules), hide_index=True, width="stretch")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Adapter signals", body, key="adp")

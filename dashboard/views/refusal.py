@@ -8,18 +8,13 @@ import json
 import altair as alt
 import streamlit as st
 
-from drift_monitor.dashboard.common import pick_run_and_hook
+from drift_monitor.dashboard.common import PageContext, render_page
 from drift_monitor.records import pct
 from drift_monitor.store import StoreReader
 
 
-def page(r: StoreReader) -> None:
-    st.header("Refusal features")
-    picked = pick_run_and_hook(r, "ref")
-    if picked is None:
-        return
-    run, hook = picked
-    rid = run["run_id"]
+def body(ctx: PageContext) -> None:
+    r, rid, hook = ctx.reader, ctx.run_id, ctx.hook
     k = int(st.number_input("Top-k per step (plus every emerging feature)", 1, 200, 10, key="ref_k"))
     df = r.refusal_features(rid, hook, k=k)
     if df.empty:
@@ -77,3 +72,7 @@ def causal_check(r: StoreReader, run_id: str, hook: str) -> None:
     )
     st.dataframe(rows[["condition", "draw", "features", "alpha", "harmful_refusal_rate", "harmless_refusal_rate",
                        "kl_harmless", "n_harmful", "n_harmless"]], hide_index=True, width="stretch")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Refusal features", body, key="ref", hook=True)

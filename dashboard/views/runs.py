@@ -1,11 +1,19 @@
-"""Runs: every run with its status, last step, active alerts and sparklines of the key metrics."""
+"""Runs: every run with its status, last step, active alerts and sparklines of the key metrics.
+
+Selecting a row opens that run's detail (``/run_detail?run=ID``)."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from drift_monitor.dashboard.common import KEY_METRICS
+from drift_monitor.dashboard.common import (
+    KEY_METRICS,
+    RUN_DETAIL,
+    PageContext,
+    open_run,
+    render_page,
+)
 from drift_monitor.store import StoreReader
 
 
@@ -21,14 +29,22 @@ def runs_table(r: StoreReader) -> pd.DataFrame:
     return out
 
 
-def page(r: StoreReader) -> None:
-    st.header("Runs")
-    df = runs_table(r)
+def body(ctx: PageContext) -> None:
+    df = runs_table(ctx.reader)
     if df.empty:
         st.info("No runs in this database yet.")
         return
     cfg = {name: st.column_config.LineChartColumn(name, help=f"{name}, last 50 steps") for name in KEY_METRICS}
     cfg["last_step"] = st.column_config.NumberColumn("last step", format="%d")
     cfg["active_alerts"] = st.column_config.NumberColumn("active alerts", format="%d")
-    st.dataframe(df, hide_index=True, column_config=cfg, width="stretch")
-    st.caption(f"{len(df)} runs; sparklines show the mean over hooks of the last 50 snapshots.")
+    picked = st.dataframe(df, hide_index=True, column_config=cfg, width="stretch", key="runs_table",
+                          on_select="rerun", selection_mode="single-row")
+    st.caption(f"{len(df)} runs; sparklines show the mean over hooks of the last 50 snapshots. "
+               "Select a row to open the run's detail.")
+    rows = picked.selection.rows
+    if rows and rows[0] < len(df):
+        open_run(RUN_DETAIL, str(df["run_id"].iloc[rows[0]]))
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Runs", body)

@@ -12,9 +12,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from drift_monitor.dashboard.common import pick_run_and_hook
+from drift_monitor.dashboard.common import PageContext, render_page
 from drift_monitor.records import REFUSAL_BASE
-from drift_monitor.store import StoreReader
 
 #: The refusal direction's own scalars, drawn under the projections.
 REFUSAL_METRICS = ("refusal_direction_cosine", "refusal_direction_norm")
@@ -35,13 +34,8 @@ def projection_chart(df: pd.DataFrame, direction: str) -> alt.Chart:
     )
 
 
-def page(r: StoreReader) -> None:
-    st.header("Directions")
-    picked = pick_run_and_hook(r, "dir")
-    if picked is None:
-        return
-    run, hook = picked
-    rid = run["run_id"]
+def body(ctx: PageContext) -> None:
+    r, rid, hook = ctx.reader, ctx.run_id, ctx.hook
     df = r.direction_projections(rid, hook)
     directions = sorted(df["direction"].unique().tolist(), key=lambda d: (d == REFUSAL_BASE, d))
     if not [d for d in directions if d != REFUSAL_BASE]:
@@ -65,3 +59,7 @@ def page(r: StoreReader) -> None:
                     tooltip=["step", "value"]),
             width="stretch",
         )
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Directions", body, key="dir", hook=True)

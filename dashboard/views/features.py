@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from drift_monitor.dashboard.common import db_path, pick_run_and_hook
-from drift_monitor.store import TOP_BY_SQL, Store, StoreReader
+from drift_monitor.dashboard.common import PageContext, render_page
+from drift_monitor.store import TOP_BY_SQL, Store
 
 _ID_KEYS = ("feature", "index", "feature_id", "featureId", "id", "feature_index")
 _LABEL_KEYS = ("label", "description", "explanation", "text")
@@ -89,13 +89,8 @@ def density_chart(df: pd.DataFrame, eps: float) -> alt.Chart:
     )
 
 
-def page(r: StoreReader) -> None:
-    st.header("Features")
-    picked = pick_run_and_hook(r, "feat")
-    if picked is None:
-        return
-    run, hook = picked
-    rid = run["run_id"]
+def body(ctx: PageContext) -> None:
+    r, rid, hook = ctx.reader, ctx.run_id, ctx.hook
     steps = r.steps(rid, hook)
     if st.session_state.get("feat_step") not in steps:
         st.session_state["feat_step"] = steps[-1]
@@ -143,8 +138,12 @@ def page(r: StoreReader) -> None:
         up = st.file_uploader("Label file", type=["json", "csv"], key="labels_file")
         if up is not None and st.button("Import labels", key="labels_import"):
             try:
-                n = import_labels(db_path() or "", hook, up.getvalue(), up.name)
+                n = import_labels(ctx.db, hook, up.getvalue(), up.name)
             except (ValueError, RuntimeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 st.error(f"Could not import {up.name}: {exc}")
             else:
                 st.success(f"Imported {n} labels for {hook}.")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Features", body, key="feat", hook=True)

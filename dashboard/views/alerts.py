@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from drift_monitor.dashboard.common import db_path
-from drift_monitor.store import Store, StoreReader
+from drift_monitor.dashboard.common import PageContext, render_page
+from drift_monitor.store import Store
 
 SEVERITIES = ["critical", "warning", "info"]
 
@@ -15,8 +15,8 @@ def acknowledge(db: str, alert_id: str) -> str:
         return s.acknowledge_alert(alert_id)
 
 
-def page(r: StoreReader) -> None:
-    st.header("Alerts")
+def body(ctx: PageContext) -> None:
+    r = ctx.reader
     runs = r.runs()
     names = dict(zip(runs["run_id"], runs["name"].fillna(""))) if not runs.empty else {}
     c1, c2, c3, c4 = st.columns(4)
@@ -44,8 +44,12 @@ def page(r: StoreReader) -> None:
                   zip(open_["alert_id"], open_["severity"], open_["rule"], open_["step"], open_["hook"])}
         aid = st.selectbox("Alert", list(labels), format_func=labels.get, key="al_ack_id")
         if st.button("Acknowledge", key="al_ack"):
-            outcome = acknowledge(db_path() or "", aid)
+            outcome = acknowledge(ctx.db, aid)
             if outcome == "committed":
                 st.success(f"Acknowledged {labels[aid]}.")
             else:
                 st.warning("The database was busy; the acknowledgement is queued and applied with the next write.")
+
+
+if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)
+    render_page("Alerts", body)
