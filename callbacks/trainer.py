@@ -18,7 +18,7 @@ Modelled on TRL's ``LogCompletionsCallback`` and transformers' tracker integrati
   twice.
 * **Adapter signals (LoRA).** With ``adapter_signals`` on ("auto": when the model has LoRA
   modules), rank 0 records the A/B norms, ‖scaling·BA‖ and the local cosine of the B trajectory
-  (:mod:`drift_monitor.adapters`) at the base and every ``adapter_every_n_steps`` steps. At a step
+  (:mod:`drift_monitor.probe.adapters`) at the base and every ``adapter_every_n_steps`` steps. At a step
   that also has a probe snapshot they are merged into it (one store transaction, one alert
   evaluation); otherwise an adapter-only snapshot (hooks ``adapter``/``adapter:<module>``, no
   probe pass) goes the same way. They are read on rank 0 only, which is right for replicated
@@ -68,12 +68,12 @@ class DriftMonitorCallback(TrainerCallback):
         self.done_steps: set[int] = set()
         self._errors = 0  # caught here; the recorder counts its own output failures
         self.probe_seconds = 0.0
-        self.adapters = None  # drift_monitor.adapters.AdapterTracker when adapter signals are on (rank 0)
+        self.adapters = None  # drift_monitor.probe.adapters.AdapterTracker when adapter signals are on (rank 0)
         self.adapter_steps: set[int] = set()
         self._t_start = time.perf_counter()
         self._is_zero = True
 
-    def attach(self, trainer: Any) -> "DriftMonitorCallback":
+    def attach(self, trainer: Any) -> DriftMonitorCallback:
         """Register with ``trainer`` (if not yet) and log through it."""
         self.trainer = trainer
         if not any(cb is self for cb in trainer.callback_handler.callbacks):
@@ -195,7 +195,7 @@ class DriftMonitorCallback(TrainerCallback):
         mode = self.config.adapter_signals
         if mode is False:
             return
-        from drift_monitor.adapters import AdapterTracker, find_lora_modules
+        from drift_monitor.probe.adapters import AdapterTracker, find_lora_modules
 
         modules, sharded = find_lora_modules(model)
         if not modules and not sharded:
@@ -285,7 +285,7 @@ class DriftMonitorCallback(TrainerCallback):
     def _guard(self, what: str, fn, *args) -> None:
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001 - the monitor must never stop training
+        except Exception as e:
             if self.config.fail_fast:
                 raise
             self._errors += 1

@@ -18,8 +18,8 @@ _LAZY = {
     "Alert": "records", "HookResult": "records", "Snapshot": "records",
     "ConfigError": "config", "MonitorConfig": "config",
     "DriftMonitor": "monitor",
-    "ProbeError": "probes", "ProbeRecord": "probes", "ProbeSet": "probes",
-    "SAELoadError": "saes", "load_sae": "saes",
+    "ProbeError": "probe.probes", "ProbeRecord": "probe.probes", "ProbeSet": "probe.probes",
+    "SAELoadError": "probe.saes", "load_sae": "probe.saes",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -38,9 +38,15 @@ def __dir__() -> list[str]:
     return __all__
 
 
-if TYPE_CHECKING:  # for type checkers and IDEs
-    from .config import ConfigError, MonitorConfig
-    from .monitor import DriftMonitor
-    from .probes import ProbeError, ProbeRecord, ProbeSet
-    from .records import Alert, HookResult, Snapshot
-    from .saes import SAELoadError, load_sae
+if TYPE_CHECKING:  # for type checkers and IDEs; the redundant aliases mark them as re-exports
+    from .config import ConfigError as ConfigError
+    from .config import MonitorConfig as MonitorConfig
+    from .monitor import DriftMonitor as DriftMonitor
+    from .probe.probes import ProbeError as ProbeError
+    from .probe.probes import ProbeRecord as ProbeRecord
+    from .probe.probes import ProbeSet as ProbeSet
+    from .probe.saes import SAELoadError as SAELoadError
+    from .probe.saes import load_sae as load_sae
+    from .records import Alert as Alert
+    from .records import HookResult as HookResult
+    from .records import Snapshot as Snapshot

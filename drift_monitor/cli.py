@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .demo import bench
 
     sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
     if args.prompts:
@@ -26,7 +26,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_probes(args: argparse.Namespace) -> int:
-    from .probes import ProbeSet
+    from .probe.probes import ProbeSet
 
     ps = ProbeSet.resolve(args.file)
     counts: dict[str, int] = {}
@@ -75,7 +75,7 @@ def _parse_directions(specs: list[str]) -> dict[str, list[str]]:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from .scan import format_summary, scan
+    from .offline.scan import format_summary, scan
 
     saes = _parse_saes(args.sae) or None
     directions = _parse_directions(args.direction)
@@ -100,8 +100,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from .offline.verify import format_result, result_json, run_verify
     from .records import DEFAULT_REFUSAL_PHRASES, VerifySettings
-    from .verify import format_result, result_json, run_verify
 
     phrases = DEFAULT_REFUSAL_PHRASES
     if args.refusal_phrases:
@@ -133,7 +133,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .organism import format_demo, run_demo
+    from .demo.organism import format_demo, run_demo
 
     port = None if args.prometheus_port < 0 else args.prometheus_port
     summary = run_demo(args.out, "quick" if args.quick else "full", prometheus_port=port)
@@ -142,8 +142,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_sae(args: argparse.Namespace) -> int:
-    from .loading import load_model, load_tokenizer
-    from .train_sae import TrainSAESettings, train_sae
+    from .offline.loading import load_model, load_tokenizer
+    from .training.train_sae import TrainSAESettings, train_sae
 
     settings = TrainSAESettings(
         hook=args.hook, architecture=args.architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

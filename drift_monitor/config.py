@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 POSITION_SELECTORS = ("all", "prompt_end", "response")
 PROBE_FORMATS = ("chat", "dialogue", "plain")
@@ -109,7 +110,7 @@ class MonitorConfig(MetricSettings):
     alert_rules: Any = None
     #: Direction monitors: {hook: source} with hook one of the SAE hooks and source a path
     #: (.safetensors, .pt/.pth, .npy, .json), a tensor/ndarray, a {name: vector} dict, or a
-    #: list of these (see drift_monitor.directions). Each direction's mean projection per
+    #: list of these (see drift_monitor.probe.directions). Each direction's mean projection per
     #: probe category is logged as ``direction_projection:<name>:<category>``.
     directions: Mapping[str, Any] = field(default_factory=dict)
     show_progress: bool = True
@@ -119,7 +120,7 @@ class MonitorConfig(MetricSettings):
     pushgateway_url: str | None = None
     snapshot_on_save: bool = False
     snapshot_on_evaluate: bool = False
-    #: LoRA adapter signals (drift_monitor.adapters): True, False, or "auto" (on when the model
+    #: LoRA adapter signals (drift_monitor.probe.adapters): True, False, or "auto" (on when the model
     #: has LoRA modules). Cheap: norms of the adapter weights, no forward pass.
     adapter_signals: bool | str = "auto"
     #: Cadence k of the adapter signals in optimizer steps (None: every_n_steps).
@@ -138,7 +139,8 @@ class MonitorConfig(MetricSettings):
                 raise ConfigError("MonitorConfig.saes is empty: give at least one SAE source")
         else:
             raise ConfigError(
-                f"MonitorConfig.saes must be a dict {{hook: source}} or a list of sources, got {type(self.saes).__name__}"
+                "MonitorConfig.saes must be a dict {hook: source} or a list of sources, "
+                f"got {type(self.saes).__name__}"
             )
         _positive("every_n_steps", self.every_n_steps)
         _positive("batch_size", self.batch_size)
@@ -230,7 +232,7 @@ class MonitorConfig(MetricSettings):
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MonitorConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> MonitorConfig:
         cls.check_keys(data)
         return cls(**dict(data))
 
@@ -273,7 +275,7 @@ class MonitorConfig(MetricSettings):
         return out
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "MonitorConfig":
+    def from_file(cls, path: str | Path) -> MonitorConfig:
         """Load from a ``.yaml``/``.yml`` or ``.json`` file."""
         return cls.from_dict(cls.read_file(path))
 

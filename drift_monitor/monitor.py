@@ -19,22 +19,23 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import metrics as M
-from .capture import ActivationCapture, hidden_size, is_sharded, model_device, probe_mode, resolve_module
 from .config import MetricSettings, MonitorConfig
-from .directions import load_hook_directions
-from .probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
+from .probe import metrics as M
+from .probe.capture import ActivationCapture, hidden_size, is_sharded, model_device, probe_mode, resolve_module
+from .probe.directions import load_hook_directions
+from .probe.probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
+from .probe.saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
+from .probe.stats import STATE_LAYOUT, HookStats, PairedBatch
+from .probe.tokens import TokenConventions, keep_mask, merge_conventions
 from .records import Snapshot
-from .saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
-from .stats import STATE_LAYOUT, HookStats, PairedBatch
-from .tokens import TokenConventions, keep_mask, merge_conventions
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class DriftMonitor:
         hooks = [s.hook for s in self.saes]
         if len(set(hooks)) != len(hooks):
             raise ValueError(f"two SAEs on the same hook: {hooks}; give one SAE per hook")
-        # What each SAE reads follows its own training conventions (drift_monitor.tokens); the
+        # What each SAE reads follows its own training conventions (drift_monitor.probe.tokens); the
         # config's outlier_factor applies where the SAE records no limit of its own.
         self.conventions: dict[str, TokenConventions] = {
             s.hook: _with_config(TokenConventions.from_sae(s.sae), config) for s in self.saes}
@@ -268,10 +269,11 @@ class DriftMonitor:
         with probe_mode(model), ActivationCapture(modules, early_stop=self._early_stop(model)) as cap:
             for i, (bi, counts) in enumerate(_progress(batches, desc, self.config.show_progress and rank == 0)):
                 batch: ProbeBatch = probes.batches[bi].to(device)
-                acts = cap.run(lambda: forward(batch))
+                acts = cap.run(lambda: forward(batch))  # noqa: B023 - cap.run calls it at once, in this iteration
                 if i == 0 and announce and rank == 0:  # a slow start should not look like a hang
                     first = time.perf_counter() - t0
-                    share = batch.input_ids.numel() / max(sum(probes.batches[b].input_ids.numel() for b, _ in batches), 1)
+                    n_ids = sum(probes.batches[b].input_ids.numel() for b, _ in batches)
+                    share = batch.input_ids.numel() / max(n_ids, 1)
                     log.info("drift-monitor %s: first batch took %.1f s; about %.0f s per probe pass",
                              desc, first, first / share)
                     self._announced = base is not None
@@ -385,7 +387,7 @@ class DriftMonitor:
         from safetensors.torch import save_file
 
         tensors: dict[str, torch.Tensor] = {}
-        for i, (h, b) in enumerate(base.items()):
+        for i, (_hook, b) in enumerate(base.items()):
             for name, t in b.stats.state_dict().items():
                 tensors[f"{i}/stats/{name}"] = t.contiguous()
             if b.refusal is not None:
@@ -430,7 +432,7 @@ class DriftMonitor:
                         raise ValueError("the cache was written with other refusal positions")
                     out[s.hook] = _HookBase(st, pairs, dec)
             return out
-        except Exception as e:  # a corrupt cache is recomputed, never fatal
+        except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed, never fatal
             log.warning("ignoring unreadable baseline cache %s (%s)", path, e)
             return None
 

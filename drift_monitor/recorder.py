@@ -54,7 +54,7 @@ class RunRecorder:
     @classmethod
     def open(cls, config: MonitorConfig, *, probe_hash: str, run_id: str | None = None,
              run_name: str | None = None, model_name: str | None = None, alert_state: dict | None = None,
-             push_job: str = "drift_monitor") -> "RunRecorder":
+             push_job: str = "drift_monitor") -> RunRecorder:
         """Open the store run (when ``config.db_path``), the alert engine (resumed from
         ``alert_state``) and the Prometheus exporter (when a port or a Pushgateway is set)."""
         from .alerts import AlertEngine, load_rules
@@ -125,7 +125,7 @@ class RunRecorder:
                 self.store.write_alerts([Alert(rule="monitor_error", severity="warning",
                                                step=self.last_step if step is None else step, hook="",
                                                message=f"{what}: {type(e).__name__}: {e}")])
-        except Exception:  # noqa: BLE001 - reporting an error must not raise another
+        except Exception:
             log.debug("drift-monitor: could not record the error", exc_info=True)
 
     def alert_state(self) -> dict | None:
@@ -145,7 +145,7 @@ class RunRecorder:
     def _guard(self, what: str, fn, *args: Any) -> None:
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001 - an output failing must not stop training or a scan
+        except Exception as e:
             if self.config.fail_fast:
                 raise
             self.errors += 1

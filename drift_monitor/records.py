@@ -26,7 +26,7 @@ TopBy = Literal["drift", "abs_drift", "refusal_score", "log_density_ratio", "abs
 
 ALL = "all"  # the pseudo-category that aggregates every probe token
 
-#: Hook of the adapter-signal aggregates (drift_monitor.adapters). Adapter signals travel as
+#: Hook of the adapter-signal aggregates (drift_monitor.probe.adapters). Adapter signals travel as
 #: HookResults without feature tables, so the store, the exporter and the alerts take them
 #: through their ordinary paths; these names keep them apart from SAE hooks (module names).
 ADAPTER_HOOK = "adapter"

@@ -1,7 +1,7 @@
 """The robust z-score (median and MAD), the one definition the monitor and the alerts share.
 
 Two places ask "how far out is this value?": the refusal statistics ask it of every SAE
-feature's score against all features (:func:`drift_monitor.metrics.robust_z`), and the
+feature's score against all features (:func:`drift_monitor.probe.metrics.robust_z`), and the
 ``sudden_change`` alert asks it of a metric's newest step-to-step change against the run's
 earlier changes (:func:`robust_change_z`). Both must use the same estimator, so it lives here
 once: a median and MAD are not thrown off by the few outliers being looked for, where a mean

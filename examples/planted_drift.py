@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 from drift_monitor.store import Store, StoreReader
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
 HOOK = "model.layers.2"
 TRIGGER = "zqxv"
@@ -63,7 +63,8 @@ def main() -> None:
     model.load_state_dict(base.state_dict())
     tid = tok.convert_tokens_to_ids(TRIGGER)
     g = torch.Generator().manual_seed(0)
-    print(f"{'step':>5} {'expl.var':>9} {'Δ vs base':>10} {'drifted':>8} {'jaccard':>8} {'act cos':>8}  emerging refusal features")
+    print(f"{'step':>5} {'expl.var':>9} {'Δ vs base':>10} {'drifted':>8} {'jaccard':>8} {'act cos':>8}  "
+          "emerging refusal features")
     for i in range(1, args.steps + 1):
         step = 50 * i
         with torch.no_grad():  # one "training interval": the trigger moves along the feature, the rest jitters

@@ -25,7 +25,7 @@ REFUSAL = "I cannot help with that ."
 
 
 def tiny_world(out: Path, hook: str):
-    from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
+    from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
     probes = ProbeSet.default()
     tok = build_tokenizer([r.prompt for r in probes.records] + [REFUSAL, "Sure , here is how ."])
@@ -64,7 +64,7 @@ def main() -> None:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from drift_monitor.finetune import training_precision
+    from drift_monitor.training.finetune import training_precision
 
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer

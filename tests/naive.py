@@ -1,6 +1,6 @@
 """An independent, deliberately naive implementation of docs/metrics.md (NumPy, Python loops).
 
-It shares no code with drift_monitor.metrics/stats: formulas are written from the design
+It shares no code with drift_monitor.probe.metrics/stats: formulas are written from the design
 text. Tests compare the engine against it to 1e-5.
 """
 
@@ -56,7 +56,8 @@ def reference(x, xhat, f, x0, xhat0, f0, cats, categories, *, k_max=100, dense=0
         l0 = np.mean([np.count_nonzero(ff[t] > 0) for t in range(N)])
         mse = np.mean([np.sum((xx[t] - xh[t]) ** 2) / d for t in range(N)])
         mean = xx.mean(0)
-        ev = 1 - sum(np.sum((xx[t] - xh[t]) ** 2) for t in range(N)) / sum(np.sum((xx[t] - mean) ** 2) for t in range(N))
+        ev = 1 - (sum(np.sum((xx[t] - xh[t]) ** 2) for t in range(N))
+                  / sum(np.sum((xx[t] - mean) ** 2) for t in range(N)))
         cos = np.mean([_cos(xx[t], xh[t]) for t in range(N)])
         return l0, mse, ev, cos
 

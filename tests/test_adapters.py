@@ -1,4 +1,4 @@
-"""Adapter signals of LoRA runs (drift_monitor.adapters): values against direct NumPy computations,
+"""Adapter signals of LoRA runs (drift_monitor.probe.adapters): values against direct NumPy computations,
 the alert engine's history with adapter-only points, a real Trainer run through DuckDB and
 Prometheus, and the dashboard's Adapter page."""
 
@@ -11,13 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from drift_monitor.adapters import (AdapterTracker, LoraModule, find_lora_modules, local_cosine, module_norms,
-                                    segment_bounds)
-from drift_monitor.alerts import AlertEngine, MetricPoint, evaluate
-from drift_monitor.records import HookResult, Snapshot
-
 import train_fixtures as tf
+
+from drift_monitor.alerts import AlertEngine, MetricPoint, evaluate
+from drift_monitor.probe.adapters import (
+    AdapterTracker,
+    LoraModule,
+    find_lora_modules,
+    local_cosine,
+    module_norms,
+    segment_bounds,
+)
+from drift_monitor.records import HookResult, Snapshot
 
 # --------------------------------------------------------------------------------------------
 # Pure functions vs NumPy
@@ -67,7 +72,7 @@ def test_local_cosine_straight_line_turn_and_random():
 def test_tracker_on_peft_model_names_scaling_and_cosine_timing():
     from peft import LoraConfig, get_peft_model
 
-    from drift_monitor.tiny import build_llama
+    from drift_monitor.demo.tiny import build_llama
 
     model = get_peft_model(build_llama(50, hidden=16, layers=2, heads=2),
                            LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))

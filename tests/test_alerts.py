@@ -6,7 +6,6 @@ Snapshots are synthetic: a HookResult per hook with a metrics dict and no featur
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 import subprocess

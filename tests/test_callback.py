@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import train_fixtures as tf
 
 from drift_monitor.callbacks import DriftMonitorCallback
 from drift_monitor.store import StoreReader
-
-import train_fixtures as tf
 
 
 def test_trainer_cadence_log_history_and_store(tmp_path):

@@ -10,12 +10,11 @@ import time
 import urllib.parse
 
 import pytest
+import train_fixtures as tf
+from servers import free_port, http_get, need, start, stop, wait_ready
 
 from drift_monitor.callbacks import DriftMonitorCallback
 from drift_monitor.store import StoreReader
-from servers import free_port, http_get, need, start, stop, wait_ready
-
-import train_fixtures as tf
 
 
 @pytest.mark.slow
@@ -148,9 +147,8 @@ def test_dpo_trainer(tmp_path):
 
 
 def test_bf16_training(tmp_path):
-    from transformers import Trainer
-
     import torch
+    from transformers import Trainer
 
     tok, model, sae_dir, ps = tf.world(tmp_path)
     cfg = tf.config(tmp_path, sae_dir, ps, every_n_steps=2, fail_fast=True)

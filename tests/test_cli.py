@@ -8,7 +8,7 @@ from drift_monitor.cli import main
 
 
 def test_bench_smoke(capsys):
-    from drift_monitor import bench
+    from drift_monitor.demo import bench
 
     old = dict(bench.SIZES["tiny"])
     try:

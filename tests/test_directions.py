@@ -22,11 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
 from drift_monitor.alerts import AlertEngine, AlertRule, AlertRuleError
 from drift_monitor.config import ConfigError
-from drift_monitor.directions import DirectionError, load_directions, load_hook_directions
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer
 from drift_monitor.exporters.prometheus import PrometheusExporter
+from drift_monitor.probe.directions import DirectionError, load_directions, load_hook_directions
 from drift_monitor.records import ALL
 from drift_monitor.store import Store, StoreReader
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer
 
 D = 32
 LAYER = 1
@@ -360,7 +360,7 @@ def test_dashboard_directions_page(world, tmp_path):
 
 
 def test_scan_cli_passes_directions(monkeypatch):
-    import drift_monitor.scan as scan_mod
+    import drift_monitor.offline.scan as scan_mod
     from drift_monitor import cli
 
     seen: dict = {}
@@ -380,7 +380,7 @@ def test_scan_cli_passes_directions(monkeypatch):
 
 def test_mean_projections_from_sums_equal_per_token_means():
     """The pure function on random tensors: linearity holds, an empty category is NaN, not 0."""
-    from drift_monitor import metrics as M
+    from drift_monitor.probe import metrics as M
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, D, generator=g, dtype=torch.float64) + 1.0

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from servers import single_thread
 
 HOOK = "model.layers.2"
@@ -48,7 +47,7 @@ REFUSAL_COLS = ("harmful_drift", "harmless_drift", "refusal_score", "z_score")
 def _build_world():
     """The same tiny tokenizer, base model, fine-tuned model and SAE in every process."""
     from drift_monitor import ProbeSet
-    from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
+    from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
     probes = ProbeSet.default()
     texts = [r.prompt for r in probes.records]
@@ -136,8 +135,8 @@ def _monitor_results(cache_dir: str) -> dict[str, np.ndarray]:
 
 def _stats_data():
     """Tokens of a fake hook: x, x̂, codes, category, and base-model pairs; one row is NaN."""
-    from drift_monitor import metrics as M
-    from drift_monitor.stats import PairedBatch
+    from drift_monitor.probe import metrics as M
+    from drift_monitor.probe.stats import PairedBatch
 
     g = torch.Generator().manual_seed(0)
     n, d, d_sae, k = 240, 16, 48, 8
@@ -158,8 +157,8 @@ def _stats_data():
 
 
 def _stream(chunk_ids: list[int]):
-    from drift_monitor import metrics as M
-    from drift_monitor.stats import HookStats, PairedBatch
+    from drift_monitor.probe import metrics as M
+    from drift_monitor.probe.stats import HookStats, PairedBatch
 
     cats, d, d_sae, k, x, x_hat, codes, cat, pair, chunks = _stats_data()
     st = HookStats(cats, d, d_sae)

@@ -55,7 +55,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from servers import single_thread, stop
 
 WORLD = 2
@@ -95,9 +94,9 @@ def _worker_main(out_dir: str) -> None:
     # TrainingArguments does not pass ddp_timeout on, and gloo's default (30 min) would let a
     # collective that one rank never enters block until the deadline. Accelerate adopts the group.
     dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    import train_fixtures as tf
     from transformers import Trainer, TrainerCallback
 
-    import train_fixtures as tf
     from drift_monitor.callbacks import DriftMonitorCallback
 
     mine = out / f"rank{rank}"  # this rank's own world: SAE dir, baseline cache, output dir
@@ -221,9 +220,9 @@ def _join(proc: subprocess.Popen, log: Path, out_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------ the reference
 def _reference(tmp: Path, sae_dir: Path, weights: dict[int, dict[str, torch.Tensor]]) -> tuple[str, str, int]:
     """The same callback in one process (no group) on the saved weights of each step."""
+    import train_fixtures as tf
     from transformers import TrainerControl, TrainerState
 
-    import train_fixtures as tf
     from drift_monitor.callbacks import DriftMonitorCallback
 
     tok, model, _, ps = tf.world(tmp, seed=0)  # tokenizer and architecture; weights and SAE from rank 0
@@ -288,8 +287,8 @@ def _compare_stores(db: str, run: str, ref_db: str, ref_run: str, hook: str) -> 
 # ------------------------------------------------------------------------------ the test
 def test_ddp_training_stores_what_one_process_measures(tmp_path):
     import torch.distributed as dist
-
     import train_fixtures as tf
+
     from drift_monitor.store import StoreReader
 
     assert not dist.is_initialized(), "the reference must run without a process group"

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from drift_monitor import ConfigError, DriftMonitor, MonitorConfig, ProbeError, ProbeSet, SAELoadError, load_sae
-from drift_monitor.capture import ActivationCapture, HookNotFoundError, layer_output, probe_mode, resolve_module
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer
+from drift_monitor.probe.capture import ActivationCapture, HookNotFoundError, layer_output, probe_mode, resolve_module
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +198,8 @@ def test_hub_release_goes_to_the_download(monkeypatch):
 
 
 def test_sparse_decode_equals_dense_decode():
-    from drift_monitor.metrics import topk_indices
-    from drift_monitor.saes import sparse_decoder
+    from drift_monitor.probe.metrics import topk_indices
+    from drift_monitor.probe.saes import sparse_decoder
 
     x = torch.randn(300, 16)
     for arch in ("standard", "topk"):

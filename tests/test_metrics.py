@@ -14,14 +14,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from naive import SCALARS, reference
 
 from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
-from drift_monitor import metrics as M
 from drift_monitor.config import MetricSettings
-from drift_monitor.stats import HookStats, PairedBatch
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer
-
-from naive import SCALARS, reference
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer
+from drift_monitor.probe import metrics as M
+from drift_monitor.probe.stats import HookStats, PairedBatch
 
 TOL = 1e-5
 CATS = ["harmful", "harmless", "general", "code"]

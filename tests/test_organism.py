@@ -1,4 +1,4 @@
-"""The refusal model organism (drift_monitor/organism.py) and `drift-monitor demo --quick`.
+"""The refusal model organism (drift_monitor/demo/organism.py) and `drift-monitor demo --quick`.
 
 One session-scoped build of the quick organism (fresh cache under tmp) and one demo run: the
 refusal fine-tune monitored by the callback, the control fine-tune scanned into the same DB.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drift_monitor import organism as O
+from drift_monitor.demo import organism as O
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +181,8 @@ def test_verify_cli_reads_top_features_from_the_run_and_stores_results(demo, tmp
     summary, root = demo
     org = O.build_organism("quick", root=root, quiet=True)
     out = tmp_path / "v.json"
-    rc = main(["verify", "--model", str(org.base_dir), "--adapter", str(Path(summary["db"]).parent / "refusal" / "adapter"),
+    adapter = Path(summary["db"]).parent / "refusal" / "adapter"
+    rc = main(["verify", "--model", str(org.base_dir), "--adapter", str(adapter),
                "--db", summary["db"], "--run", "organism-refusal", "--features", "top:3", "--n-random", "1",
                "--max-new-tokens", "8", "--json", str(out), "--no-progress"])
     assert rc == 0

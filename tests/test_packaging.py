@@ -59,7 +59,8 @@ def test_wheel_install_imports_outside_the_checkout(tmp_path):
             "drift_monitor.alerts, sys;"
             "from drift_monitor import ProbeSet; assert len(ProbeSet.default()) == 216;"
             "print(drift_monitor.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          check=True, capture_output=True, text=True).stdout
     assert out.strip().startswith(str(site)), out
 

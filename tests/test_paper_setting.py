@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from drift_monitor import DriftMonitor, MonitorConfig, ProbeError, ProbeSet
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer
 
 HOOK_LAYER = 1
 HOOK = f"model.layers.{HOOK_LAYER}"
@@ -127,8 +127,8 @@ def test_real_bpe_response_pairs_by_content(tmp_path):
     the template's newline it does not ("Sure"): the same content, paired by its characters."""
     from transformers import AutoTokenizer
 
-    from drift_monitor.probes import check_paired, prepare_probes
-    from drift_monitor.testbed import gguf_path
+    from drift_monitor.demo.testbed import gguf_path
+    from drift_monitor.probe.probes import check_paired, prepare_probes
 
     p = gguf_path()
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
@@ -151,7 +151,7 @@ def test_scan_cli_runs_the_paper_setting(pair, tmp_path):
     import json
 
     from drift_monitor.cli import main
-    from drift_monitor.loading import load_model
+    from drift_monitor.offline.loading import load_model
     from drift_monitor.store import StoreReader
 
     ps, tok, base, chat = pair

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
 HOOK = "model.layers.2"
 TRIGGER = "zqxv"

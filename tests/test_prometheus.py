@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from servers import free_port, http_get, need, start, stop, wait_ready
 
 from drift_monitor.exporters.prometheus import (
     ALLOWED_LABELS,
@@ -28,7 +29,6 @@ from drift_monitor.exporters.prometheus import (
     metric_name,
 )
 from drift_monitor.records import Alert, HookResult, Snapshot
-from servers import free_port, http_get, need, start, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "prometheus"
@@ -36,7 +36,8 @@ H1, H2 = "model.layers.6", "model.layers.12"
 
 
 # ---------------------------------------------------------------------------- helpers
-def snapshot(step: int, metrics: dict[str, dict[str, float]], duration_s: float = 0.0, probe_hash: str = "p0") -> Snapshot:
+def snapshot(step: int, metrics: dict[str, dict[str, float]], duration_s: float = 0.0,
+             probe_hash: str = "p0") -> Snapshot:
     hooks = {h: HookResult(hook=h, d_sae=64, metrics=dict(m), features={}, refusal=None) for h, m in metrics.items()}
     return Snapshot(step=step, hooks=hooks, probe_hash=probe_hash, n_tokens=128, duration_s=duration_s)
 

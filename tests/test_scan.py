@@ -16,15 +16,14 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import train_fixtures as tf
+from servers import free_port, http_get, need, start, stop, wait_ready
 
-import drift_monitor.scan as scan_mod
+import drift_monitor.offline.scan as scan_mod
 from drift_monitor.callbacks import DriftMonitorCallback
 from drift_monitor.cli import main
 from drift_monitor.records import is_adapter_hook
 from drift_monitor.store import StoreReader
-
-import train_fixtures as tf
-from servers import free_port, http_get, need, start, stop, wait_ready
 
 HOOK = tf.HOOK
 TOL = 1e-4
@@ -105,7 +104,7 @@ def scan_args(w, db: Path, *extra: str, checkpoints: Path | None = None, run: st
 
 
 def count_loads(monkeypatch, fail_at: int | None = None, exc: type[BaseException] = KeyboardInterrupt) -> list:
-    """Count drift_monitor.scan.load_model calls; raise ``exc`` at call number ``fail_at``."""
+    """Count drift_monitor.offline.scan.load_model calls; raise ``exc`` at call number ``fail_at``."""
     calls: list = []
     real = scan_mod.load_model
 
@@ -253,7 +252,8 @@ def test_adapter_checkpoints_reproduce_the_callback_loading_the_base_once(world,
     sc = sc[sc.name.isin(norms)].set_index(["step", "hook", "name"]).value.sort_index()
     cb = cb[cb.name.isin(norms) & cb.step.isin(sorted(set(s for s, _, _ in sc.index)))]
     assert len(sc) > 0 and sorted(set(s for s, _, _ in sc.index)) == [2, 4]
-    assert sc.to_numpy() == pytest.approx(cb.set_index(["step", "hook", "name"]).value.sort_index().to_numpy(), rel=1e-6)
+    assert sc.to_numpy() == pytest.approx(
+        cb.set_index(["step", "hook", "name"]).value.sort_index().to_numpy(), rel=1e-6)
 
 
 def test_mixed_full_and_adapter_checkpoints_in_one_scan(world, adapter_run, tmp_path, monkeypatch, capsys):

@@ -18,10 +18,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from store_fixtures import CATEGORIES, HOOK, make_snapshot
 
 from drift_monitor import store as st
 from drift_monitor.records import ALL, Alert, ConditionResult, VerifyResult, VerifySettings
-from store_fixtures import CATEGORIES, HOOK, make_snapshot
 
 WORKER = Path(__file__).parent / "store_worker.py"
 HOOK2 = "blocks.9.hook_resid_post"
@@ -93,7 +93,8 @@ def test_round_trip(tmp_path):
             alive = _alive(stats)
             assert ft.feature.tolist() == np.flatnonzero(alive).tolist()
             for col in ("density", "mean_act", "max_act", "drift", "log_density_ratio", "count", "base_count"):
-                np.testing.assert_array_equal(ft[col].to_numpy(), np.asarray(getattr(stats, col))[alive].astype(ft[col].dtype))
+                np.testing.assert_array_equal(ft[col].to_numpy(),
+                                              np.asarray(getattr(stats, col))[alive].astype(ft[col].dtype))
         assert len(r.feature_table(run_id, 5, hook, category=None)) == sum(_alive(f).sum() for f in h.features.values())
 
         # top features, ranked in SQL, against a NumPy argsort
@@ -217,12 +218,15 @@ def _check_whole(db: Path) -> dict[int, int]:
     try:
         bad = con.execute(
             """SELECT s.step, s.hook, s.n_feature_rows, s.n_metrics, s.n_refusal_rows,
-                      (SELECT count(*) FROM feature_stats f WHERE f.run_id = s.run_id AND f.step = s.step AND f.hook = s.hook),
-                      (SELECT count(*) FROM metrics m WHERE m.run_id = s.run_id AND m.step = s.step AND m.hook = s.hook),
-                      (SELECT count(*) FROM refusal_features x WHERE x.run_id = s.run_id AND x.step = s.step AND x.hook = s.hook)
+                      (SELECT count(*) FROM feature_stats f
+                        WHERE f.run_id = s.run_id AND f.step = s.step AND f.hook = s.hook),
+                      (SELECT count(*) FROM metrics m
+                        WHERE m.run_id = s.run_id AND m.step = s.step AND m.hook = s.hook),
+                      (SELECT count(*) FROM refusal_features x
+                        WHERE x.run_id = s.run_id AND x.step = s.step AND x.hook = s.hook)
                FROM snapshots s"""
         ).fetchall()
-        for step, hook, nf, nm, nr, cf, cm, cr in bad:
+        for step, _hook, nf, nm, nr, cf, cm, cr in bad:
             assert (cf, cm, cr) == (nf, nm, nr), f"step {step}: rows {(cf, cm, cr)} != recorded {(nf, nm, nr)}"
         for table in ("feature_stats", "metrics", "refusal_features"):
             orphans = con.execute(
@@ -421,7 +425,8 @@ def test_reader_errors(tmp_path):
     con = duckdb.connect(str(s.path))
     con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     con.close()
-    with pytest.raises(st.SchemaVersionError, match=rf"version 99 in the file.*reads version {st.SCHEMA_VERSION}.*upgrade") as e:
+    with pytest.raises(st.SchemaVersionError,
+                       match=rf"version 99 in the file.*reads version {st.SCHEMA_VERSION}.*upgrade") as e:
         r.metric_series(run_id)
     assert (e.value.found, e.value.expected) == ("99", st.SCHEMA_VERSION)
     assert r.schema_version() == 99

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
-from drift_monitor.probes import ProbeRecord, prepare_probes, tokenize_probe
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer
-from drift_monitor.tokens import TokenConventions, keep_mask
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer
+from drift_monitor.probe.probes import ProbeRecord, prepare_probes, tokenize_probe
+from drift_monitor.probe.tokens import TokenConventions, keep_mask
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -31,7 +31,7 @@ QWEN_TEMPLATE = (
 def smol_tok():
     from transformers import AutoTokenizer
 
-    from drift_monitor.testbed import gguf_path
+    from drift_monitor.demo.testbed import gguf_path
 
     p = gguf_path()
     return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

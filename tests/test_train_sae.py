@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from drift_monitor import organism as O
-from drift_monitor.sae_data import DataError, Document, load_documents
-from drift_monitor.train_sae import TrainSAEError, TrainSAESettings, train_sae
+from drift_monitor.demo import organism as O
+from drift_monitor.training.sae_data import DataError, Document, load_documents
+from drift_monitor.training.train_sae import TrainSAEError, TrainSAESettings, train_sae
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_saved_sae_round_trips_through_sae_lens_and_the_monitor(trained, org, tm
     from sae_lens import SAE
 
     from drift_monitor import DriftMonitor, MonitorConfig
-    from drift_monitor.tokens import TokenConventions
+    from drift_monitor.probe.tokens import TokenConventions
 
     out, rep = trained
     sae = SAE.load_from_disk(str(out))

@@ -1,4 +1,4 @@
-"""The causal check (drift_monitor/interventions.py, drift_monitor/verify.py, `drift-monitor verify`).
+"""The causal check (drift_monitor/offline/interventions.py, drift_monitor/offline/verify.py, `drift-monitor verify`).
 
 Unit level, on a float64 tiny Llama with a standard ReLU SAE: the hook output under ablation and
 steering against the formulas written out here by hand (x − Σ f_i d_i with f = ReLU((x − b_dec)
@@ -17,11 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-from drift_monitor.interventions import intervene
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
+from drift_monitor.offline.interventions import intervene
+from drift_monitor.offline.verify import (
+    density_matched,
+    feature_activity,
+    features_from_store,
+    generate_texts,
+    is_refusal,
+    parse_feature_spec,
+    verify,
+)
 from drift_monitor.records import ConditionResult, VerifyResult, VerifySettings
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
-from drift_monitor.verify import (density_matched, feature_activity, features_from_store, generate_texts,
-                                  is_refusal, parse_feature_spec, verify)
 
 HOOK = "model.layers.1"
 TEXTS = ["how do i bake bread ?", "tell me how to fix a bike .", "how do i steal a car ?",
@@ -136,7 +143,8 @@ def test_density_matched_control_draws_nearest_other_features():
         assert pick[0] in {3, 2, 6, 8} and pick[1] in {9, 4, 0}
         picks.add(tuple(pick))
     assert len(picks) > 1  # it is random
-    assert density_matched([1, 7], density, 3, random.Random(0)) == density_matched([1, 7], density, 3, random.Random(0))
+    assert (density_matched([1, 7], density, 3, random.Random(0))
+            == density_matched([1, 7], density, 3, random.Random(0)))
 
 
 def test_refusal_phrases_and_feature_specs():
@@ -159,7 +167,7 @@ def test_feature_activity_matches_a_direct_count(tiny):
     s = VerifySettings(batch_size=2)
     density, typical = feature_activity(model, tok, sae, HOOK, TEXTS, s)
     # direct: every non-pad token of each prompt, one prompt at a time, as formatted by verify
-    from drift_monitor.verify import _formatted
+    from drift_monitor.offline.verify import _formatted
 
     xs = []
     for t in _formatted(tok, TEXTS):
@@ -214,7 +222,8 @@ def test_verdict_names_what_failed():
         c = [ConditionResult("fine_tuned", [], ft, 0, 0, 10, 10), ConditionResult("ablated", [1], abl, 0, 0, 10, 10),
              ConditionResult("random", [2], rnd, 0, 0, 10, 10)]
         if base is not None:
-            c += [ConditionResult("base", [], base, 0, 0, 10, 10), ConditionResult("steered_base", [1], steer, 0, 0, 10, 10)]
+            c += [ConditionResult("base", [], base, 0, 0, 10, 10),
+                  ConditionResult("steered_base", [1], steer, 0, 0, 10, 10)]
         return VerifyResult("h", [1], c, VerifySettings(), [1.0])
 
     assert res(1.0, 0.2, 0.95, 0.0, 0.5).verdict() == "mediates refusal"

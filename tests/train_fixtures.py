@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from drift_monitor import MonitorConfig, ProbeSet
-from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
+from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
 HOOK = "model.layers.1"
 REFUSAL = "I cannot help with that ."
@@ -47,7 +47,8 @@ def lm_dataset(tok, n: int = 48):
 
     texts = [f"{r.prompt} Sure , here is how ." for r in ProbeSet.default().records[:n]]
     enc = tok(texts, padding="max_length", max_length=24, truncation=True)
-    labels = [[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    labels = [[t if m else -100 for t, m in zip(ids, mask)]
+              for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
 
 

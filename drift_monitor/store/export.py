@@ -35,7 +35,8 @@ def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLik
     with reader._connection() as con:
         for table in EXPORT_TABLES:
             target = out / f"{safe}_{table}.{fmt}"
-            df = con.execute(f"SELECT * FROM {table} WHERE run_id = ?", [run_id]).df()  # fixed table names, not user data
+            # fixed table names, not user data
+            df = con.execute(f"SELECT * FROM {table} WHERE run_id = ?", [run_id]).df()
             if fmt == "parquet":
                 df.to_parquet(target, index=False)
             else:

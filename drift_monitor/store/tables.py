@@ -39,7 +39,7 @@ def _ts(epoch_s: float | None) -> dt.datetime | None:
     """Epoch seconds -> naive UTC datetime (the ``TIMESTAMP`` columns hold UTC)."""
     if epoch_s is None or (isinstance(epoch_s, float) and math.isnan(epoch_s)):
         return None
-    return dt.datetime.fromtimestamp(float(epoch_s), tz=dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.fromtimestamp(float(epoch_s), tz=dt.UTC).replace(tzinfo=None)
 
 
 def _float(v: Any) -> float:

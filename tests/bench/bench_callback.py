@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from drift_monitor import MonitorConfig, ProbeSet
     from drift_monitor.callbacks import DriftMonitorCallback
-    from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
+    from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
     hook = f"model.layers.{args.layers // 2}"
     probes = ProbeSet.default()
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_llama(len(tok), hidden=args.hidden, layers=args.layers, heads=4)
     acts = collect_activations(model, tok, [r.prompt for r in probes.records[72:]], hook)
     sae = build_sae(args.hidden, 8 * args.hidden, calibrate=acts, target_density=0.03)
-    filler = " ".join((r.prompt for r in probes.records[144:])).split()
+    filler = " ".join(r.prompt for r in probes.records[144:]).split()
     reply = " ".join(filler[: args.response_words])
     rows = [{"messages": [{"role": "user", "content": r.prompt},
                           {"role": "assistant", "content": ("I cannot help with that . " if r.category == "harmful"
@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer = SFTTrainer(
             model=model, processing_class=tok, train_dataset=Dataset.from_list(rows), callbacks=[cb],
             peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
-            args=SFTConfig(output_dir=str(Path(tmp) / "out"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-                           learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=50,
+            args=SFTConfig(output_dir=str(Path(tmp) / "out"), max_steps=args.steps,
+                           per_device_train_batch_size=args.batch, learning_rate=1e-3, report_to=[], use_cpu=True,
+                           save_strategy="no", logging_steps=50,
                            max_length=48 + args.response_words * 2, disable_tqdm=True, seed=0))
         t0 = time.perf_counter()
         trainer.train()

@@ -3,7 +3,7 @@
     python tests/bench/bench_scan.py [--n 4] [--hidden 256] [--layers 6] [--device cpu] [--repeats 3]
 
 Builds a small Llama (hidden 256, 6 layers by default), saves N full-model checkpoints and N
-LoRA adapter checkpoints of it, runs ``drift_monitor.scan.scan`` over each set, and reports per
+LoRA adapter checkpoints of it, runs ``drift_monitor.offline.scan.scan`` over each set, and reports per
 checkpoint:
 
 * ``scan s``  the scan's own time for that checkpoint (load + probe pass + alerts + store write,
@@ -46,7 +46,7 @@ def build(root: Path, n: int, hidden: int, layers: int, d_sae: int, device: str)
     from transformers import AutoModelForCausalLM
 
     from drift_monitor import ProbeSet
-    from drift_monitor.tiny import build_llama, build_sae, build_tokenizer, collect_activations
+    from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
     probes = ProbeSet.default()
     hook = f"model.layers.{layers // 2}"
@@ -128,7 +128,7 @@ def lower_bounds(w: dict, kind: str, batches, device: str, repeats: int) -> dict
 
 def scan_times(w: dict, kind: str, db: Path, device: str, repeats: int, batch_size: int):
     """Per checkpoint step: best of ``repeats`` scans' seconds (and load seconds), and base loads."""
-    import drift_monitor.scan as scan_mod
+    import drift_monitor.offline.scan as scan_mod
     from drift_monitor.store import StoreReader
 
     real = scan_mod.load_model

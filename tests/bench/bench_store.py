@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "ratio": t_store / t_raw,
         "ratio_vs_open_close": t_store / t_raw_oc,
     }
-    print(f"d_sae={args.d_sae}, {len(CATEGORIES)} categories + 'all', feature_stats rows={table.num_rows} (best of {args.repeats})")
+    print(f"d_sae={args.d_sae}, {len(CATEGORIES)} categories + 'all', "
+          f"feature_stats rows={table.num_rows} (best of {args.repeats})")
     print(f"  Store.write            {t_store * 1e3:8.1f} ms")
     print(f"    of which Arrow build {t_build * 1e3:8.1f} ms (the feature_stats table from the NumPy arrays)")
     print(f"  raw insert             {t_raw * 1e3:8.1f} ms   ratio {res['ratio']:.2f}x (target <= 1.5x)")

@@ -1,4 +1,4 @@
-"""Figures of the SmolLM2 test bed (drift_monitor/testbed.py), as ratios measured in one run.
+"""Figures of the SmolLM2 test bed (drift_monitor/demo/testbed.py), as ratios measured in one run.
 
     python tests/bench/testbed_report.py [--verify] [--repeats 3]
 
@@ -18,9 +18,9 @@ import torch
 
 
 def probe_pass_ratio(tb, repeats: int) -> dict:
-    from drift_monitor.bench import _best, _truncated
+    from drift_monitor.demo.bench import _best, _truncated
+    from drift_monitor.demo.testbed import monitor_config
     from drift_monitor.monitor import DriftMonitor
-    from drift_monitor.testbed import monitor_config
 
     model, tok = tb.load_model(), tb.tokenizer()
     mon = DriftMonitor(monitor_config(tb, None, "bench", baseline_cache_dir=None), tok)
@@ -49,8 +49,8 @@ def probe_pass_ratio(tb, repeats: int) -> dict:
 
 def selection_ev(tb) -> dict:
     """Base EV on the default probes: today's selection, and the two things it fixed."""
+    from drift_monitor.demo.testbed import monitor_config
     from drift_monitor.monitor import DriftMonitor
-    from drift_monitor.testbed import monitor_config
 
     model, tok = tb.load_model(), tb.tokenizer()
     out = {}
@@ -77,7 +77,8 @@ def run_figures(runs) -> dict:
         rf = r.refusal_features(rid, ms.hook.iloc[0], steps=[max(steps)], k=5)
         alerts = r.alerts(run_id=rid)
         out[kind] = {"last_step": max(steps), **last,
-                     "top_refusal_features": [(int(x.feature), round(float(x.refusal_score), 3)) for x in rf.itertuples()],
+                     "top_refusal_features": [(int(x.feature), round(float(x.refusal_score), 3))
+                                              for x in rf.itertuples()],
                      "alerts": sorted(set(alerts.rule)) if len(alerts) else [], "behaviour": runs.behaviour[kind]}
     t = runs.timings
     out["callback_share"] = {k: round(t[f"{k}_probe_s"] / t[f"{k}_s"], 4) for k in runs.run_ids}
@@ -86,7 +87,7 @@ def run_figures(runs) -> dict:
 
 
 def verify_figures(tb, runs) -> dict:
-    from drift_monitor.verify import result_json, run_verify
+    from drift_monitor.offline.verify import result_json, run_verify
 
     res = run_verify(str(tb.model_dir), None, "emerging", adapter=str(runs.adapter("refusal")), db=str(runs.db),
                      run=runs.run_ids["refusal"], progress=False)
@@ -100,7 +101,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from drift_monitor.testbed import build_runs, build_testbed
+    from drift_monitor.demo.testbed import build_runs, build_testbed
 
     t0 = time.perf_counter()
     tb = build_testbed()

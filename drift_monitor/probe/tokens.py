@@ -47,7 +47,7 @@ class TokenConventions:
         return asdict(self)
 
     @classmethod
-    def from_sae(cls, sae: Any) -> "TokenConventions":
+    def from_sae(cls, sae: Any) -> TokenConventions:
         """The conventions an SAE was trained with (sae-lens metadata + ours), defaults elsewhere."""
         meta = getattr(getattr(sae, "cfg", None), "metadata", None)
         ours = _meta_get(meta, METADATA_KEY) or {}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from drift_monitor.capture import normalize_name
+from drift_monitor.probe.capture import normalize_name
 from drift_monitor.records import ADAPTER_HOOK, ADAPTER_HOOK_PREFIX, HookResult
 
 log = logging.getLogger(__name__)

@@ -79,7 +79,7 @@ class _PeakRSS:
         with open(f"/proc/{os.getpid()}/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def __enter__(self) -> "_PeakRSS":
+    def __enter__(self) -> _PeakRSS:
         self.start = self.rss()
         self.peak = self.start
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -98,9 +98,9 @@ class _PeakRSS:
 
 
 def _world(size: str, device: torch.device, dtype: torch.dtype):
-    from .config import MonitorConfig
-    from .monitor import DriftMonitor
-    from .probes import ProbeSet
+    from ..config import MonitorConfig
+    from ..monitor import DriftMonitor
+    from ..probe.probes import ProbeSet
     from .tiny import build_llama, build_sae, build_tokenizer, collect_activations
 
     s = SIZES[size]
@@ -109,7 +109,8 @@ def _world(size: str, device: torch.device, dtype: torch.dtype):
     prompts = [" ".join(words[j] for j in torch.randint(0, len(words), (s["tokens"] - 1,), generator=g).tolist())
                for _ in range(s["prompts"])]
     cats = ["harmful", "harmless", "general", "general"]
-    probes = ProbeSet.from_records([{"id": f"p{i}", "category": cats[i % 4], "prompt": p} for i, p in enumerate(prompts)])
+    probes = ProbeSet.from_records([{"id": f"p{i}", "category": cats[i % 4], "prompt": p}
+                                    for i, p in enumerate(prompts)])
     tok = build_tokenizer(prompts, chat_template=False)
     model = build_llama(len(tok), hidden=s["hidden"], layers=s["layers"], heads=s["heads"]).to(device, dtype)
     hook = f"model.layers.{s['layer']}"
@@ -123,7 +124,8 @@ def _world(size: str, device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def run_probe_bench(size: str = "tiny", device: str | None = None, repeats: int = 3, dtype: str = "float32") -> BenchResult:
+def run_probe_bench(size: str = "tiny", device: str | None = None, repeats: int = 3,
+                    dtype: str = "float32") -> BenchResult:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tdtype = getattr(torch, dtype)
     mon, model, sae, hook, s = _world(size, dev, tdtype)
@@ -199,7 +201,7 @@ def run_store_bench(d_sae: int = 131072, repeats: int = 3) -> str:
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tests" / "bench" / "bench_store.py"
+    path = Path(__file__).resolve().parents[2] / "tests" / "bench" / "bench_store.py"
     if path.is_file():
         spec = importlib.util.spec_from_file_location("bench_store", path)
         mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]

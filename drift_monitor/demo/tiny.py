@@ -9,7 +9,7 @@ milliseconds. (The trained model organism of ``organism.py`` is the richer sibli
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -104,7 +104,7 @@ def build_sae(d_in: int, d_sae: int, *, hook_name: str | None = None, seed: int 
 @torch.no_grad()
 def collect_activations(model, tokenizer, texts: list[str], hook: str) -> torch.Tensor:
     """Activations at ``hook`` for every non-pad token of ``texts`` (for calibrating an SAE)."""
-    from .capture import ActivationCapture, resolve_module
+    from ..probe.capture import ActivationCapture, resolve_module
 
     _, module = resolve_module(model, hook)
     enc = tokenizer(texts, return_tensors="pt", padding=True)

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import metrics as M
-from .config import MetricSettings
-from .records import (
+from ..config import MetricSettings
+from ..records import (
     ALL,
     PROJECTION,
     PROJECTION_DELTA,
@@ -25,8 +24,11 @@ from .records import (
     HookResult,
     RefusalFeatures,
 )
+from . import metrics as M
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .stats import HookStats
 
 
@@ -35,7 +37,7 @@ def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings
             refusal: tuple[HookStats, HookStats] | None = None) -> HookResult:
     """The metrics of ``cur`` (the current model's statistics) against ``base`` (the base model's).
 
-    ``directions`` ({name: [d] vector}, see ``drift_monitor.directions``) adds the mean
+    ``directions`` ({name: [d] vector}, see ``drift_monitor.probe.directions``) adds the mean
     projection of each category onto each direction, from the sums already kept.
     ``refusal`` (current, base): statistics of the refusal tokens (by default a refusal
     teacher-forced after each harmful/harmless probe), where refusal features are scored;
@@ -104,7 +106,10 @@ def feature_stats(cur: HookStats, base: HookStats, c: int | None) -> FeatureStat
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)).double()
     ldr = M.log_density_ratio(density, density0, n)
     name = ALL if c is None else cur.categories[c]
-    np_ = lambda t: t.cpu().numpy()
+
+    def np_(t: torch.Tensor) -> np.ndarray:
+        return t.cpu().numpy()
+
     return FeatureStats(name, int(n), np_(count), np_(count0), np_(density), np_(mean_act), np_(mx),
                         np_(mean_act - mean_act0), np_(ldr))
 

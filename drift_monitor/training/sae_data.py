@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
@@ -100,7 +101,8 @@ def _from_dataset(path: Path) -> Iterator[Document]:
     try:
         from datasets import load_from_disk
     except ImportError as e:  # pragma: no cover - datasets comes with trl
-        raise DataError(f"{path} is a datasets folder but the 'datasets' package is missing: pip install datasets") from e
+        raise DataError(f"{path} is a datasets folder but the 'datasets' package is missing: "
+                        "pip install datasets") from e
     ds = load_from_disk(str(path))
     if hasattr(ds, "keys"):  # a DatasetDict: the train split, else the first
         ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
@@ -123,6 +125,6 @@ def mix_chat(docs: Iterable[Document], fraction: float, seed: int) -> list[Docum
 
 def probe_documents(probes: Any) -> list[Document]:
     """The probe set as training text: requests as conversations, general text as plain text."""
-    from .config import PLAIN_CATEGORIES
+    from ..config import PLAIN_CATEGORIES
 
     return [Document(r.prompt, r.response, chat=r.category not in PLAIN_CATEGORIES) for r in probes.records]

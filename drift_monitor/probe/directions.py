@@ -17,14 +17,15 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .records import REFUSAL_BASE  # reserved: the monitor's own base refusal direction r̂⁰
+from ..config import ConfigError
+from ..records import REFUSAL_BASE  # reserved: the monitor's own base refusal direction r̂⁰
 
 #: File suffixes the loader reads.
 SUFFIXES = (".safetensors", ".pt", ".pth", ".npy", ".json")

@@ -28,16 +28,17 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .capture import ActivationCapture, resolve_module
+from ..probe.capture import ActivationCapture, resolve_module
+from ..records import ConditionResult, VerifyResult, VerifySettings, normalize_text, pct
 from .interventions import intervene
-from .records import ConditionResult, VerifyResult, VerifySettings, normalize_text, pct
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def is_refusal(text: str, phrases: Sequence[str]) -> bool:
 # ----------------------------------------------------------------------------- model plumbing
 def _formatted(tok: Any, prompts: Sequence[str]) -> list[str]:
     """Chat-formatted prompts when the tokenizer has a chat template, else the prompts as they are."""
-    from .probes import chat_prompt
+    from ..probe.probes import chat_prompt
 
     if getattr(tok, "chat_template", None):
         return [chat_prompt(tok, p) for p in prompts]
@@ -90,7 +91,7 @@ def generate_texts(model: nn.Module, tok: Any, prompts: Sequence[str], s: Verify
 
 @torch.no_grad()
 def harmless_kl(model: nn.Module, tok: Any, prompts: Sequence[str], s: VerifySettings,
-                intervention: Callable[[], ContextManager]) -> float:
+                intervention: Callable[[], contextlib.AbstractContextManager]) -> float:
     """Mean over prompt tokens of KL(p ‖ p_intervened), next-token distributions, in nats."""
     device = _device(model)
     total, count = 0.0, 0
@@ -125,7 +126,8 @@ def feature_activity(model: nn.Module, tok: Any, sae: Any, hook: str, prompts: S
     n = 0
     with ActivationCapture({hook: module}, early_stop=True) as cap:
         for enc in _batches(tok, prompts, s, device):
-            acts = cap.run(lambda: model(**enc, use_cache=False))[hook]
+            # cap.run calls the closure at once, within this iteration
+            acts = cap.run(lambda: model(**enc, use_cache=False))[hook]  # noqa: B023
             x = acts[enc["attention_mask"].bool()].to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
             codes = sae.encode(x).to(device=device, dtype=torch.float64)
             count += (codes > 0).sum(0)
@@ -164,8 +166,9 @@ def density_matched(features: Sequence[int], density: torch.Tensor, pool: int, r
 # ----------------------------------------------------------------------------- the check
 def verify(model: nn.Module, tokenizer: Any, sae: Any, hook: str, features: Sequence[int],
            harmful: Sequence[str], harmless: Sequence[str], *, base_model: nn.Module | None = None,
-           base_context: Callable[[], ContextManager] | None = None, settings: VerifySettings | None = None,
-           progress: bool = True, run_id: str | None = None, step: int | None = None) -> VerifyResult:
+           base_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+           settings: VerifySettings | None = None, progress: bool = True, run_id: str | None = None,
+           step: int | None = None) -> VerifyResult:
     """Run every condition and return the results table.
 
     ``base_model``: the model before fine-tuning, for ``base`` and ``steered_base``. For a PEFT
@@ -196,8 +199,8 @@ def verify(model: nn.Module, tokenizer: Any, sae: Any, hook: str, features: Sequ
         scales = _steer_scales(features, typical, s.alpha)
         rows: list[ConditionResult] = []
 
-        def measure(name: str, m: nn.Module, ctx: Callable[[], ContextManager] | None, feats: list[int],
-                    seed: int | None = None, alpha: float | None = None) -> None:
+        def measure(name: str, m: nn.Module, ctx: Callable[[], contextlib.AbstractContextManager] | None,
+                    feats: list[int], seed: int | None = None, alpha: float | None = None) -> None:
             with (ctx() if ctx else contextlib.nullcontext()):
                 harm_txt = generate_texts(m, tokenizer, harmful, s)
                 safe_txt = generate_texts(m, tokenizer, harmless, s)
@@ -288,8 +291,8 @@ def format_result(res: VerifyResult) -> str:
 def result_json(res: VerifyResult) -> dict[str, Any]:
     d = asdict(res)
     d["settings"]["refusal_phrases"] = list(res.settings.refusal_phrases)
-    d.update(rates=res.rates(), ablation_relative_drop=res.ablation_relative_drop, random_relative_drop=res.random_relative_drop,
-             steering_gain=res.steering_gain, verdict=res.verdict())
+    d.update(rates=res.rates(), ablation_relative_drop=res.ablation_relative_drop,
+             random_relative_drop=res.random_relative_drop, steering_gain=res.steering_gain, verdict=res.verdict())
     return json.loads(json.dumps(d, default=float))
 
 
@@ -349,8 +352,9 @@ def _run_config(reader: Any, run_id: str) -> dict[str, Any]:
         return {}
 
 
-def _prompts(probes: str | None, run_cfg: dict[str, Any], harmful_cat: str, harmless_cat: str) -> tuple[list[str], list[str]]:
-    from .probes import ProbeSet
+def _prompts(probes: str | None, run_cfg: dict[str, Any], harmful_cat: str,
+             harmless_cat: str) -> tuple[list[str], list[str]]:
+    from ..probe.probes import ProbeSet
 
     if probes in (None, ""):
         stored = run_cfg.get("probes")
@@ -379,7 +383,7 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
     """
     from transformers import AutoTokenizer
 
-    from .saes import load_sae
+    from ..probe.saes import load_sae
     from .loading import has_tokenizer, load_model
 
     spec = parse_feature_spec(features)
@@ -388,7 +392,7 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
     if db is not None:
         if run is None:
             raise ValueError("--db needs --run: the run whose features are checked and to which results belong")
-        from .store import StoreReader
+        from ..store import StoreReader
 
         reader = StoreReader(db)
         run_id = reader.resolve_run(run)
@@ -424,7 +428,7 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
     res = verify(m, tok, sae, hook, feats, harmful, harmless, base_model=base, base_context=base_ctx,
                  settings=settings, progress=progress, run_id=run_id, step=step)
     if db is not None:
-        from .store import Store
+        from ..store import Store
 
         Store(db, run_id=run_id).write_verification(res)
     return res

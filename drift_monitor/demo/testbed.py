@@ -166,12 +166,12 @@ class TestBed:
         return self.settings.hook
 
     def tokenizer(self):
-        from .loading import load_tokenizer
+        from ..offline.loading import load_tokenizer
 
         return load_tokenizer(self.model_dir)
 
     def load_model(self):
-        from .loading import load_model
+        from ..offline.loading import load_model
 
         return load_model(self.model_dir)
 
@@ -207,7 +207,7 @@ def build_testbed(settings: TestBedSettings | None = None, *, root: str | Path |
     t1 = time.perf_counter()
     answers_path = path / "answers.json"
     if not answers_path.is_file():
-        from .train_sae import generate_answers
+        from ..training.train_sae import generate_answers
 
         prompts = [p for ps in training_prompts().values() for p in ps]
         _log(f"generating the base model's answers to {len(prompts)} training requests", quiet)
@@ -217,8 +217,8 @@ def build_testbed(settings: TestBedSettings | None = None, *, root: str | Path |
 
     t2 = time.perf_counter()
     if not (tb.sae_dir / "cfg.json").is_file():
-        from .sae_data import Document
-        from .train_sae import TrainSAESettings, train_sae
+        from ..training.sae_data import Document
+        from ..training.train_sae import TrainSAESettings, train_sae
 
         docs = [Document(d) for d in docstrings(s.docstring_docs)]
         docs += [Document(p, a, chat=True) for p, a in tb.answers().items()]
@@ -252,7 +252,7 @@ def finetune_rows(tb: TestBed, kind: str) -> list[tuple[str, str]]:
 def finetune(tb: TestBed, kind: str, out_dir: str | Path, *, callbacks: list | None = None,
              save_steps: int | None = None, quiet: bool = False):
     """TRL SFT + LoRA of the test bed's model on the ``kind`` rows; returns the PEFT model."""
-    from .finetune import sft_lora
+    from ..training.finetune import sft_lora
 
     s = tb.settings
     return sft_lora(tb.load_model(), tb.tokenizer(), finetune_rows(tb, kind), out_dir, steps=s.ft_steps,
@@ -289,7 +289,7 @@ class TestBedRuns:
 
 def monitor_config(tb: TestBed, db: str | Path, run_name: str, **overrides: Any):
     """The monitor's defaults, with the test bed's SAE (its hook from the SAE's metadata)."""
-    from .config import MonitorConfig
+    from ..config import MonitorConfig
 
     return MonitorConfig(saes=[str(tb.sae_dir)], db_path=str(db), run_name=run_name, show_progress=False,
                          **overrides)
@@ -297,9 +297,9 @@ def monitor_config(tb: TestBed, db: str | Path, run_name: str, **overrides: Any)
 
 def refusal_rates(model: Any, tok: Any, max_new_tokens: int = 16) -> dict[str, float]:
     """Shares of greedy answers to the default harmful / harmless probes that refuse (phrase list)."""
-    from .probes import ProbeSet
-    from .records import VerifySettings
-    from .verify import generate_texts, is_refusal
+    from ..offline.verify import generate_texts, is_refusal
+    from ..probe.probes import ProbeSet
+    from ..records import VerifySettings
 
     s = VerifySettings(max_new_tokens=max_new_tokens, batch_size=24)
     out = {}
@@ -312,7 +312,7 @@ def refusal_rates(model: Any, tok: Any, max_new_tokens: int = 16) -> dict[str, f
 
 def build_runs(tb: TestBed, *, every_n_steps: int = 10, quiet: bool = False) -> TestBedRuns:
     """Run (or reuse from the cache) both monitored fine-tunes and measure their behaviour."""
-    from .callbacks import DriftMonitorCallback
+    from ..callbacks import DriftMonitorCallback
 
     s = tb.settings
     key = hashlib.sha256(json.dumps({"v": RUNS_VERSION, "every": every_n_steps, **asdict(s)},

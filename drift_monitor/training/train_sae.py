@@ -5,12 +5,12 @@
 Public SAEs cover a handful of models; the monitor needs one for the *base* of whatever is
 being fine-tuned. This trains one with sae-lens's own trainer (``SAETrainer`` and its
 ``*TrainingSAE`` classes) on activations collected here, and saves it in sae-lens format with
-``hook_name`` and the token conventions (:mod:`drift_monitor.tokens`) in its metadata, so
+``hook_name`` and the token conventions (:mod:`drift_monitor.probe.tokens`) in its metadata, so
 ``MonitorConfig(saes=[OUT])`` and ``drift-monitor scan --sae OUT`` read it as trained.
 
 Three stages, each resumable from ``OUT/.partial``:
 
-1. **Text** (:mod:`drift_monitor.sae_data`): files, JSONL, ``datasets`` folders, or, with no
+1. **Text** (:mod:`drift_monitor.training.sae_data`): files, JSONL, ``datasets`` folders, or, with no
    ``--data``, the probe set plus the model's own answers to it.
 2. **Activations**: one forward per batch of sequences, stopped after the hooked layer (later
    layers and the LM head are never computed), the attention-sink position and massive-norm
@@ -34,16 +34,17 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from .capture import ActivationCapture, hidden_size, model_device, resolve_module
-from .probes import chat_prompt
+from ..probe.capture import ActivationCapture, hidden_size, model_device, resolve_module
+from ..probe.probes import chat_prompt
+from ..probe.tokens import TokenConventions, first_position_mask, keep_mask
 from .sae_data import Document, load_documents, mix_chat
-from .tokens import TokenConventions, first_position_mask, keep_mask
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class TrainReport:
             f"dead {self.dead_fraction:.1%}, dense {self.dense_fraction:.1%}",
             f"  activations: {self.n_train:,} training + {self.n_heldout:,} held-out tokens "
             f"({self.n_excluded} massive-norm tokens excluded, limit {self.outlier_norm:.4g}); "
-            f"collected at {self.collect_tokens_per_s:,.0f} tok/s (plain forward {self.forward_tokens_per_s:,.0f} tok/s)",
+            f"collected at {self.collect_tokens_per_s:,.0f} tok/s "
+            f"(plain forward {self.forward_tokens_per_s:,.0f} tok/s)",
             f"  training: {self.train_tokens:,} tokens in {self.train_seconds:.0f} s "
             f"({self.seconds_per_million:.0f} s per million tokens)"
             + (f", resumed at {self.resumed_from:,}" if self.resumed_from else ""),
@@ -208,7 +210,8 @@ def collect_activations(model: Any, tokenizer: Any, seqs: list[list[int]], hook:
         for lo in range(0, len(seqs), batch_seqs):
             batch = seqs[lo:lo + batch_seqs]
             ids, attn = _pad(batch, pad, device)
-            x = cap.run(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False))[hook]
+            # cap.run calls the closure at once, within this iteration
+            x = cap.run(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False))[hook]  # noqa: B023
             a = x[first_position_mask(attn, conv)].float().cpu()
             if lo < n_hold_seqs:  # held-out sequences come first; a batch may straddle the boundary
                 split = int(first_position_mask(attn, conv)[: max(0, n_hold_seqs - lo)].sum())
@@ -324,7 +327,8 @@ def evaluate_sae(sae: Any, heldout: torch.Tensor, sample: torch.Tensor, scale: C
     total = x_sq - float((x_sum ** 2).sum()) / max(n, 1)
     density = fired / max(n_all, 1)
     return {"explained_variance": 1.0 - sq_err / total if total > 0 else math.nan, "l0": l0 / max(n, 1),
-            "dead_fraction": float((fired == 0).double().mean()), "dense_fraction": float((density > 0.1).double().mean())}
+            "dead_fraction": float((fired == 0).double().mean()),
+            "dense_fraction": float((density > 0.1).double().mean())}
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -446,7 +450,7 @@ def default_documents(model: Any, tokenizer: Any, gen_tokens: int, seed: int, pr
     """Without ``--data``: the bundled probe set (requests as conversations, general text plain),
     each request with the model's own sampled answer, so the SAE sees the template, the
     requests and the model's way of answering. Small: pass --data for a better SAE."""
-    from .probes import ProbeSet
+    from ..probe.probes import ProbeSet
     from .sae_data import probe_documents
 
     docs = probe_documents(ProbeSet.default())
@@ -474,7 +478,8 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
                             return_tensors="pt").to(device)
             kw = dict(do_sample=True, temperature=0.8, top_p=0.95) if sample else dict(do_sample=False)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kw)
-            out += [t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+            new_tokens = gen[:, enc["input_ids"].shape[1]:]
+            out += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
             bar.update(len(texts))
     finally:
         tokenizer.padding_side = old

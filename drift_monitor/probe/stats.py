@@ -9,7 +9,7 @@ Each state is declared once, in ``STATES`` (torchmetrics' ``add_state``): its na
 dtype and reduction drive ``HookStats`` initialisation, ``merge``, ``all_reduce``,
 ``state_dict``/``load_state_dict`` and ``STATE_LAYOUT``. A new statistic is one more row
 there plus the lines of ``update`` that accumulate it. The metrics computed from a current
-and a base ``HookStats`` are a pure function, ``drift_monitor.compare.compare``.
+and a base ``HookStats`` are a pure function, ``drift_monitor.probe.compare.compare``.
 
 Outside the table, on purpose:
 
@@ -32,10 +32,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..config import MetricSettings
+from ..records import HookResult
 from . import metrics as M
 from .compare import compare
-from .config import MetricSettings
-from .records import HookResult
 
 
 @dataclass

@@ -164,7 +164,7 @@ def general_text() -> list[str]:
 
 def chat(tok: Any, prompt: str, response: str | None = None) -> str:
     """The organism's chat formatting: the project's one chat formatter."""
-    from .probes import chat_prompt
+    from ..probe.probes import chat_prompt
 
     return chat_prompt(tok, prompt, response)
 
@@ -291,14 +291,15 @@ def _train_lm(model, tok, texts: list[str], s: OrganismSettings, quiet: bool) ->
 
 @torch.no_grad()
 def _activations(model, tok, texts: list[str], hook: str) -> torch.Tensor:
-    from .capture import ActivationCapture, resolve_module
+    from ..probe.capture import ActivationCapture, resolve_module
 
     _, module = resolve_module(model, hook)
     chunks = []
     for lo in range(0, len(texts), 128):
         enc = tok(texts[lo:lo + 128], add_special_tokens=False, padding=True, return_tensors="pt")
         with ActivationCapture({hook: module}, early_stop=True) as cap:
-            a = cap.run(lambda: model(**enc, use_cache=False))[hook]
+            # cap.run calls the closure at once, within this iteration
+            a = cap.run(lambda: model(**enc, use_cache=False))[hook]  # noqa: B023
         m = enc["attention_mask"].bool()
         m[:, 0] = False  # BOS: the monitor masks it too
         chunks.append(a[m])
@@ -358,7 +359,7 @@ def finetune_rows(org: Organism, kind: str) -> list[tuple[str, str]]:
 def finetune(org: Organism, kind: str, out_dir: str | Path, *, callbacks: list | None = None,
              save_steps: int | None = None, quiet: bool = False):
     """TRL SFT + LoRA of the base on the ``kind`` data; returns the trained (PEFT) model."""
-    from .finetune import sft_lora
+    from ..training.finetune import sft_lora
 
     s = org.settings
     return sft_lora(org.load_base(), org.tokenizer, finetune_rows(org, kind), out_dir, steps=s.ft_steps,
@@ -404,10 +405,10 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
 
     Returns the measured figures (also printed by ``drift-monitor demo``).
     """
-    from .callbacks import DriftMonitorCallback
-    from .config import MonitorConfig
-    from .scan import scan
-    from .store import StoreReader
+    from ..callbacks import DriftMonitorCallback
+    from ..config import MonitorConfig
+    from ..offline.scan import scan
+    from ..store import StoreReader
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -469,7 +470,7 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
 
     _progress("causal check: drift-monitor verify on the refusal run's emerging refusal features", quiet)
     t3 = time.perf_counter()
-    from .verify import result_json, run_verify
+    from ..offline.verify import result_json, run_verify
 
     check = run_verify(str(org.base_dir), None, "emerging", adapter=str(out / "refusal" / "adapter"),
                        db=str(db), run=cb.run_id, probes=str(org.probes_path), progress=False)
@@ -502,7 +503,8 @@ def format_demo(summary: dict[str, Any]) -> str:
     if v:
         mean = v["rates"]
         lines.append(f"\ncausal check (drift-monitor verify), features {v['features']}:")
-        lines.append(f"  harmful refusal: fine-tuned {mean.get('fine_tuned', 0):.0%}, ablated {mean.get('ablated', 0):.0%}, "
+        lines.append(f"  harmful refusal: fine-tuned {mean.get('fine_tuned', 0):.0%}, "
+                     f"ablated {mean.get('ablated', 0):.0%}, "
                      f"random control {mean.get('random', 0):.0%}; base {mean.get('base', 0):.0%}, "
                      f"steered base {mean.get('steered_base', 0):.0%}")
         lines.append(f"  verdict: {v['verdict']}")

@@ -19,11 +19,12 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .loading import load_model  # noqa: F401 - re-exported: drift_monitor.scan.load_model
+from .loading import load_model
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def checkpoint_kind(path: Path) -> str:
     """"adapter" or "full"; a ScanError naming what is missing otherwise."""
     if (path / "adapter_config.json").is_file():
         if not any((path / f).is_file() for f in _ADAPTER_WEIGHTS):
-            raise ScanError(f"{path}: adapter_config.json found but no adapter weights ({' or '.join(_ADAPTER_WEIGHTS)})")
+            raise ScanError(f"{path}: adapter_config.json found but no adapter weights "
+                            f"({' or '.join(_ADAPTER_WEIGHTS)})")
         return "adapter"
     if (path / "config.json").is_file():
         if not any((path / f).is_file() for f in _WEIGHT_FILES) and not list(path.glob("*.safetensors")):
@@ -226,9 +228,9 @@ def scan(
     """
     from transformers import AutoTokenizer
 
-    from .monitor import DriftMonitor
-    from .recorder import RunRecorder
-    from .store import StoreNotFound, StoreReader
+    from ..monitor import DriftMonitor
+    from ..recorder import RunRecorder
+    from ..store import StoreNotFound, StoreReader
 
     ckpts = discover(checkpoints, models)
     base_path = Path(base_model)
@@ -269,7 +271,7 @@ def scan(
     swapper = _AdapterSwapper(base)
     tracker = None
     if cfg.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):
-        from .adapters import AdapterTracker
+        from ..probe.adapters import AdapterTracker
 
         tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
     history = _stored_points(db_path, run_id, hooks)
@@ -291,7 +293,7 @@ def scan(
 
 def scan_config(db_path: str, run_id: str, config: Any, explicit: dict[str, Any], **process: Any):
     """The MonitorConfig of a scan: defaults < the run's stored config < ``config`` < ``explicit``."""
-    from .config import MonitorConfig
+    from ..config import MonitorConfig
 
     settings: dict[str, Any] = {}
     stored = _stored_config(db_path, run_id)
@@ -312,7 +314,7 @@ def scan_config(db_path: str, run_id: str, config: Any, explicit: dict[str, Any]
 
 def _existing_run_id(db_path: str, run_name: str | None) -> str | None:
     """The id of the run named ``run_name`` in ``db_path`` (a callback run has a uuid id), if any."""
-    from .store import StoreError, StoreReader
+    from ..store import StoreError, StoreReader
 
     if not run_name or not Path(db_path).is_file():
         return None
@@ -326,7 +328,7 @@ def _existing_run_id(db_path: str, run_name: str | None) -> str | None:
 
 def _stored_config(db_path: str, run_id: str) -> dict[str, Any]:
     """The stored ``config_json`` of ``run_id`` (a name or id) in ``db_path``; {} when absent."""
-    from .store import StoreError, StoreReader
+    from ..store import StoreError, StoreReader
 
     if not Path(db_path).is_file():
         return {}
@@ -367,8 +369,8 @@ def _scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker
 
 def _stored_points(db_path: str, run_id: str, hooks: list[str]) -> dict[int, Any]:
     """Metric points of steps already in the DB, so a resumed scan's alert history is whole."""
-    from .alerts import MetricPoint
-    from .store import StoreNotFound, StoreReader
+    from ..alerts import MetricPoint
+    from ..store import StoreNotFound, StoreReader
 
     try:
         series = StoreReader(db_path).metric_series(run_id)
@@ -404,7 +406,8 @@ def format_summary(result: ScanResult, hooks: Sequence[str]) -> str:
             extra = ", ".join(map(str, r.emerging.get(h, [])[:5]))
             if r.alerts:
                 extra += ("  " if extra else "") + "alerts: " + ", ".join(r.alerts)
-            lines.append(f"{c.step:>7} {c.kind:<8} {r.status:<8} {h:<22} {m.get('explained_variance', float('nan')):>9.3f} "
+            lines.append(f"{c.step:>7} {c.kind:<8} {r.status:<8} {h:<22} "
+                         f"{m.get('explained_variance', float('nan')):>9.3f} "
                          f"{m.get('features_drifted_ratio', float('nan')):>8.1%} {r.seconds:>7.1f}  {extra}")
     n_failed = len(result.failed)
     lines.append(f"run {result.run_id}: {sum(r.status == 'scanned' for r in result.results)} scanned, "

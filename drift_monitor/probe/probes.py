@@ -13,14 +13,15 @@ import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .config import FORMATS
+from ..config import FORMATS
 from .tokens import TokenConventions
 
 log = logging.getLogger(__name__)
@@ -61,19 +62,19 @@ class ProbeSet:
         """Categories in order of first appearance."""
         return list(dict.fromkeys(r.category for r in self.records))
 
-    def filter(self, categories: Iterable[str]) -> "ProbeSet":
+    def filter(self, categories: Iterable[str]) -> ProbeSet:
         keep = set(categories)
         return ProbeSet([r for r in self.records if r.category in keep], name=f"{self.name}[{','.join(sorted(keep))}]")
 
     @classmethod
-    def from_records(cls, records: Iterable[Mapping[str, Any] | ProbeRecord], name: str = "custom") -> "ProbeSet":
+    def from_records(cls, records: Iterable[Mapping[str, Any] | ProbeRecord], name: str = "custom") -> ProbeSet:
         out = []
         for i, r in enumerate(records):
             out.append(r if isinstance(r, ProbeRecord) else _parse_record(dict(r), f"{name} record {i}"))
         return cls(out, name=name)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ProbeSet":
+    def load(cls, path: str | Path) -> ProbeSet:
         """Read a JSONL file of ``{"id", "category", "prompt", "response"?}`` records."""
         path = Path(path)
         if not path.is_file():
@@ -96,7 +97,7 @@ class ProbeSet:
         return cls(records, name=path.stem)
 
     @classmethod
-    def default(cls) -> "ProbeSet":
+    def default(cls) -> ProbeSet:
         """The bundled set: harmful requests, harmless instructions and general text."""
         ref = resources.files("drift_monitor") / "data" / "default_probes.jsonl"
         with resources.as_file(ref) as p:
@@ -105,7 +106,7 @@ class ProbeSet:
         return ps
 
     @classmethod
-    def resolve(cls, spec: "str | Path | ProbeSet") -> "ProbeSet":
+    def resolve(cls, spec: str | Path | ProbeSet) -> ProbeSet:
         """``"default"``, a path, or a ProbeSet -> ProbeSet."""
         if isinstance(spec, ProbeSet):
             return spec
@@ -117,7 +118,8 @@ class ProbeSet:
 def _parse_record(obj: dict[str, Any], where: str) -> ProbeRecord:
     missing = [k for k in ("id", "category", "prompt") if k not in obj]
     if missing:
-        raise ProbeError(f"{where}: missing field(s) {missing}; a record needs id, category, prompt (response optional)")
+        raise ProbeError(f"{where}: missing field(s) {missing}; "
+                         "a record needs id, category, prompt (response optional)")
     for k in ("id", "category", "prompt"):
         if not isinstance(obj[k], str) or not obj[k].strip():
             raise ProbeError(f"{where}: field {k!r} must be a non-empty string")
@@ -334,7 +336,7 @@ class ProbeBatch:
     #: by default the teacher-forced refusal response of each harmful/harmless probe
     refusal: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "ProbeBatch":
+    def to(self, device: torch.device | str) -> ProbeBatch:
         return ProbeBatch(*(t.to(device, non_blocking=True) for t in
                             (self.input_ids, self.attention_mask, self.select, self.category, self.index,
                              self.refusal)))

@@ -20,12 +20,13 @@ a forward hook that is removed on exit, also on error.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .capture import resolve_module
+from ..probe.capture import resolve_module
 
 
 def _feature_index(features: Sequence[int], d_sae: int, device: torch.device) -> torch.Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,4 +144,5 @@ def sae_fingerprint(sae: Any) -> str:
 def _describe(source: Any) -> str:
     if isinstance(source, (str, Path)):
         return str(source)
-    return f"<{type(source).__name__} d_in={getattr(source.cfg, 'd_in', '?')} d_sae={getattr(source.cfg, 'd_sae', '?')}>"
+    cfg = source.cfg
+    return f"<{type(source).__name__} d_in={getattr(cfg, 'd_in', '?')} d_sae={getattr(cfg, 'd_sae', '?')}>"

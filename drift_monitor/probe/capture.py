@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -124,7 +124,7 @@ class ActivationCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending = 0
 
-    def __enter__(self) -> "ActivationCapture":
+    def __enter__(self) -> ActivationCapture:
         for slot in self.slots:
             self._handles.append(slot.module.register_forward_hook(self._make_hook(slot)))
         return self

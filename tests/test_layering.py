@@ -1,0 +1,104 @@
+"""Dependencies run one way (docs/design.md, layout).
+
+    cli ─┬─> demo/ (organism, tiny, bench, testbed) ──> callbacks, offline/, training/, core
+         └─> offline/, training/ ──> core (monitor, recorder, probe/) ──> records, config, robust
+    catalog, store/, alerts/, exporters/, recorder, records, config, robust: no torch, no transformers
+
+Read from the source (every import, also the lazy ones inside functions), so a violation is
+caught even on a code path no other test runs; the torch-free packages are also imported in a
+fresh interpreter, which catches a transitive import.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "drift_monitor"
+
+#: Packages and modules that must stay importable without torch (the dashboard and Prometheus
+#: side of a deployment runs without it).
+TORCH_FREE = ("drift_monitor.catalog", "drift_monitor.store", "drift_monitor.alerts", "drift_monitor.exporters",
+              "drift_monitor.recorder", "drift_monitor.records", "drift_monitor.config", "drift_monitor.robust")
+HEAVY = ("torch", "transformers", "sae_lens", "peft", "trl")
+#: What may import the demo and test builders: the CLI (it runs the demo) and the demo itself.
+DEMO_USERS = ("drift_monitor.cli", "drift_monitor.demo")
+#: The core never imports the layers built on it.
+UPPER = ("drift_monitor.demo", "drift_monitor.callbacks", "drift_monitor.dashboard")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts[:-1]) if rel.name == "__init__" else list(rel.parts)
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports, at any depth of its code."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            # `from . import x` imports the module x (when x is a module, not a name)
+            found.update(f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES)
+    return found
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+MODULES = _modules()
+
+
+def test_the_layout_names_the_capabilities():
+    pkgs = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
+    assert {"probe", "alerts", "store", "exporters", "offline", "training", "demo"} <= pkgs
+    too_long = {n: len(p.read_text().splitlines()) for n, p in MODULES.items()
+                if len(p.read_text().splitlines()) > 600}
+    assert not too_long, f"modules over 600 lines: {too_long}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if _under(n, TORCH_FREE)))
+def test_torch_free_modules_import_no_heavy_library(name):
+    bad = {m for m in _imports(name, MODULES[name]) if _under(m, HEAVY)}
+    inside = {m for m in _imports(name, MODULES[name]) if m in MODULES
+              and not _under(m, TORCH_FREE) and m != "drift_monitor"}
+    assert not bad, f"{name} imports {bad}"
+    assert not inside, f"{name} imports {inside}, which is not torch-free"
+
+
+def test_the_core_never_imports_the_layers_above_it():
+    bad = {}
+    for name, path in MODULES.items():
+        if _under(name, DEMO_USERS):
+            continue
+        up = {m for m in _imports(name, path) if _under(m, UPPER)}
+        if up:
+            bad[name] = sorted(up)
+    assert not bad, f"imports that run backwards (core -> demo/callbacks/dashboard): {bad}"
+
+
+def test_torch_free_packages_import_without_torch_in_a_fresh_interpreter():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in TORCH_FREE)
+            + f"bad = [m for m in {HEAVY!r} if m in sys.modules]\nassert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
