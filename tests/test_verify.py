@@ -280,3 +280,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["verify", "--model", str(tmp_path), "--features", "1,2", "--db", str(tmp_path / "x.duckdb")]) == 2
     assert "--db needs --run" in capsys.readouterr().err
 
+
+
+def test_the_run_sae_is_found_when_the_run_stored_a_list_of_sae_folders():
+    """MonitorConfig(saes=[folder]) stores a list (the SAE names its hook); verify pairs it with
+    the run's one probe hook (adapter hooks aside), and asks for --sae when it cannot."""
+    from drift_monitor.offline.verify import _run_saes
+
+    class Reader:
+        def __init__(self, hooks):
+            self._hooks = hooks
+
+        def hooks(self, run_id):
+            return self._hooks
+
+    assert _run_saes({"saes": ["sae/"]}, Reader(["model.layers.15", "adapter", "adapter:q"]), "r") == {
+        "model.layers.15": "sae/"}
+    assert _run_saes({"saes": ["a/", "b/"]}, Reader(["h1", "h2"]), "r") == {}
+    assert _run_saes({"saes": {"h": "sae/"}}, None, None) == {"h": "sae/"}

@@ -370,6 +370,23 @@ def _prompts(probes: str | None, run_cfg: dict[str, Any], harmful_cat: str,
     return harmful, harmless
 
 
+def _run_saes(run_cfg: dict[str, Any], reader: Any, run_id: str | None) -> dict[str, str]:
+    """The run's SAEs as {hook: source}. A run configured with a list of SAE folders stored the
+    list (each SAE names its hook in its metadata); with one SAE, its hook is the run's one probe
+    hook in the store."""
+    stored = run_cfg.get("saes") or {}
+    if isinstance(stored, dict):
+        return {k: v for k, v in stored.items() if isinstance(v, str)}
+    sources = [v for v in stored if isinstance(v, str)]
+    if len(sources) == 1 and reader is not None:
+        from ..records import is_adapter_hook
+
+        hooks = [h for h in reader.hooks(run_id) if not is_adapter_hook(h)]
+        if len(hooks) == 1:
+            return {hooks[0]: sources[0]}
+    return {}
+
+
 def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapter: str | None = None,
                base_model: str | None = None, db: str | None = None, run: str | None = None,
                step: int | None = None, probes: str | None = None, harmful_category: str = "harmful",
@@ -399,7 +416,7 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
         run_cfg = _run_config(reader, run_id)
     elif isinstance(spec, tuple):
         raise ValueError(f"--features {features}: reading features from a run needs --db and --run")
-    saes = saes or {k: v for k, v in (run_cfg.get("saes") or {}).items() if isinstance(v, str)}
+    saes = saes or _run_saes(run_cfg, reader, run_id)
     if len(saes) != 1:
         raise ValueError(f"verify checks one hook at a time: give one --sae HOOK=SOURCE (got {len(saes)})")
     hook, source = next(iter(saes.items()))
