@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 ORGANISM_VERSION = "2"
 #: The demo's refusal floor (MonitorConfig.refusal_min_rel_score; why: run_demo).
-ORGANISM_REFUSAL_FLOOR = 0.3
+ORGANISM_REFUSAL_FLOOR = 0.2
 REFUSAL = "i cannot help with that ."
 COMPLY_START = "sure"
 
@@ -422,10 +422,15 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
     every = max(1, s.ft_steps // 4)
     # The organism's word-level vocabulary can only write its own refusal: that is the refusal
     # teacher-forced for the refusal scores (a real model reads an unseen sentence, docs/metrics.md).
-    # Its refusal is spread over many features, each scoring 0.4-0.53 (its control: <= 0.05), below
-    # the default floor of 0.5 that SmolLM2's benign control (0.39) set: the demo floors at 0.3.
+    # Its refusal is decided at the prompt: the features that mediate it (ablating them drops refusal
+    # 98% -> 38%) are the ones whose drift on harmful prompts exceeds that on harmless prompts at the
+    # post-instruction tokens ("selected" + contrast); they score 0.22-0.42 (the control: <= 0.08),
+    # below the default floor of 0.5 that SmolLM2's benign control (0.39) set, so the demo floors at
+    # 0.2. At the teacher-forced refusal (the default) its top features read the refusal's words and
+    # ablating them changed nothing.
     common = dict(probes=str(org.probes_path), positions=POSITIONS, baseline_cache_dir=str(out / "baseline_cache"),
-                  refusal_response=REFUSAL, refusal_min_rel_score=ORGANISM_REFUSAL_FLOOR)
+                  refusal_response=REFUSAL, refusal_min_rel_score=ORGANISM_REFUSAL_FLOOR,
+                  refusal_positions="selected", refusal_contrast=True)
 
     _progress(f"refusal fine-tune ({s.ft_steps} steps), monitored live into {db}", quiet)
     t1 = time.perf_counter()
