@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from drift_monitor.config import MonitorConfig
+from drift_monitor.recorder import guarded
 from drift_monitor.records import ADAPTER_HOOK_PREFIX, Snapshot, is_adapter_hook
 
 log = logging.getLogger("drift_monitor.callback")
@@ -283,17 +283,10 @@ class DriftMonitorCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ never break training
     def _guard(self, what: str, fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception as e:
-            if self.config.fail_fast:
-                raise
-            self._errors += 1
-            log.error("drift-monitor: %s failed (%s: %s); training continues", what, type(e).__name__, e)
-            log.debug("%s", traceback.format_exc())
-            self._report_error(what, e)
+        guarded(what, fn, *args, fail_fast=self.config.fail_fast, on_error=self._report_error)
 
     def _report_error(self, what: str, e: Exception) -> None:
+        self._errors += 1
         if self.recorder is not None and self._is_zero:
             self.recorder.record_error(what, e, step=max(self.done_steps) if self.done_steps else 0)
 

@@ -34,7 +34,7 @@ from .probe.directions import load_hook_directions
 from .probe.probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
 from .probe.saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
 from .probe.stats import STATE_LAYOUT, HookStats, PairedBatch
-from .probe.tokens import TokenConventions, keep_mask, merge_conventions
+from .probe.tokens import TokenConventions, above_limit, keep_mask, merge_conventions
 from .records import Snapshot
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class DriftMonitor:
             config.directions, {s.hook: s.d_in for s in self.saes})
         self._base: dict[str, _HookBase] | None = None
         self._announced = False  # the first snapshot's pass logs its estimate too, later ones do not
+        self._refusal_tokens: bool | None = None  # _scores_refusal(), decided on first use
         self.base_snapshot: Snapshot | None = None
         self.base_fingerprint: str | None = None
 
@@ -241,10 +242,12 @@ class DriftMonitor:
 
     def _scores_refusal(self) -> bool:
         """True when refusal features are scored on tokens of their own (the teacher-forced refusal
-        or the last prompt token); "selected" scores them on the selected tokens' statistics."""
-        if self.settings.refusal_positions == "selected":
-            return False
-        return any(bool(b.refusal.any()) for b in self.probes.batches)
+        or the last prompt token); "selected" scores them on the selected tokens' statistics.
+        Decided once per monitor (the probes never change): the probe pass only reads it."""
+        if self._refusal_tokens is None:
+            self._refusal_tokens = self.settings.refusal_positions != "selected" and any(
+                bool(b.refusal.any()) for b in self.probes.batches)
+        return self._refusal_tokens
 
     @torch.no_grad()
     def _probe_pass(self, model: nn.Module, modules: dict[str, nn.Module], base: dict[str, _HookBase] | None,
@@ -316,8 +319,7 @@ class DriftMonitor:
         if pair is not None and pair.refusal_keep is not None and pair.refusal_keep.numel() == x.shape[0]:
             keep = pair.refusal_keep.to(x.device)
         else:
-            norms = x.float().norm(dim=-1)
-            keep = ~(torch.isfinite(norms) & (norms > limit))
+            keep = ~above_limit(x, limit)
         x, cat = x[keep], cat[keep]
         if x.shape[0]:
             x_in = x.to(s.sae.dtype)

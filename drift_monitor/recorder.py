@@ -19,7 +19,9 @@ the callers, the shape of TRL's callbacks.
 from __future__ import annotations
 
 import logging
+import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -143,12 +145,24 @@ class RunRecorder:
         self.push()
 
     def _guard(self, what: str, fn, *args: Any) -> None:
-        try:
-            fn(*args)
-        except Exception as e:
-            if self.config.fail_fast:
-                raise
-            self.errors += 1
-            log.error("drift-monitor: %s failed (%s: %s)", what, type(e).__name__, e)
-            self.record_error(what, e)
+        guarded(what, fn, *args, fail_fast=self.config.fail_fast, on_error=self._own_error)
+
+    def _own_error(self, what: str, e: Exception) -> None:
+        self.errors += 1
+        self.record_error(what, e)
+
+
+def guarded(what: str, fn: Callable[..., Any], *args: Any, fail_fast: bool,
+            on_error: Callable[[str, Exception], None]) -> None:
+    """Run ``fn(*args)``; an exception is logged and handed to ``on_error`` (count it, report
+    it), never raised: the monitor must not stop training or a scan. ``fail_fast`` (tests)
+    re-raises instead. The one guard of the callback and the recorder."""
+    try:
+        fn(*args)
+    except Exception as e:
+        if fail_fast:
+            raise
+        log.error("drift-monitor: %s failed (%s: %s); carrying on", what, type(e).__name__, e)
+        log.debug("%s", traceback.format_exc())
+        on_error(what, e)
 

@@ -135,9 +135,8 @@ class HookStats:
         if excluded_cat.numel():
             self.excluded.index_add_(0, excluded_cat, torch.ones_like(excluded_cat, dtype=torch.float64))
         if limit is not None and math.isfinite(limit) and x.shape[0]:
-            over = x.float().norm(dim=-1) > limit
-            if bool(over.any()):
-                self.outliers.index_add_(0, cat[over], torch.ones_like(cat[over], dtype=torch.float64))
+            over = x.float().norm(dim=-1) > limit  # no .any() check: it would sync the device per batch
+            self.outliers.index_add_(0, cat[over], torch.ones_like(cat[over], dtype=torch.float64))
 
     @torch.no_grad()
     def update(

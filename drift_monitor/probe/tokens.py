@@ -115,9 +115,18 @@ def keep_mask(x: torch.Tensor, conv: TokenConventions) -> tuple[torch.Tensor, fl
     count and drop them separately, so a NaN is reported, never silently filtered).
     """
     norms = x.float().norm(dim=-1)
-    finite = torch.isfinite(norms)
-    limit = norm_limit(norms[finite], conv)
-    return ~(finite & (norms > limit)), limit
+    limit = norm_limit(norms[torch.isfinite(norms)], conv)
+    return ~_above(norms, limit), limit
+
+
+def above_limit(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """[n] bool: the finite rows of ``x`` [n, d] whose norm exceeds ``limit`` (a limit decided
+    elsewhere, e.g. on the base model's tokens)."""
+    return _above(x.float().norm(dim=-1), limit)
+
+
+def _above(norms: torch.Tensor, limit: float) -> torch.Tensor:
+    return torch.isfinite(norms) & (norms > limit)
 
 
 def first_position_mask(attention_mask: torch.Tensor, conv: TokenConventions) -> torch.Tensor:
