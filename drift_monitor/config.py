@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 POSITION_SELECTORS = ("all", "prompt_end", "response")
 PROBE_FORMATS = ("chat", "dialogue", "plain")
 #: How a probe can be formatted: the model's chat template, a ``User:``/``Assistant:`` transcript,
@@ -21,10 +23,6 @@ FORMATS = ("chat", "dialogue", "plain")
 
 #: Categories formatted as plain text unless ``formats`` says otherwise: general text is not a request.
 PLAIN_CATEGORIES = ("general",)
-
-
-class ConfigError(ValueError):
-    """A bad setting, with a message that says how to fix it."""
 
 
 @dataclass
