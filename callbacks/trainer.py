@@ -89,7 +89,7 @@ class DriftMonitorCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
             return
-        if state.global_step % self.config.every_n_steps == 0:
+        if state.global_step % self.config.cadence.every_n_steps == 0:
             self._guard("snapshot", self._snapshot, args, state, model)  # merges due adapter signals
         elif self._adapter_due(state.global_step):
             self._guard("adapter signals", self._adapter_snapshot, state, model)
@@ -97,13 +97,13 @@ class DriftMonitorCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
             return
-        if self.config.snapshot_on_save:
+        if self.config.cadence.snapshot_on_save:
             self._guard("snapshot", self._snapshot, args, state, model)
         if self._is_zero:
             self._guard("checkpoint", self._write_checkpoint_state, args, state)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if self.monitor is not None and self.config.snapshot_on_evaluate:
+        if self.monitor is not None and self.config.cadence.snapshot_on_evaluate:
             self._guard("snapshot", self._snapshot, args, state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -150,7 +150,7 @@ class DriftMonitorCallback(TrainerCallback):
 
         self.recorder = RunRecorder.open(
             self.config, probe_hash=self.monitor.probe_hash, run_id=self.run_id,
-            run_name=self.config.run_name or getattr(args, "run_name", None), model_name=_model_name(model),
+            run_name=self.config.outputs.run_name or getattr(args, "run_name", None), model_name=_model_name(model),
             alert_state=(resumed or {}).get("alerts"))
         self.run_id = self.recorder.run_id
 
@@ -191,8 +191,8 @@ class DriftMonitorCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ adapter signals (rank 0)
     def _start_adapters(self, model) -> None:
-        """Turn adapter signals on per ``config.adapter_signals`` ("auto": if LoRA modules exist)."""
-        mode = self.config.adapter_signals
+        """Turn adapter signals on per ``config.cadence.adapter_signals`` ("auto": if LoRA modules exist)."""
+        mode = self.config.cadence.adapter_signals
         if mode is False:
             return
         from drift_monitor.probe.adapters import AdapterTracker, find_lora_modules
@@ -206,7 +206,7 @@ class DriftMonitorCallback(TrainerCallback):
 
     def _adapter_due(self, step: int) -> bool:
         return (self.adapters is not None and self._is_zero and step not in self.adapter_steps
-                and step % self.config.adapter_cadence == 0)
+                and step % self.config.cadence.adapter_cadence == 0)
 
     def _with_adapters(self, snap: Snapshot, model) -> Snapshot:
         """``snap`` plus the adapter hooks when they are due at its step (a copy: the monitor's

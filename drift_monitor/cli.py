@@ -75,20 +75,17 @@ def _parse_directions(specs: list[str]) -> dict[str, list[str]]:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from .offline.scan import format_summary, scan
+    from .offline.scan import format_summary, resolve_config, scan
 
-    saes = _parse_saes(args.sae) or None
-    directions = _parse_directions(args.direction)
-    overrides: dict = {"directions": directions} if directions else {}
-    if args.model_format:
-        overrides["formats"] = args.model_format
-    if args.base_format:
-        overrides["base_formats"] = args.base_format
-    result = scan(args.base_model, saes, checkpoints=args.checkpoints, models=args.model, db_path=args.db,
-                  config=args.config, probes=args.probes, run_name=args.run_name, pushgateway=args.pushgateway,
-                  device=args.device, dtype=args.dtype, batch_size=args.batch_size, force=args.force,
-                  trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
-                  config_overrides=overrides or None)
+    flags = {"saes": _parse_saes(args.sae) or None, "directions": _parse_directions(args.direction) or None,
+             "formats": args.model_format, "base_formats": args.base_format, "probes": args.probes,
+             "batch_size": args.batch_size, "pushgateway_url": args.pushgateway, "device": args.device,
+             "show_progress": False if args.no_progress else None}
+    cfg = resolve_config(args.base_model, db_path=args.db, run_name=args.run_name, checkpoints=args.checkpoints,
+                         models=args.model, config=args.config,
+                         overrides={k: v for k, v in flags.items() if v is not None})
+    result = scan(args.base_model, cfg, checkpoints=args.checkpoints, models=args.model, dtype=args.dtype,
+                  force=args.force, trust_remote_code=args.trust_remote_code)
     print(format_summary(result, result.hooks))
     for r in result.failed:
         print(f"drift-monitor: checkpoint {r.checkpoint.path} (step {r.checkpoint.step}) failed: {r.error}",

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,8 @@ class DriftMonitor:
     def __init__(self, config: MonitorConfig, tokenizer: Any, *, categories: list[str] | None = None):
         self.config = config
         self.tokenizer = tokenizer
-        self.probe_set = ProbeSet.resolve(config.probes)
-        self.settings = MetricSettings(**{f.name: getattr(config, f.name) for f in fields(MetricSettings)})
+        self.probe_set = ProbeSet.resolve(config.probes.source)
+        self.settings: MetricSettings = config.metrics
         device = config.device or "cpu"
         self.saes: list[HookedSAE] = [bind_sae(h, src, device, config.sae_dtype) for h, src in config.sae_items()]
         hooks = [s.hook for s in self.saes]
@@ -116,17 +116,18 @@ class DriftMonitor:
             categories=(st.harmful_category, st.harmless_category)
             if {st.harmful_category, st.harmless_category} <= cats_present else (),
             positions=st.refusal_positions, response=st.refusal_response)
-        prep = dict(batch_size=config.batch_size, max_length=config.max_length, selector_for=config.selector_for,
-                    prompt_end_tokens=config.prompt_end_tokens, include_bos=config.include_bos,
+        pc = config.probes
+        prep = dict(batch_size=pc.batch_size, max_length=pc.max_length, selector_for=pc.selector_for,
+                    prompt_end_tokens=pc.prompt_end_tokens, include_bos=pc.include_bos,
                     conventions=conv, categories=categories, refusal=refusal)
-        self.probes: PreparedProbes = prepare_probes(self.probe_set, tokenizer, format_for=config.format_for, **prep)
+        self.probes: PreparedProbes = prepare_probes(self.probe_set, tokenizer, format_for=pc.format_for, **prep)
         #: The base model's probes: the same tokens, or, when base_formats differ (a base model read
         #: in its own format against a chat model), the same content in the base's format, batched
         #: in the same order and checked to pair token by token.
         self.base_probes: PreparedProbes = self.probes
-        if any(config.format_for(c) != config.format_for(c, base=True) for c in self.probes.categories):
+        if any(pc.format_for(c) != pc.format_for(c, base=True) for c in self.probes.categories):
             self.base_probes = prepare_probes(self.probe_set, tokenizer, order=self.probes.order,
-                                              format_for=lambda c: config.format_for(c, base=True), **prep)
+                                              format_for=lambda c: pc.format_for(c, base=True), **prep)
             check_paired(self.probes, self.base_probes)
         # Loaded and checked now (file, width, hook), so a bad direction fails at start-up. Not part
         # of the baseline cache key: projections are computed from the cached sums at compute().
@@ -270,7 +271,7 @@ class DriftMonitor:
                      probes.n_tokens, len(probes.batches))
         t0 = time.perf_counter()
         with probe_mode(model), ActivationCapture(modules, early_stop=self._early_stop(model)) as cap:
-            for i, (bi, counts) in enumerate(_progress(batches, desc, self.config.show_progress and rank == 0)):
+            for i, (bi, counts) in enumerate(_progress(batches, desc, self.config.outputs.show_progress and rank == 0)):
                 batch: ProbeBatch = probes.batches[bi].to(device)
                 acts = cap.run(lambda: forward(batch))  # noqa: B023 - cap.run calls it at once, in this iteration
                 if i == 0 and announce and rank == 0:  # a slow start should not look like a hang
@@ -453,7 +454,7 @@ def _with_config(conv: TokenConventions, config: MonitorConfig) -> TokenConventi
 
     if conv.outlier_norm is not None:
         return conv
-    return replace(conv, outlier_factor=config.outlier_factor)
+    return replace(conv, outlier_factor=config.probes.outlier_factor)
 
 
 def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Tensor, complete: bool) -> torch.Tensor:

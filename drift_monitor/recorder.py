@@ -57,23 +57,23 @@ class RunRecorder:
     def open(cls, config: MonitorConfig, *, probe_hash: str, run_id: str | None = None,
              run_name: str | None = None, model_name: str | None = None, alert_state: dict | None = None,
              push_job: str = "drift_monitor") -> RunRecorder:
-        """Open the store run (when ``config.db_path``), the alert engine (resumed from
+        """Open the store run (when ``config.outputs.db_path``), the alert engine (resumed from
         ``alert_state``) and the Prometheus exporter (when a port or a Pushgateway is set)."""
         from .alerts import AlertEngine, load_rules
 
-        name = run_name or config.run_name
+        name = run_name or config.outputs.run_name
         store = None
-        if config.db_path:
+        if config.outputs.db_path:
             from .store import Store
 
-            store = Store(config.db_path, run_id=run_id, run_name=name)
+            store = Store(config.outputs.db_path, run_id=run_id, run_name=name)
             run_id = store.start_run(name=name, model=model_name, config=config.to_dict(),
                                      probe_hash=probe_hash)
         run_id = run_id or uuid.uuid4().hex
-        rules = load_rules(config.alert_rules)
+        rules = load_rules(config.outputs.alert_rules)
         engine = AlertEngine.from_state(alert_state, rules=rules) if alert_state else AlertEngine(rules, run=run_id)
         rec = cls(run_id=run_id, config=config, store=store, alerts=engine, push_job=push_job)
-        if config.prometheus_port is not None or config.pushgateway_url:
+        if config.outputs.prometheus_port is not None or config.outputs.pushgateway_url:
             rec._guard("prometheus", rec._open_exporter, model_name, probe_hash)
         return rec
 
@@ -83,9 +83,10 @@ class RunRecorder:
 
         self.exporter = PrometheusExporter(run=self.run_id)
         self.exporter.set_info(model=model_name or "", probe_hash=probe_hash, version=__version__)
-        if self.config.prometheus_port is not None:
-            self.prometheus_port = self.exporter.serve(self.config.prometheus_port, self.config.prometheus_host)
-            log.info("drift-monitor: Prometheus metrics at http://%s:%d/metrics", self.config.prometheus_host,
+        out = self.config.outputs
+        if out.prometheus_port is not None:
+            self.prometheus_port = self.exporter.serve(out.prometheus_port, out.prometheus_host)
+            log.info("drift-monitor: Prometheus metrics at http://%s:%d/metrics", out.prometheus_host,
                      self.prometheus_port)
 
     # ------------------------------------------------------------------ per snapshot
@@ -112,8 +113,8 @@ class RunRecorder:
 
     def push(self) -> None:
         """Push to the Pushgateway when one is configured; a failure is logged and counted."""
-        if self.exporter is not None and self.config.pushgateway_url:
-            self._guard("push", self.exporter.push, self.config.pushgateway_url, self.push_job)
+        if self.exporter is not None and self.config.outputs.pushgateway_url:
+            self._guard("push", self.exporter.push, self.config.outputs.pushgateway_url, self.push_job)
 
     # ------------------------------------------------------------------ errors and status
     def record_error(self, what: str, e: BaseException, step: int | None = None) -> None:

@@ -51,11 +51,12 @@ def main() -> None:
 
     # the plant sits on the prompt's trigger token, so refusal features are scored at the prompt's
     # selected positions (the default reads a teacher-forced refusal after each request)
-    cfg = MonitorConfig(saes={HOOK: str(out / "sae")}, probes=probes, db_path=str(out / "drift.duckdb"),
-                        baseline_cache_dir=str(out / "cache"), run_name="planted-drift", refusal_positions="selected")
+    cfg = MonitorConfig(saes={HOOK: str(out / "sae")}, probes=probes, baseline_cache_dir=str(out / "cache"),
+                        metrics={"refusal_positions": "selected"},
+                        outputs={"db_path": str(out / "drift.duckdb"), "run_name": "planted-drift"})
     mon = DriftMonitor(cfg, tok)
-    store = Store(cfg.db_path)
-    run_id = store.start_run(name=cfg.run_name, model="tiny-llama-4x64", config=cfg.to_dict(),
+    store = Store(cfg.outputs.db_path)
+    run_id = store.start_run(name=cfg.outputs.run_name, model="tiny-llama-4x64", config=cfg.to_dict(),
                              probe_hash=mon.probe_hash)
     store.write(mon.baseline(base))
 
@@ -79,13 +80,13 @@ def main() -> None:
               f"{snap.hooks[HOOK].refusal.emerging[:5]}")
     store.finish_run("finished")
 
-    reader = StoreReader(cfg.db_path)
+    reader = StoreReader(cfg.outputs.db_path)
     top = reader.top_features(run_id, step=50 * args.steps, hook=HOOK, by="drift", k=3)
     print(f"\nplanted feature: {FEATURE}; top drifting features at the last step (from DuckDB):")
     print(top.to_string(index=False))
-    print(f"\nstored in {cfg.db_path} (run {run_id}) in {time.perf_counter() - t0:.1f} s")
-    print(f"list runs:   .venv/bin/drift-monitor runs --db {cfg.db_path}")
-    print(f"dashboard:   .venv/bin/drift-monitor dashboard --db {cfg.db_path}   (then open http://127.0.0.1:8501)")
+    print(f"\nstored in {cfg.outputs.db_path} (run {run_id}) in {time.perf_counter() - t0:.1f} s")
+    print(f"list runs:   .venv/bin/drift-monitor runs --db {cfg.outputs.db_path}")
+    print(f"dashboard:   .venv/bin/drift-monitor dashboard --db {cfg.outputs.db_path}   (then open http://127.0.0.1:8501)")
 
 
 if __name__ == "__main__":

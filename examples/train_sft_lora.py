@@ -77,12 +77,11 @@ def main() -> None:
     else:
         tok, model, sae = tiny_world(out, args.hook)
 
-    cfg = MonitorConfig(
-        saes={args.hook: sae}, probes="default", every_n_steps=args.every, db_path=str(out / "drift.duckdb"),
-        positions={"harmful": "prompt_end", "harmless": "prompt_end"}, run_name="sft-lora-refusal",
-        prometheus_port=None if args.prometheus_port < 0 else args.prometheus_port,
-        baseline_cache_dir=str(out / "baseline_cache"),
-    )
+    cfg = MonitorConfig(saes={args.hook: sae}, baseline_cache_dir=str(out / "baseline_cache"),
+                        probes={"source": "default", "positions": {"harmful": "prompt_end", "harmless": "prompt_end"}},
+                        cadence={"every_n_steps": args.every},
+                        outputs={"db_path": str(out / "drift.duckdb"), "run_name": "sft-lora-refusal",
+                                 "prometheus_port": None if args.prometheus_port < 0 else args.prometheus_port})
     cb = DriftMonitorCallback(cfg)
     trainer = SFTTrainer(
         model=model,
@@ -99,7 +98,8 @@ def main() -> None:
     )
     cb.attach(trainer)  # the scalars go through trainer.log: report_to trackers see them next to the loss
     trainer.train()
-    print(f"\nrun {cb.run_id} stored in {cfg.db_path}; list runs with: drift-monitor runs --db {cfg.db_path}")
+    db = cfg.outputs.db_path
+    print(f"\nrun {cb.run_id} stored in {db}; list runs with: drift-monitor runs --db {db}")
 
 
 if __name__ == "__main__":

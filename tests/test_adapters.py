@@ -209,7 +209,7 @@ def test_trainer_lora_signals_in_duckdb_and_prometheus(tmp_path):
     trainer.train()
     assert sorted(saved) == [0, 1, 2, 3, 4, 5]
 
-    reader = StoreReader(cfg.db_path)
+    reader = StoreReader(cfg.outputs.db_path)
     stored = reader.metric_series(cb.run_id)
     val = {(int(s), h, n): v for s, h, n, v in stored[["step", "hook", "name", "value"]].itertuples(index=False)}
     modules = sorted(saved[0])

@@ -20,11 +20,11 @@ def test_trainer_cadence_log_history_and_store(tmp_path):
     cb.attach(trainer)
     trainer.train()
     # baseline, every 2 optimizer steps, and a final one at step 5; never twice for one step
-    assert tf.snapshot_steps(cfg.db_path) == [0, 2, 4, 5]
+    assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 2, 4, 5]
     logged = [h for h in trainer.state.log_history if f"drift_monitor/{tf.HOOK}/explained_variance" in h]
     assert [h["step"] for h in logged] == [2, 4, 5]
     assert all("epoch" in h for h in logged), "attach(): the scalars went through trainer.log"
-    reader = StoreReader(cfg.db_path)
+    reader = StoreReader(cfg.outputs.db_path)
     series = reader.metric_series(cb.run_id, names=["act_cosine"])
     assert len(series) == 4 and series.value.iloc[0] == pytest.approx(1.0)
     assert series.value.iloc[-1] < 1.0, "training must move the activations"
@@ -44,8 +44,8 @@ def test_sft_lora_peft_config_with_gradient_checkpointing(tmp_path):
                          callbacks=[cb])
     cb.attach(trainer)
     trainer.train()
-    assert tf.snapshot_steps(cfg.db_path) == [0, 2, 4]
-    reader = StoreReader(cfg.db_path)
+    assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 2, 4]
+    reader = StoreReader(cfg.outputs.db_path)
     jac = reader.metric_series(cb.run_id, names=["topk_jaccard"]).value.tolist()
     assert jac[0] == pytest.approx(1.0) and jac[-1] < 1.0
 
@@ -61,7 +61,7 @@ def test_get_peft_model_wrapped(tmp_path):
     trainer = Trainer(model=peft_model, args=tf.training_args(tmp_path, max_steps=3), train_dataset=tf.lm_dataset(tok),
                       callbacks=[cb])
     trainer.train()
-    assert tf.snapshot_steps(cfg.db_path) == [0, 3]
+    assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 3]
     # without attach(): the scalars still reach the log history (appended, not via trainer.log)
     entries = [h for h in trainer.state.log_history if f"drift_monitor/{tf.HOOK}/l0" in h]
     assert [h["step"] for h in entries] == [3] and "epoch" not in entries[0]
@@ -76,7 +76,7 @@ def test_resume_keeps_run_id_and_duplicates_no_step(tmp_path):
     args = tf.training_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
     cb1 = DriftMonitorCallback(cfg, tok)
     Trainer(model=model, args=args, train_dataset=tf.lm_dataset(tok), callbacks=[cb1]).train()
-    first = StoreReader(cfg.db_path).metric_series(cb1.run_id, names=["explained_variance"])
+    first = StoreReader(cfg.outputs.db_path).metric_series(cb1.run_id, names=["explained_variance"])
 
     model2 = tf.world(tmp_path / "w2")[1]
     model2.load_state_dict(init)
@@ -84,7 +84,7 @@ def test_resume_keeps_run_id_and_duplicates_no_step(tmp_path):
     Trainer(model=model2, args=args, train_dataset=tf.lm_dataset(tok), callbacks=[cb2]).train(
         resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
     assert cb2.run_id == cb1.run_id
-    reader = StoreReader(cfg.db_path)
+    reader = StoreReader(cfg.outputs.db_path)
     assert len(reader.runs()) == 1
     snaps = reader.snapshots(cb1.run_id)
     assert sorted(snaps.step.tolist()) == [0, 2, 4, 6], "one row per (step, hook): no duplicates"
@@ -124,8 +124,8 @@ def test_monitor_errors_never_stop_training(tmp_path):
         blocker.close()
     assert trainer.state.global_step == 6
     assert cb.errors >= 1
-    assert tf.snapshot_steps(cfg.db_path) == [0, 2, 4, 6]
-    alerts = StoreReader(cfg.db_path).alerts(cb.run_id)
+    assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 2, 4, 6]
+    alerts = StoreReader(cfg.outputs.db_path).alerts(cb.run_id)
     assert "monitor_error" in set(alerts.rule) and "nonfinite_activations" in set(alerts.rule)
     nonfinite = alerts[alerts.rule == "nonfinite_activations"]
     assert (nonfinite.severity == "critical").all()

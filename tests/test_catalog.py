@@ -61,9 +61,10 @@ def emitted(tmp_path_factory) -> dict[str, dict[str, dict[str, float]]]:
     tok = build_tokenizer([r["prompt"] for r in records])
     base = build_llama(len(tok), hidden=D, layers=2, heads=4, seed=0)
     cur = build_llama(len(tok), hidden=D, layers=2, heads=4, seed=1)
-    cfg = MonitorConfig(saes={HOOK: build_sae(D, 64, seed=1)}, probes=ProbeSet.from_records(records, name="cat"),
-                        directions={HOOK: {"mine": torch.ones(D)}}, batch_size=4,
-                        baseline_cache_dir=str(tmp / "cache"), show_progress=False)
+    cfg = MonitorConfig(saes={HOOK: build_sae(D, 64, seed=1)}, directions={HOOK: {"mine": torch.ones(D)}},
+                        baseline_cache_dir=str(tmp / "cache"),
+                        probes={"source": ProbeSet.from_records(records, name="cat"), "batch_size": 4},
+                        outputs={"show_progress": False})
     mon = DriftMonitor(cfg, tok)
     out = {"base": {h: r.metrics for h, r in mon.baseline(base).hooks.items()},
            "snap": {h: r.metrics for h, r in mon.snapshot(cur, step=10).hooks.items()}}

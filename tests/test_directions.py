@@ -144,7 +144,8 @@ def world(tmp_path_factory):
     np.save(tmp / "bank.npy", bank.numpy())
     refusal = 5.0 * torch.randn(D, generator=g, dtype=torch.float64)  # not unit length on purpose
     raw = {"bank.0": bank[0], "bank.1": bank[1], "refusal": refusal}
-    common = dict(probes=ps, batch_size=4, baseline_cache_dir=str(tmp / "cache"), show_progress=False)
+    common = dict(probes={"source": ps, "batch_size": 4}, baseline_cache_dir=str(tmp / "cache"),
+                  outputs={"show_progress": False})
     cfg = MonitorConfig(saes={HOOK: sae}, directions={HOOK: [str(tmp / "bank.npy"), {"refusal": refusal}]},
                         **common)
     mon = DriftMonitor(cfg, tok)
@@ -365,15 +366,15 @@ def test_scan_cli_passes_directions(monkeypatch):
 
     seen: dict = {}
 
-    def fake_scan(base_model, saes, **kw):
-        seen.update(kw, saes=saes)
-        raise ValueError("stop here")  # a user error: the CLI prints it and returns 2
+    def fake_scan(base_model, config, **kw):
+        seen["config"] = config
+        raise scan_mod.ScanError("stop here")  # a user error: the CLI prints it and returns 2
 
     monkeypatch.setattr(scan_mod, "scan", fake_scan)
     rc = cli.main(["scan", "--base-model", "b", "--sae", f"{HOOK}=sae", "--db", "x.duckdb",
                    "--direction", f"{HOOK}=a.npy", "--direction", f"{HOOK}=b.safetensors"])
     assert rc == 2
-    assert seen["config_overrides"] == {"directions": {HOOK: ["a.npy", "b.safetensors"]}}
+    assert seen["config"].directions == {HOOK: ["a.npy", "b.safetensors"]}
     with pytest.raises(ValueError, match="HOOK=PATH"):
         cli._parse_directions(["no-equals-sign"])
 

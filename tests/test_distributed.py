@@ -101,8 +101,8 @@ def _monitor_results(cache_dir: str) -> dict[str, np.ndarray]:
     probes, tok, base, cur, sae = _build_world()
     forwards = [0]
     base.model.layers[0].register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    cfg = MonitorConfig(saes={HOOK: sae}, probes=probes, batch_size=BATCH_SIZE, baseline_cache_dir=cache_dir,
-                        show_progress=False)
+    cfg = MonitorConfig(saes={HOOK: sae}, baseline_cache_dir=cache_dir,
+                        probes={"source": probes, "batch_size": BATCH_SIZE}, outputs={"show_progress": False})
     mon = DriftMonitor(cfg, tok)
     out: dict[str, np.ndarray] = {}
     out.update(_snapshot_arrays("base", mon.baseline(base)))

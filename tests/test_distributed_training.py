@@ -241,7 +241,7 @@ def _reference(tmp: Path, sae_dir: Path, weights: dict[int, dict[str, torch.Tens
         cb.on_step_end(args, state, control, model=model)
     cb.on_train_end(args, state, control, model=model)
     assert cb.errors == 0 and sorted(cb.done_steps) == STEPS
-    return cfg.db_path, cb.run_id, forwards[0]
+    return cfg.outputs.db_path, cb.run_id, forwards[0]
 
 
 # ------------------------------------------------------------------------------ comparing stores

@@ -22,7 +22,7 @@ def tiny():
 
 def _cfg(tmp_path, **kw):
     kw.setdefault("saes", {"model.layers.1": build_sae(32, 64)})
-    return MonitorConfig(baseline_cache_dir=str(tmp_path), show_progress=False, **kw)
+    return MonitorConfig(baseline_cache_dir=str(tmp_path), outputs={"show_progress": False}, **kw)
 
 
 def test_unknown_hook_lists_close_names(tiny, tmp_path):
@@ -60,15 +60,15 @@ def test_empty_and_malformed_probe_files(tmp_path):
 def test_unknown_category_in_position_selector(tiny, tmp_path):
     tok, _ = tiny
     with pytest.raises(ProbeError, match=r"unknown category \['harmfull'\].*'harmful'"):
-        DriftMonitor(_cfg(tmp_path, positions={"harmfull": "prompt_end"}), tok)
-    with pytest.raises(ConfigError, match="unknown position selector"):
-        _cfg(tmp_path, positions="last")
+        DriftMonitor(_cfg(tmp_path, probes={"positions": {"harmfull": "prompt_end"}}), tok)
+    with pytest.raises(ConfigError, match="probes.positions: unknown value .last."):
+        _cfg(tmp_path, probes={"positions": "last"})
 
 
 def test_response_selector_needs_responses(tiny, tmp_path):
     tok, _ = tiny
     with pytest.raises(ProbeError, match="has no response"):
-        DriftMonitor(_cfg(tmp_path, positions={"harmful": "response"}), tok)
+        DriftMonitor(_cfg(tmp_path, probes={"positions": {"harmful": "response"}}), tok)
 
 
 def test_tokenizer_without_pad_falls_back_to_eos(tiny, tmp_path):
@@ -80,19 +80,6 @@ def test_tokenizer_without_pad_falls_back_to_eos(tiny, tmp_path):
         mon = DriftMonitor(_cfg(tmp_path), tok2)
     assert tok2.pad_token == tok2.eos_token
     assert mon.probes.batches[0].input_ids.shape[0] > 0
-
-
-def test_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="saes is empty"):
-        MonitorConfig(saes={})
-    with pytest.raises(ConfigError, match="every_n_steps must be a positive integer"):
-        MonitorConfig(saes={"a": "b"}, every_n_steps=0)
-    with pytest.raises(ConfigError, match="did you mean 'every_n_steps'"):
-        MonitorConfig.from_dict({"saes": {"a": "b"}, "every_n_step": 5})
-    p = tmp_path / "c.yaml"
-    p.write_text("saes:\n  model.layers.1: some/dir\nevery_n_steps: 7\npositions:\n  harmful: prompt_end\n")
-    cfg = MonitorConfig.from_file(p)
-    assert cfg.every_n_steps == 7 and cfg.selector_for("harmful") == "prompt_end" and cfg.selector_for("x") == "all"
 
 
 # --------------------------------------------------------------------------- hook resolution
@@ -123,7 +110,8 @@ def test_hook_names_resolve_through_wrappers(tiny):
 def test_sae_metadata_hook_name_is_used(tiny, tmp_path):
     tok, model = tiny
     sae = build_sae(32, 64, hook_name="model.layers.2")
-    mon = DriftMonitor(MonitorConfig(saes=[sae], baseline_cache_dir=str(tmp_path), show_progress=False), tok)
+    cfg = MonitorConfig(saes=[sae], baseline_cache_dir=str(tmp_path), outputs={"show_progress": False})
+    mon = DriftMonitor(cfg, tok)
     assert mon.hooks == ["model.layers.2"]
     snap = mon.baseline(model)
     assert snap.metric("model.layers.2", "n_tokens") > 0

@@ -139,7 +139,7 @@ def probe_world():
                 r["response"] = "x = 1 " * (1 + i % 4)
             records.append(r)
     ps = ProbeSet.from_records(records, name="mixed")
-    tok = build_tokenizer([r["prompt"] for r in records] + ["x = 1", MonitorConfig.refusal_response])
+    tok = build_tokenizer([r["prompt"] for r in records] + ["x = 1", MetricSettings.refusal_response])
     torch.manual_seed(0)
     base = build_llama(len(tok), hidden=32, layers=3, heads=4).double()
     cur = build_llama(len(tok), hidden=32, layers=3, heads=4).double()
@@ -169,13 +169,13 @@ def _per_sequence_activations(model, mon, hook_layer):
     for it in mon.probes.items:
         r = it.record
         msgs = [{"role": "user", "content": r.prompt}]
-        plain = cfg.format_for(r.category) == "plain"  # general text: the words alone, BOS first
+        plain = cfg.probes.format_for(r.category) == "plain"  # general text: the words alone, BOS first
         prompt_ids = tok(r.prompt)["input_ids"] if plain else \
             tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                 add_special_tokens=False)["input_ids"]
         ids = prompt_ids
         forced = r.response is None and r.category in ("harmful", "harmless")
-        refusal = tok(cfg.refusal_response, add_special_tokens=False)["input_ids"]
+        refusal = tok(cfg.metrics.refusal_response, add_special_tokens=False)["input_ids"]
         if r.response is not None:
             ids = prompt_ids + tok(r.response, add_special_tokens=False)["input_ids"]
         elif forced:  # the template's assistant turn ends with a newline after the refusal
@@ -187,7 +187,7 @@ def _per_sequence_activations(model, mon, hook_layer):
         c1 = c0 + len(words)
         with torch.no_grad():
             hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[hook_layer + 1][0]
-        sel = cfg.selector_for(r.category)
+        sel = cfg.probes.selector_for(r.category)
         p_len = len(prompt_ids)
         n = len(ids) if r.response is not None else p_len
         if sel == "all":
@@ -212,10 +212,10 @@ def test_monitor_matches_naive_reference_end_to_end(probe_world, tmp_path, chunk
     ps, tok, base_model, cur_model = probe_world
     hook_layer = 1
     hook = f"model.layers.{hook_layer}"
-    cfg_kwargs = dict(probes=ps, batch_size=5, positions={"harmful": "prompt_end", "harmless": "prompt_end",
-                                                           "code": "response"},
-                      baseline_cache_dir=str(tmp_path), show_progress=False, drift_min_firings=2,
-                      sae_chunk_mb=chunk_mb, outlier_factor=None)
+    positions = {"harmful": "prompt_end", "harmless": "prompt_end", "code": "response"}
+    cfg_kwargs = dict(probes={"source": ps, "batch_size": 5, "positions": positions, "outlier_factor": None},
+                      metrics={"drift_min_firings": 2}, baseline_cache_dir=str(tmp_path),
+                      outputs={"show_progress": False}, sae_chunk_mb=chunk_mb)
     # calibrate the SAE on base activations so codes are sparse
     probe_cfg = MonitorConfig(saes={hook: build_sae(32, 96)}, **cfg_kwargs)
     mon0 = DriftMonitor(probe_cfg, tok)
@@ -232,7 +232,7 @@ def test_monitor_matches_naive_reference_end_to_end(probe_world, tmp_path, chunk
         f, f0 = sae.encode(x), sae.encode(x0)
         xh, xh0 = sae.decode(f), sae.decode(f0)
         fd, f0d = sae.encode(xd), sae.encode(x0d)
-    ref = reference(x, xh, f, x0, xh0, f0, cats, mon.probes.categories, min_fire=cfg_kwargs["drift_min_firings"],
+    ref = reference(x, xh, f, x0, xh0, f0, cats, mon.probes.categories, min_fire=mon.settings.drift_min_firings,
                     dec=(xd, fd, x0d, f0d, cd))
     _check_against_reference(snap.hooks[hook], ref)
     # the cached baseline gives the same snapshot

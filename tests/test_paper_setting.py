@@ -85,8 +85,10 @@ def _reference(ps, tok, base, chat, sae, k_max=100):
 
 
 def _config(ps, sae, tmp_path, **kw):
-    return MonitorConfig(saes={HOOK: sae}, probes=ps, positions="response", formats="chat", show_progress=False,
-                         baseline_cache_dir=str(tmp_path), outlier_factor=None, batch_size=3, **kw)
+    return MonitorConfig(saes={HOOK: sae}, baseline_cache_dir=str(tmp_path),
+                         probes={"source": ps, "positions": "response", "formats": "chat", "outlier_factor": None,
+                                 "batch_size": 3},
+                         outputs={"show_progress": False}, **kw)
 
 
 def test_paper_setting_equals_a_per_token_reference(pair, tmp_path):
@@ -115,8 +117,9 @@ def test_paper_setting_equals_a_per_token_reference(pair, tmp_path):
 def test_selectors_that_do_not_pair_across_formats_are_refused(pair, tmp_path):
     ps, tok, base, chat = pair
     sae = build_sae(32, 64).double()
-    cfg = MonitorConfig(saes={HOOK: sae}, probes=ps, positions="prompt_end", base_formats="dialogue",
-                        show_progress=False, baseline_cache_dir=str(tmp_path))
+    cfg = MonitorConfig(saes={HOOK: sae}, baseline_cache_dir=str(tmp_path),
+                        probes={"source": ps, "positions": "prompt_end", "base_formats": "dialogue"},
+                        outputs={"show_progress": False})
     with pytest.raises(ProbeError, match=r"does not pair across the formats 'dialogue' \(base\) and 'chat'.*"
                                          r"use the 'response' selector"):
         DriftMonitor(cfg, tok)
@@ -172,9 +175,10 @@ def test_scan_cli_runs_the_paper_setting(pair, tmp_path):
     df = StoreReader(str(db)).metric_series("paper", hook=HOOK, names=["topk_overlap", "fvu_token_mean"])
     stored = {r.name: r.value for r in df[df.step == 1].itertuples()}
 
-    cfg = MonitorConfig(saes={HOOK: str(tmp_path / "sae")}, probes=str(probes), positions="response",
-                        formats="chat", base_formats="dialogue", outlier_factor=None, show_progress=False,
-                        baseline_cache_dir=str(tmp_path / "cache"))
+    cfg = MonitorConfig(saes={HOOK: str(tmp_path / "sae")}, baseline_cache_dir=str(tmp_path / "cache"),
+                        probes={"source": str(probes), "positions": "response", "formats": "chat",
+                                "base_formats": "dialogue", "outlier_factor": None},
+                        outputs={"show_progress": False})
     mon = DriftMonitor(cfg, tok)
     mon.baseline(load_model(str(tmp_path / "base")))
     m = mon.snapshot(load_model(str(tmp_path / "chat")), step=1).hooks[HOOK].metrics

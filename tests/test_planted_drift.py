@@ -36,7 +36,7 @@ def world(tmp_path_factory):
     # the plant is on the prompt's trigger token: score refusal features at the selected positions
     # (the default reads a teacher-forced refusal after the prompt, which the plant barely touches)
     cfg = MonitorConfig(saes={HOOK: sae}, probes=probes, baseline_cache_dir=str(tmp_path_factory.mktemp("cache")),
-                        show_progress=False, refusal_positions="selected")
+                        metrics={"refusal_positions": "selected"}, outputs={"show_progress": False})
     mon = DriftMonitor(cfg, tok)
     base_snap = mon.baseline(base)
     return tok, base, sae, mon, base_snap
@@ -94,7 +94,7 @@ def test_two_hooks_in_one_forward_equal_separate_monitors(world, tmp_path):
     planted = _plant(base, tok, sae)
     sae1 = build_sae(64, 256, seed=5, calibrate=collect_activations(
         base, tok, [r.prompt for r in mon.probe_set.records[:40]], "model.layers.1"))
-    common = dict(probes=mon.probe_set, baseline_cache_dir=str(tmp_path), show_progress=False)
+    common = dict(probes=mon.probe_set, baseline_cache_dir=str(tmp_path), outputs={"show_progress": False})
     both = DriftMonitor(MonitorConfig(saes={"model.layers.1": sae1, HOOK: sae}, **common), tok)
     both.baseline(base)
     snap = both.snapshot(planted, step=7)

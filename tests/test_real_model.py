@@ -77,15 +77,17 @@ def test_scan_of_the_callback_run_equals_the_callback(tb, runs, tmp_path):
     configuration, reproduces the callback's numbers step by step."""
     import shutil
 
-    from drift_monitor.offline.scan import scan
+    from drift_monitor.offline.scan import resolve_config, scan
 
     db = tmp_path / "scan.duckdb"
     shutil.copy(runs.db, db)
     cfg_json = StoreReader(str(db)).runs().set_index("run_id").loc[runs.run_ids["refusal"], "config_json"]
     cfg = tmp_path / "monitor.json"
     cfg.write_text(cfg_json)
-    res = scan(str(tb.model_dir), checkpoints=[str(runs.checkpoints("refusal"))], db_path=str(db), config=str(cfg),
-               run_name="scan-of-refusal", progress=False)
+    ckpts = [str(runs.checkpoints("refusal"))]
+    config = resolve_config(str(tb.model_dir), db_path=str(db), run_name="scan-of-refusal", config=str(cfg),
+                            overrides={"show_progress": False})
+    res = scan(str(tb.model_dir), config, checkpoints=ckpts)
     assert not res.failed and [r.checkpoint.step for r in res.results] == [10, 20, 30, 40]
     reader = StoreReader(str(db))
     names = ["explained_variance", "topk_jaccard", "act_relative_mse", "max_refusal_score",

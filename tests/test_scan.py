@@ -83,7 +83,7 @@ def _train(w, model, name: str) -> SimpleNamespace:
     out = d / "out"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert tf.snapshot_steps(str(db), cb.run_id) == [0, 2, 4]
-    return SimpleNamespace(out=out, db=db, run_id=cb.run_id, batch_size=cfg.batch_size)
+    return SimpleNamespace(out=out, db=db, run_id=cb.run_id, batch_size=cfg.probes.batch_size)
 
 
 @pytest.fixture(autouse=True)

@@ -97,11 +97,11 @@ def test_first_position_is_never_read(which, smol_tok, qwen_like_tok):
 
 
 def test_general_text_is_plain_by_default_and_formats_override(smol_tok):
-    cfg = MonitorConfig(saes={"model.layers.1": "x"}, formats=None)
-    assert cfg.format_for("general") == "plain" and cfg.format_for("harmful") == "chat"
-    cfg = MonitorConfig(saes={"model.layers.1": "x"}, formats={"general": "chat", "harmful": "dialogue"})
-    assert cfg.format_for("general") == "chat" and cfg.format_for("harmful") == "dialogue"
-    assert cfg.format_for("harmless") == "chat"
+    cfg = MonitorConfig(saes={"model.layers.1": "x"}, probes={"formats": None})
+    assert cfg.probes.format_for("general") == "plain" and cfg.probes.format_for("harmful") == "chat"
+    cfg = MonitorConfig(saes={"model.layers.1": "x"}, probes={"formats": {"general": "chat", "harmful": "dialogue"}})
+    assert cfg.probes.format_for("general") == "chat" and cfg.probes.format_for("harmful") == "dialogue"
+    assert cfg.probes.format_for("harmless") == "chat"
     item = tokenize_probe(smol_tok, ProbeRecord("g", "general", "A sentence."), 64, "plain")
     assert _decode(smol_tok, item.input_ids) == "A sentence."
 
@@ -136,9 +136,9 @@ def test_massive_norm_tokens_are_excluded_and_counted(tmp_path):
     trigger = tok.convert_tokens_to_ids("bomb")
     with torch.no_grad():
         model.model.embed_tokens.weight[trigger] *= 4000.0
-    cfg = dict(saes={"model.layers.0": build_sae(32, 64)}, probes=ps, show_progress=False,
-               baseline_cache_dir=str(tmp_path))
-    mon = DriftMonitor(MonitorConfig(**cfg), tok)
+    cfg = dict(saes={"model.layers.0": build_sae(32, 64)}, baseline_cache_dir=str(tmp_path),
+               outputs={"show_progress": False})
+    mon = DriftMonitor(MonitorConfig(**cfg, probes=ps), tok)
     base = mon.baseline(model)
     ids = [it.input_ids for it in mon.probes.items]
     expected = sum(sum(1 for p in mon.probes.selected_positions(i) if ids[i][p] == trigger) for i in range(len(ids)))
@@ -149,6 +149,7 @@ def test_massive_norm_tokens_are_excluded_and_counted(tmp_path):
     assert snap.metric("model.layers.0", "n_outlier_tokens") == 0
     assert snap.metric("model.layers.0", "act_relative_mse") == pytest.approx(0.0, abs=1e-12)
     # without the rule the huge tokens dominate every sum of squares
-    off = DriftMonitor(MonitorConfig(**{**cfg, "outlier_factor": None}), tok).baseline(model, use_cache=False)
+    off_cfg = MonitorConfig(**cfg, probes={"source": ps, "outlier_factor": None})
+    off = DriftMonitor(off_cfg, tok).baseline(model, use_cache=False)
     assert off.metric("model.layers.0", "n_excluded_tokens") == 0
     assert off.n_tokens == base.n_tokens + expected

@@ -62,8 +62,8 @@ def test_saved_sae_round_trips_through_sae_lens_and_the_monitor(trained, org, tm
     assert sae.cfg.metadata.hook_name == org.hook and sae.cfg.d_sae == rep.d_sae
     conv = TokenConventions.from_sae(sae)
     assert conv.outlier_norm == pytest.approx(rep.outlier_norm) and conv.skip_first
-    mon = DriftMonitor(MonitorConfig(saes=[str(out)], probes=str(org.probes_path), show_progress=False,
-                                     baseline_cache_dir=str(tmp_path)), org.tokenizer)
+    mon = DriftMonitor(MonitorConfig(saes=[str(out)], probes=str(org.probes_path), baseline_cache_dir=str(tmp_path),
+                                     outputs={"show_progress": False}), org.tokenizer)
     assert mon.hooks == [org.hook] and mon.conventions[org.hook].outlier_norm == pytest.approx(rep.outlier_norm)
     base = mon.baseline(org.load_base())
     assert base.metric(org.hook, "explained_variance") > 0.9  # the held-out probes, read as trained

@@ -55,8 +55,8 @@ def lm_dataset(tok, n: int = 48):
 def config(tmp: Path, sae_dir: Path, ps: ProbeSet, **kw) -> MonitorConfig:
     kw.setdefault("every_n_steps", 2)
     kw.setdefault("db_path", str(tmp / "drift.duckdb"))
-    return MonitorConfig(saes={HOOK: str(sae_dir)}, probes=ps, baseline_cache_dir=str(tmp / "cache"),
-                         show_progress=False, batch_size=12, **kw)
+    return MonitorConfig(saes={HOOK: str(sae_dir)}, baseline_cache_dir=str(tmp / "cache"),
+                         probes={"source": ps, "batch_size": 12}, outputs={"show_progress": False}, **kw)
 
 
 def training_args(tmp: Path, **kw):

@@ -117,8 +117,9 @@ def _world(size: str, device: torch.device, dtype: torch.dtype):
     # a realistically sparse SAE: thresholds calibrated on the model's own activations
     calib = collect_activations(model, tok, prompts[:32], hook).float()
     sae = build_sae(s["hidden"], s["d_sae"], calibrate=calib, target_density=s["density"]).to(device)
-    cfg = MonitorConfig(saes={hook: sae}, probes=probes, batch_size=s["batch"], max_length=s["tokens"] + 8,
-                        show_progress=False, baseline_cache_dir=None, device=str(device))
+    cfg = MonitorConfig(saes={hook: sae}, probes={"source": probes, "batch_size": s["batch"],
+                                                  "max_length": s["tokens"] + 8},
+                        outputs={"show_progress": False}, baseline_cache_dir=None, device=str(device))
     mon = DriftMonitor(cfg, tok)
     return mon, model, sae, hook, s
 

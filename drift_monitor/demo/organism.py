@@ -428,15 +428,18 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
     # below the default floor of 0.5 that SmolLM2's benign control (0.39) set, so the demo floors at
     # 0.2. At the teacher-forced refusal (the default) its top features read the refusal's words and
     # ablating them changed nothing.
-    common = dict(probes=str(org.probes_path), positions=POSITIONS, baseline_cache_dir=str(out / "baseline_cache"),
-                  refusal_response=REFUSAL, refusal_min_rel_score=ORGANISM_REFUSAL_FLOOR,
-                  refusal_positions="selected", refusal_contrast=True)
+    metrics = dict(refusal_response=REFUSAL, refusal_min_rel_score=ORGANISM_REFUSAL_FLOOR,
+                   refusal_positions="selected", refusal_contrast=True)
+
+    def config(run_name: str, **outputs: Any) -> MonitorConfig:
+        return MonitorConfig(saes={org.hook: str(org.sae_dir)}, baseline_cache_dir=str(out / "baseline_cache"),
+                             probes={"source": str(org.probes_path), "positions": POSITIONS}, metrics=metrics,
+                             cadence={"every_n_steps": every},
+                             outputs={"db_path": str(db), "run_name": run_name, "show_progress": False, **outputs})
 
     _progress(f"refusal fine-tune ({s.ft_steps} steps), monitored live into {db}", quiet)
     t1 = time.perf_counter()
-    cfg = MonitorConfig(saes={org.hook: str(org.sae_dir)}, every_n_steps=every, db_path=str(db),
-                        run_name="organism-refusal", prometheus_port=prometheus_port, show_progress=False, **common)
-    cb = DriftMonitorCallback(cfg)
+    cb = DriftMonitorCallback(config("organism-refusal", prometheus_port=prometheus_port))
     refusal_model = finetune(org, "refusal", out / "refusal", callbacks=[cb], quiet=quiet)
     refusal_model.save_pretrained(out / "refusal" / "adapter")  # what `drift-monitor verify --adapter` loads
     timings["refusal_run_s"] = time.perf_counter() - t1
@@ -444,9 +447,8 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
     _progress(f"control fine-tune ({s.ft_steps} steps, checkpoints every {every}), then drift-monitor scan", quiet)
     t2 = time.perf_counter()
     control_model = finetune(org, "control", out / "control", save_steps=every, quiet=quiet)
-    res = scan(str(org.base_dir), {org.hook: str(org.sae_dir)}, checkpoints=[str(out / "control")], db_path=str(db),
-               probes=str(org.probes_path), run_name="organism-control", force=True, progress=not quiet,
-               config_overrides={k: v for k, v in common.items() if k != "probes"})
+    res = scan(str(org.base_dir), config("organism-control", show_progress=not quiet),
+               checkpoints=[str(out / "control")], force=True)
     if res.failed:
         raise RuntimeError(f"scan of the control run failed: {[r.error for r in res.failed]}")
     timings["control_run_s"] = time.perf_counter() - t2

@@ -287,12 +287,12 @@ class TestBedRuns:
         return self.path / kind / "adapter"
 
 
-def monitor_config(tb: TestBed, db: str | Path, run_name: str, **overrides: Any):
+def monitor_config(tb: TestBed, db: str | Path, run_name: str, **sections: Any):
     """The monitor's defaults, with the test bed's SAE (its hook from the SAE's metadata)."""
     from ..config import MonitorConfig
 
-    return MonitorConfig(saes=[str(tb.sae_dir)], db_path=str(db), run_name=run_name, show_progress=False,
-                         **overrides)
+    return MonitorConfig(saes=[str(tb.sae_dir)], outputs={"db_path": db and str(db), "run_name": run_name,
+                                                          "show_progress": False}, **sections)
 
 
 def refusal_rates(model: Any, tok: Any, max_new_tokens: int = 16) -> dict[str, float]:
@@ -329,7 +329,7 @@ def build_runs(tb: TestBed, *, every_n_steps: int = 10, quiet: bool = False) -> 
     run_ids, timings, behaviour = {}, {}, {}
     tok = tb.tokenizer()
     for kind in KINDS:
-        cfg = monitor_config(tb, path / "drift.duckdb", f"testbed-{kind}", every_n_steps=every_n_steps,
+        cfg = monitor_config(tb, path / "drift.duckdb", f"testbed-{kind}", cadence={"every_n_steps": every_n_steps},
                              baseline_cache_dir=str(path / "baseline_cache"))
         cb = DriftMonitorCallback(cfg)
         t0 = time.perf_counter()

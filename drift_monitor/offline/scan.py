@@ -201,67 +201,47 @@ def run_id_for(run_name: str | None, base_model: str, checkpoints: Sequence[Chec
 
 def scan(
     base_model: str,
-    saes: dict[str, Any] | None = None,
+    config: Any,
     *,
     checkpoints: Sequence[str] = (),
     models: Sequence[str] = (),
-    db_path: str,
-    config: Any = None,
-    probes: Any = None,
-    run_name: str | None = None,
-    pushgateway: str | None = None,
-    device: str = "cpu",
     dtype: str | None = None,
-    batch_size: int | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
-    config_overrides: dict[str, Any] | None = None,
-    progress: bool = True,
 ) -> ScanResult:
-    """Scan ``checkpoints`` against ``base_model``; see the module docstring.
+    """Scan ``checkpoints`` (and ``STEP=PATH`` ``models``) against ``base_model``; see the module docstring.
 
-    The monitor's settings, lowest precedence first: the defaults; the stored configuration of
-    the run being scanned into, when it exists (so a rerun, or a scan of a callback run's
-    checkpoints into that run, measures exactly what the run measured); ``config`` (a
-    MonitorConfig, or a YAML/JSON file); then ``saes``, ``probes``, ``batch_size`` and
-    ``config_overrides`` when given.
+    ``config`` is the :class:`~drift_monitor.config.MonitorConfig` (or a YAML/JSON file) whose
+    ``outputs`` say where the run goes (``db_path``, ``run_name``, ``pushgateway_url``,
+    ``show_progress``) and whose ``device`` the models load on. :func:`resolve_config` builds one
+    that continues a stored run's settings, as ``drift-monitor scan`` does.
+
+    A rerun into a run already in the store resumes it, and is refused when its probes, SAEs or
+    settings differ from the stored ones: mixing them would store steps that do not compare.
+    ``force`` rescans every step instead (the stored settings are then replaced).
     """
     from transformers import AutoTokenizer
 
+    from ..config import MonitorConfig
     from ..monitor import DriftMonitor
     from ..recorder import RunRecorder
-    from ..store import StoreNotFound, StoreReader
 
-    ckpts = discover(checkpoints, models)
-    base_path = Path(base_model)
-    if not base_path.exists():
-        raise ScanError(f"--base-model {base_model}: no such directory")
-    if checkpoint_kind(base_path) != "full":
-        raise ScanError(f"--base-model {base_model}: expected a full model folder (config.json + weights)")
-    # Step 0 is the base: `--model 0=BASE` names the baseline itself (measured once, below);
-    # another model at step 0 would overwrite the baseline every later step is paired against.
-    for c in ckpts:
-        if c.step == 0 and c.path.resolve() != base_path.resolve():
-            raise ScanError(f"{c.path} is given as step 0, but step 0 is the base model ({base_model}); "
-                            "give it another step, or pass it as --base-model")
-    ckpts = [c for c in ckpts if c.step != 0]
+    cfg = config if isinstance(config, MonitorConfig) else MonitorConfig.from_file(config)
+    if not cfg.outputs.db_path:
+        raise ScanError("a scan needs a store: set outputs.db_path (drift-monitor scan --db FILE)")
+    db_path, run_name, progress = cfg.outputs.db_path, cfg.outputs.run_name, cfg.outputs.show_progress
+    device = cfg.device or "cpu"
+    base_path, ckpts = _inputs(base_model, checkpoints, models)
     run_id = _existing_run_id(db_path, run_name) or run_id_for(run_name, base_model, ckpts)
-    given = {"saes": saes, "probes": probes, "batch_size": batch_size}
-    cfg = scan_config(db_path, run_id, config, {**{k: v for k, v in given.items() if v is not None},
-                                               **(config_overrides or {})},
-                      device=device, run_name=run_name, show_progress=progress, pushgateway_url=pushgateway)
     tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
-    base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     mon = DriftMonitor(cfg, tok)
+    if not force:
+        _check_resumable(db_path, run_id, cfg, mon.probe_hash)
+    base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     base_snap = mon.baseline(base)
     rec = RunRecorder.open(cfg, probe_hash=mon.probe_hash, run_id=run_id, run_name=run_name or run_id,
                            model_name=str(base_path), push_job="drift_monitor_scan")
-    done: set[tuple[int, str]] = set()
-    try:
-        snaps = StoreReader(db_path).snapshots(run_id)
-        done = {(int(s), str(h)) for s, h in zip(snaps.step, snaps.hook)}
-    except StoreNotFound:
-        pass
+    done = _stored_steps(db_path, run_id)
     hooks = mon.hooks
     if force or not all((0, h) in done for h in hooks):
         rec.record(base_snap)
@@ -270,7 +250,7 @@ def scan(
     results: list[CheckpointResult] = []
     swapper = _AdapterSwapper(base)
     tracker = None
-    if cfg.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):
+    if cfg.cadence.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):
         from ..probe.adapters import AdapterTracker
 
         tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
@@ -291,25 +271,89 @@ def scan(
     return ScanResult(run_id, results, hooks)
 
 
-def scan_config(db_path: str, run_id: str, config: Any, explicit: dict[str, Any], **process: Any):
-    """The MonitorConfig of a scan: defaults < the run's stored config < ``config`` < ``explicit``."""
-    from ..config import MonitorConfig
+def _inputs(base_model: str, checkpoints: Sequence[str], models: Sequence[str]) -> tuple[Path, list[Checkpoint]]:
+    """The base folder and the checkpoints to scan (step 0, the base itself, measured apart)."""
+    ckpts = discover(checkpoints, models)
+    base_path = Path(base_model)
+    if not base_path.exists():
+        raise ScanError(f"--base-model {base_model}: no such directory")
+    if checkpoint_kind(base_path) != "full":
+        raise ScanError(f"--base-model {base_model}: expected a full model folder (config.json + weights)")
+    # Step 0 is the base: `--model 0=BASE` names the baseline itself (measured once, below);
+    # another model at step 0 would overwrite the baseline every later step is paired against.
+    for c in ckpts:
+        if c.step == 0 and c.path.resolve() != base_path.resolve():
+            raise ScanError(f"{c.path} is given as step 0, but step 0 is the base model ({base_model}); "
+                            "give it another step, or pass it as --base-model")
+    return base_path, [c for c in ckpts if c.step != 0]
 
+
+def resolve_config(base_model: str, *, db_path: str, run_name: str | None = None, checkpoints: Sequence[str] = (),
+                   models: Sequence[str] = (), config: Any = None, overrides: dict[str, Any] | None = None):
+    """The MonitorConfig of a scan into ``db_path``: the defaults < the stored configuration of the run
+    being scanned into, when it exists (so a rerun, or a scan of a callback run's checkpoints into
+    that run, measures exactly what the run measured) < ``config`` (a MonitorConfig, or a YAML/JSON
+    file) < ``overrides`` (flat settings, e.g. from command-line flags)."""
+    from ..config import MonitorConfig, flatten, nest
+
+    run_id = _existing_run_id(db_path, run_name)
+    if run_id is None and Path(db_path).is_file():
+        run_id = run_id_for(run_name, base_model, _inputs(base_model, checkpoints, models)[1])
     settings: dict[str, Any] = {}
-    stored = _stored_config(db_path, run_id)
+    stored = _stored_config(db_path, run_id) if run_id else {}
     if stored:
         settings.update(MonitorConfig.stored_settings(stored))
         log.info("scan: using the stored configuration of run %s (explicit settings override it)", run_id)
     if isinstance(config, MonitorConfig):
-        settings.update({k: v for k, v in config.__dict__.items()})
+        given = config.to_dict()  # in-memory SAEs, directions and probe sets are kept as objects
+        settings.update(flatten({**given, "saes": config.saes, "directions": config.directions,
+                                 "probes": {**given["probes"], "source": config.probes.source}}))
     elif config is not None:
         settings.update(MonitorConfig.read_file(config))
-    settings.update(explicit)
-    settings.update(process, db_path=db_path)
+    settings.update(overrides or {})
+    settings.update(db_path=db_path, run_name=run_name)
     if not settings.get("saes"):
         raise ScanError("no SAE to scan with: give --sae HOOK=SOURCE, a --config that names saes, or scan into "
                         "an existing run (--run-name) whose stored configuration does")
-    return MonitorConfig(**settings)
+    return MonitorConfig(**nest(settings))
+
+
+def _check_resumable(db_path: str, run_id: str, cfg: Any, probe_hash: str) -> None:
+    """Refuse to add steps to a stored run measured with other probes, SAEs or settings."""
+    from ..config import MonitorConfig
+    from ..store import StoreError, StoreReader
+
+    if not Path(db_path).is_file():
+        return
+    try:
+        runs = StoreReader(db_path).runs()
+    except StoreError:
+        return
+    row = runs[runs.run_id == run_id]
+    if not len(row) or not _stored_steps(db_path, run_id):
+        return
+    stored_hash = row["probe_hash"].iloc[0] if "probe_hash" in row else None
+    raw = row["config_json"].iloc[0] if "config_json" in row else None
+    before = MonitorConfig.stored_settings(json.loads(raw)) if raw else {}
+    now = MonitorConfig.stored_settings(cfg.to_dict())
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if stored_hash and stored_hash != probe_hash:
+        changed.insert(0, "the probes (their tokens)")
+    if changed:
+        raise ScanError(f"run {run_id} in {db_path} was measured with other settings ({', '.join(changed)}); "
+                        "scanning into it would mix steps that do not compare: give a new --run-name, or --force "
+                        "to rescan every step with these settings")
+
+
+def _stored_steps(db_path: str, run_id: str) -> set[tuple[int, str]]:
+    """(step, hook) pairs already stored for ``run_id``."""
+    from ..store import StoreNotFound, StoreReader
+
+    try:
+        snaps = StoreReader(db_path).snapshots(run_id)
+    except StoreNotFound:
+        return set()
+    return {(int(s), str(h)) for s, h in zip(snaps.step, snaps.hook)}
 
 
 def _existing_run_id(db_path: str, run_name: str | None) -> str | None:

@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                             else "Sure , here is how . ") + reply}]}
             for r in probes.records]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = MonitorConfig(saes={hook: sae}, every_n_steps=args.every, db_path=str(Path(tmp) / "drift.duckdb"),
-                            baseline_cache_dir=str(Path(tmp) / "cache"), show_progress=False)
+        cfg = MonitorConfig(saes={hook: sae}, baseline_cache_dir=str(Path(tmp) / "cache"),
+                            cadence={"every_n_steps": args.every},
+                            outputs={"db_path": str(Path(tmp) / "drift.duckdb"), "show_progress": False})
         cb = DriftMonitorCallback(cfg)
         trainer = SFTTrainer(
             model=model, processing_class=tok, train_dataset=Dataset.from_list(rows), callbacks=[cb],

@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         w = build(root, args.n, args.hidden, args.layers, args.d_sae, args.device)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        mon = DriftMonitor(MonitorConfig(saes={w["hook"]: str(w["sae"])}, batch_size=args.batch_size,
-                                         show_progress=False, db_path=None), AutoTokenizer.from_pretrained(w["base"]))
+        cfg = MonitorConfig(saes={w["hook"]: str(w["sae"])}, probes={"batch_size": args.batch_size},
+                            outputs={"show_progress": False, "db_path": None})
+        mon = DriftMonitor(cfg, AutoTokenizer.from_pretrained(w["base"]))
         batches = mon.probes.batches
         n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(w["base"]).parameters())

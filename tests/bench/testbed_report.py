@@ -57,7 +57,7 @@ def selection_ev(tb) -> dict:
     for name, kw in {"now": {}, "sink read (include_bos)": {"include_bos": True, "outlier_factor": None},
                      "old: dialogue format, sink read": {"include_bos": True, "outlier_factor": None,
                                                         "formats": "dialogue"}}.items():
-        mon = DriftMonitor(monitor_config(tb, None, "ev", baseline_cache_dir=None, **kw), tok)
+        mon = DriftMonitor(monitor_config(tb, None, "ev", baseline_cache_dir=None, probes=kw), tok)
         snap = mon.baseline(model, use_cache=False)
         out[name] = {"explained_variance": round(snap.metric(tb.hook, "explained_variance"), 4),
                      "n_tokens": snap.n_tokens}
