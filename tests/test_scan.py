@@ -333,6 +333,32 @@ def test_rerun_skips_force_rescans(world, tmp_path, capsys):
     assert len(StoreReader(db).runs()) == 1
 
 
+def test_resumed_scan_with_other_probes_or_settings_is_refused(world, tmp_path, capsys):
+    """A rerun into a stored run must measure what the run measured: other probes (other tokens)
+    or another setting would store steps that do not compare. Refused with one line naming
+    --run-name and --force; --force rescans every step with the new settings."""
+    db = tmp_path / "scan.duckdb"
+    args = scan_args(world, db, "--no-progress", checkpoints=world.full.out, run="r")
+    assert main(args) == 0
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(world.probes.read_text().splitlines(keepends=True)[:-3]))
+    stored = metrics_of(db, "r")
+    capsys.readouterr()
+    for changed, words in ((["--probes", str(fewer)], "the probes"), (["--batch-size", "3"], "batch_size")):
+        other = [a if a != str(world.probes) else changed[1] for a in args] if changed[0] == "--probes" \
+            else args + changed
+        assert main(other) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err and "--run-name" in err and "--force" in err, err
+        assert_close_frames(stored, metrics_of(db, "r"), ["step", "hook", "name"], "nothing written")
+    swapped = [a if a != str(world.probes) else str(fewer) for a in args]
+    assert main(swapped + ["--force"]) == 0
+    assert len(StoreReader(db).runs()) == 1 and len(StoreReader(db).snapshots("r")) == 3
+    capsys.readouterr()
+    assert main(swapped) == 0  # the run now holds the new settings: a plain rerun resumes it
+    assert "run r: 0 scanned, 2 already stored, 0 failed" in capsys.readouterr().out
+
+
 def test_interrupted_scan_leaves_whole_snapshots_and_a_rerun_finishes(world, tmp_path, monkeypatch, capsys):
     db = tmp_path / "scan.duckdb"
     args = scan_args(world, db, "--no-progress", checkpoints=world.full.out, run=None)  # derived run id

@@ -53,10 +53,12 @@ def lm_dataset(tok, n: int = 48):
 
 
 def config(tmp: Path, sae_dir: Path, ps: ProbeSet, **kw) -> MonitorConfig:
-    kw.setdefault("every_n_steps", 2)
-    kw.setdefault("db_path", str(tmp / "drift.duckdb"))
-    return MonitorConfig(saes={HOOK: str(sae_dir)}, baseline_cache_dir=str(tmp / "cache"),
-                         probes={"source": ps, "batch_size": 12}, outputs={"show_progress": False}, **kw)
+    """The tests' settings; ``kw`` are flat setting names (nested into their sections here)."""
+    from drift_monitor.config import nest
+
+    flat = {"saes": {HOOK: str(sae_dir)}, "baseline_cache_dir": str(tmp / "cache"), "probes": ps, "batch_size": 12,
+            "show_progress": False, "every_n_steps": 2, "db_path": str(tmp / "drift.duckdb"), **kw}
+    return MonitorConfig(**nest(flat))
 
 
 def training_args(tmp: Path, **kw):
