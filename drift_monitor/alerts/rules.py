@@ -210,13 +210,15 @@ def default_rules(emerging_refusal_severity: str = "warning") -> list[AlertRule]
     ``emerging_refusal_severity``: emerging refusal features are expected in safety tuning
     (use ``"info"`` there) and alarming elsewhere (``"critical"``).
     """
+    # thresholds and min_history are the kinds' defaults (_KIND_DEFAULTS, AlertRule): one place each
+    ev_drop, sudden = _KIND_DEFAULTS["ev_drop"]["threshold"], _KIND_DEFAULTS["sudden_change"]["threshold"]
     return [
-        AlertRule("ev_drop", "ev_drop", threshold=0.1, severity="warning",
-                  description="explained variance dropped more than 0.1 below the base's: the base SAE "
+        AlertRule("ev_drop", "ev_drop", severity="warning",
+                  description=f"explained variance dropped more than {ev_drop:g} below the base's: the base SAE "
                               "no longer explains the activations (something new is being learnt)"),
         AlertRule("features_drifted", "threshold", metric="features_drifted_ratio", op=">", threshold=0.25,
                   severity="warning", description="more than a quarter of the live features changed density 2x"),
-        AlertRule("emerging_refusal_features", "emerging_refusal", threshold=0.0, severity=emerging_refusal_severity,
+        AlertRule("emerging_refusal_features", "emerging_refusal", severity=emerging_refusal_severity,
                   description="features that now fire on a refusal read after harmful requests, which the "
                               "base's did not (expected in safety tuning, alarming elsewhere)"),
         AlertRule("refusal_direction", "threshold", metric="refusal_direction_cosine", op="<", threshold=0.9,
@@ -224,10 +226,10 @@ def default_rules(emerging_refusal_severity: str = "warning") -> list[AlertRule]
                   description="the refusal direction (mean harmful − mean harmless activation at the refusal "
                               "tokens) turned more than 25° from the base's: how the model separates harmful "
                               "requests changed"),
-        AlertRule("sudden_change", "sudden_change", threshold=6.0, min_history=10, severity="warning",
-                  description="a step-to-step change far outside the run's earlier changes (robust z > 6): "
+        AlertRule("sudden_change", "sudden_change", severity="warning",
+                  description=f"a step-to-step change far outside the run's earlier changes (robust z > {sudden:g}): "
                               "a phase transition"),
-        AlertRule("nonfinite_activations", "nonfinite", threshold=0.0, severity="critical",
+        AlertRule("nonfinite_activations", "nonfinite", severity="critical",
                   description="NaN/inf activations at a hook"),
     ]
 

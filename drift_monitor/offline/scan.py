@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..progress import bar
 from .loading import load_model
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ def scan(
         tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
     history = _stored_points(db_path, run_id, hooks)
     try:
-        for ckpt in _bar(ckpts, progress):
+        for ckpt in bar(ckpts, desc="scan", unit="ckpt", enabled=progress):
             if not force and all((ckpt.step, h) in done for h in hooks):
                 if ckpt.step in history:
                     rec.observe(history[ckpt.step])
@@ -425,14 +426,6 @@ def _stored_points(db_path: str, run_id: str, hooks: list[str]) -> dict[int, Any
         metrics = {h: dict(zip(g.name, g.value)) for h, g in grp.groupby("hook") if h in hooks}
         points[int(step)] = MetricPoint(step=int(step), metrics=metrics)
     return points
-
-
-def _bar(items, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="drift-monitor scan", unit="ckpt")
 
 
 def format_summary(result: ScanResult, hooks: Sequence[str]) -> str:

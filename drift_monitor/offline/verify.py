@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..probe.capture import ActivationCapture, resolve_module
+from ..progress import bar as progress_bar
 from ..records import ConditionResult, VerifyResult, VerifySettings, normalize_text, pct
 from .interventions import intervene
 
@@ -251,11 +252,7 @@ class _Bar:
     """A tqdm bar over conditions when asked and stderr is a terminal; a log line per step else."""
 
     def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="drift-monitor verify", unit="condition", disable=None)
+        self.bar = progress_bar(total=total, desc="verify", unit="condition") if enabled else None
 
     def step(self, msg: str) -> None:
         log.info("verify: %s", msg)

@@ -44,6 +44,7 @@ import torch
 from ..probe.capture import ActivationCapture, hidden_size, model_device, resolve_module
 from ..probe.probes import chat_prompt
 from ..probe.tokens import TokenConventions, first_position_mask, keep_mask
+from ..progress import bar as progress_bar
 from .sae_data import Document, load_documents, mix_chat
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,8 @@ def collect_activations(model: Any, tokenizer: Any, seqs: list[list[int]], hook:
     chunks: list[torch.Tensor] = []
     n_hold_tokens = 0
     total = 0
-    bar = _bar(min(max_tokens, sum(len(s) - 1 for s in seqs)), "collecting activations", progress, "tok")
+    bar = progress_bar(total=min(max_tokens, sum(len(s) - 1 for s in seqs)), desc="collecting activations",
+                       unit="tok", unit_scale=True, enabled=progress)
     t0 = time.perf_counter()
     with ActivationCapture({hook: module}, early_stop=True) as cap:
         for lo in range(0, len(seqs), batch_seqs):
@@ -439,12 +441,6 @@ def _trainer_progress(enabled: bool) -> Iterator[None]:
         st.tqdm = orig
 
 
-def _bar(total: int, desc: str, enabled: bool, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=None if enabled else True)
-
-
 # ----------------------------------------------------------------------------------- the command
 def default_documents(model: Any, tokenizer: Any, gen_tokens: int, seed: int, progress: bool) -> list[Document]:
     """Without ``--data``: the bundled probe set (requests as conversations, general text plain),
@@ -470,7 +466,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     tokenizer.padding_side = "left"
     torch.manual_seed(seed)
     out: list[str] = []
-    bar = _bar(len(prompts), "generating answers", progress, "prompt")
+    bar = progress_bar(total=len(prompts), desc="generating answers", unit="prompt", enabled=progress)
     try:
         for lo in range(0, len(prompts), batch_size):
             texts = [chat_prompt(tokenizer, p) for p in prompts[lo:lo + batch_size]]
