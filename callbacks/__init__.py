@@ -3,7 +3,7 @@
     from drift_monitor import MonitorConfig
     from drift_monitor.callbacks import DriftMonitorCallback
 
-    cb = DriftMonitorCallback(MonitorConfig(saes={"model.layers.12": "sae_dir"}, every_n_steps=50))
+    cb = DriftMonitorCallback(MonitorConfig(saes={"model.layers.12": "sae_dir"}, cadence={"every_n_steps": 50}))
     trainer = SFTTrainer(..., callbacks=[cb]); cb.attach(trainer)   # attach: log through the trainer
 """
 
