@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an SAE per hook: a local sae-lens folder or release:sae_id (repeatable; default: "
                          "the --config's, or the stored run's when scanning into an existing run)")
     sc.add_argument("--config", default=None, metavar="FILE",
-                    help="monitor settings (YAML/JSON, MonitorConfig keys: positions, max_length, formats, "
-                         "alert_rules, thresholds ...); flags given here override it")
+                    help="monitor settings (YAML/JSON with MonitorConfig's sections: probes, metrics, cadence, "
+                         "outputs; e.g. 'probes: {positions: response}'); flags given here override it")
     sc.add_argument("--model-format", default=None, choices=FORMATS,
                     help="how every probe is formatted for the checkpoints (default: the config's; chat for "
                          "requests, plain for general text)")
