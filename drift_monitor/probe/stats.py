@@ -36,6 +36,7 @@ from ..config import MetricSettings
 from ..records import HookResult
 from . import metrics as M
 from .compare import compare
+from .dist import is_distributed
 
 
 @dataclass
@@ -257,7 +258,7 @@ class HookStats:
                                "totals over the ranks, and reducing again would count each rank's tokens "
                                "world_size times")
         self._reduced = True
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if not is_distributed(group):
             return self
         groups: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
         for s in STATES:
