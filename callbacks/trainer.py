@@ -9,9 +9,16 @@ Modelled on TRL's ``LogCompletionsCallback`` and transformers' tracker integrati
 * **Per-rank work.** Every rank runs the probe forward on its shard (FSDP/ZeRO-3 hang
   otherwise) and the statistics are all-reduced; only the world process zero writes DuckDB,
   evaluates alerts and serves Prometheus.
-* **Never breaks training.** Any exception in the monitor is logged, counted
-  (``drift_monitor_errors_total``) and stored as a ``monitor_error`` alert, and training goes
-  on; ``MonitorConfig(fail_fast=True)`` re-raises (for tests).
+* **Fails at start, never breaks training after.** Set-up (the configuration, tokenizer, SAEs,
+  probes, a writable store, the baseline pass) runs in ``on_train_begin``, before the first
+  training step, and raises: a run the user asked to monitor must not go on unmonitored, and
+  failing there costs no training time. From the first step on, any exception in the monitor
+  is logged, counted (``drift_monitor_errors_total``) and stored as a ``monitor_error`` alert,
+  and training goes on; ``MonitorConfig(fail_fast=True)`` re-raises (for tests). A write the
+  store cannot make is not an exception at all: it waits and is retried (the recorder).
+* **Honest run states.** ``finished`` at ``on_train_end``; ``failed`` when training raised,
+  ``interrupted`` on Ctrl-C, ``preempted`` on SIGTERM, recorded by the recorder's
+  :class:`~drift_monitor.recorder.RunEndWatch` (a callback never sees those ends).
 * **Resumable.** ``on_save`` writes ``drift_monitor.json`` into the checkpoint (run id, base
   fingerprint, alert state); resuming reloads the baseline from the on-disk cache by that
   fingerprint and keeps the run id, and the store's replace semantics mean no step is stored
@@ -58,6 +65,11 @@ class DriftMonitorCallback(TrainerCallback):
     """
 
     def __init__(self, config: MonitorConfig, tokenizer: Any = None, *, trainer: Any = None, run_id: str | None = None):
+        if not isinstance(config, MonitorConfig):
+            from drift_monitor.errors import ConfigError
+
+            raise ConfigError(f"DriftMonitorCallback needs a MonitorConfig, got {type(config).__name__}; build one "
+                              "with MonitorConfig(...) or MonitorConfig.from_file(PATH)")
         self.config = config
         self.tokenizer = tokenizer
         self.trainer = trainer
@@ -84,7 +96,7 @@ class DriftMonitorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._is_zero = bool(state.is_world_process_zero)
         self._t_start = time.perf_counter()
-        self._guard("start", self._start, args, state, model, processing_class)
+        self._start(args, state, model, processing_class)  # unguarded: set-up errors stop the run here
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
@@ -93,6 +105,8 @@ class DriftMonitorCallback(TrainerCallback):
             self._guard("snapshot", self._snapshot, args, state, model)  # merges due adapter signals
         elif self._adapter_due(state.global_step):
             self._guard("adapter signals", self._adapter_snapshot, state, model)
+        elif self.recorder is not None:
+            self._guard("store retry", self.recorder.retry)  # writes that failed earlier: retried every step
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
@@ -151,7 +165,7 @@ class DriftMonitorCallback(TrainerCallback):
         self.recorder = RunRecorder.open(
             self.config, probe_hash=self.monitor.probe_hash, run_id=self.run_id,
             run_name=self.config.outputs.run_name or getattr(args, "run_name", None), model_name=_model_name(model),
-            alert_state=(resumed or {}).get("alerts"))
+            alert_state=(resumed or {}).get("alerts"), fallback_dirs=[args.output_dir])
         self.run_id = self.recorder.run_id
 
     # the recorder's outputs, for users and tests that reach them through the callback
@@ -283,7 +297,12 @@ class DriftMonitorCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ never break training
     def _guard(self, what: str, fn, *args) -> None:
-        guarded(what, fn, *args, fail_fast=self.config.fail_fast, on_error=self._report_error)
+        try:
+            guarded(what, fn, *args, fail_fast=self.config.fail_fast, on_error=self._report_error)
+        except Exception:  # only with fail_fast: the error is about to end training
+            if self.recorder is not None:
+                self.recorder.finish("failed")
+            raise
 
     def _report_error(self, what: str, e: Exception) -> None:
         self._errors += 1

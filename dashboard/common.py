@@ -9,6 +9,9 @@ page script whose body receives a :class:`PageContext`. Links between views carr
 Safety rules every page follows: the DB is read through :class:`StoreReader` only (read-only,
 opened per query and closed again, so a training run keeps writing); every query is a
 parameterised reader method; labels are shown as plain text (no ``unsafe_allow_html``).
+Two controls write, each through :class:`~drift_monitor.store.Store` and each saying so where
+it is (:func:`offer_write`): acknowledging an alert and importing feature labels. ``--read-only``
+turns both off, for a dashboard served to others.
 """
 
 from __future__ import annotations
@@ -40,25 +43,36 @@ DB_ENV = "DRIFT_MONITOR_DB"
 KEY_METRICS: tuple[str, ...] = tuple(group[0] for group in catalog.panels().values() if group)
 
 
-def _cli_option(name: str, default: str | None) -> str | None:
-    """``--name VALUE`` after ``--`` on the streamlit command line (``drift-monitor dashboard`` passes them)."""
+def _cli_args() -> argparse.Namespace:
+    """``--db PATH --refresh S --read-only`` after ``--`` on the streamlit command line
+    (``drift-monitor dashboard`` passes them; unknown arguments are ignored)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(f"--{name}", default=default)
+    p.add_argument("--db", default=None)
+    p.add_argument("--refresh", default="5")
+    p.add_argument("--read-only", action="store_true")
     args, _ = p.parse_known_args(sys.argv[1:])
-    return getattr(args, name)
+    return args
 
 
 def db_path() -> str | None:
     """``--db`` after ``--`` on the streamlit command line, else $DRIFT_MONITOR_DB, else the session's."""
     if st.session_state.get("db_path"):
         return str(st.session_state["db_path"])
-    return _cli_option("db", None) or os.environ.get(DB_ENV) or None
+    return _cli_args().db or os.environ.get(DB_ENV) or None
+
+
+def read_only() -> bool:
+    """``--read-only`` on the command line (or the session's ``read_only``, as tests set it): the
+    controls that write to the DB are not offered."""
+    if "read_only" in st.session_state:
+        return bool(st.session_state["read_only"])
+    return bool(_cli_args().read_only)
 
 
 def default_refresh() -> float:
     """``--refresh`` seconds from the command line (at least 1; default 5)."""
     try:
-        return max(1.0, float(_cli_option("refresh", "5") or 5))
+        return max(1.0, float(_cli_args().refresh or 5))
     except ValueError:
         return 5.0
 
@@ -83,23 +97,39 @@ def sidebar() -> None:
         st.toggle("Pause", value=False, key="paused", disabled=not live)
         st.number_input("Refresh every (s)", min_value=1.0, max_value=3600.0, value=default_refresh(),
                         step=1.0, key="refresh_s")
-        st.caption(f"Database: {db_path() or '(none)'} (read-only)")
+        if read_only():
+            st.caption(f"Database: {db_path() or '(none)'} (read-only: acknowledging alerts and importing "
+                       "labels are off)")
+        else:
+            st.caption(f"Database: {db_path() or '(none)'}. Pages read it; two controls write to it: "
+                       "Acknowledge (Alerts) and Import labels (Features). `--read-only` turns them off.")
 
 
 @dataclass(frozen=True)
 class PageContext:
     """What :func:`render_page` hands a page body: the reader, the DB path (for the two pages that
-    write through :class:`Store`: labels, acknowledgements), and the picked run and hook."""
+    write through :class:`Store`: labels, acknowledgements) and whether they may, and the picked
+    run and hook."""
 
     reader: StoreReader
     db: str
     run: pd.Series | None = None  #: the runs row (``StoreReader.runs()``) when the page picks a run
     hook: str | None = None
+    read_only: bool = False  #: ``--read-only``: the page offers no control that writes
 
     @property
     def run_id(self) -> str:
         assert self.run is not None
         return str(self.run["run_id"])
+
+    def offer_write(self, action: str, table: str) -> bool:
+        """Whether the page may show the control that does ``action``; a caption says either way
+        what it writes where (the DB file and table), or that ``--read-only`` turned it off."""
+        if self.read_only:
+            st.caption(f"{action} is off: this dashboard was started with --read-only.")
+            return False
+        st.caption(f"{action} writes to {self.db} (table {table}).")
+        return True
 
 
 def render_page(title: str, body: Callable[[PageContext], None], *, key: str | None = None,
@@ -142,7 +172,7 @@ def _frame(body: Callable[[PageContext], None], key: str | None, hook: bool) -> 
                 picked_hook = pick_hook(r, run["run_id"], key=f"{key}_hook")
                 if picked_hook is None:
                     return
-        body(PageContext(r, path, run, picked_hook))
+        body(PageContext(r, path, run, picked_hook, read_only=read_only()))
     except StoreEmpty:
         st.info(f"The database {path} holds no drift-monitor data yet. It fills in once a run writes "
                 "its first snapshot; this page refreshes itself in live mode.")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, invalid_yaml
 from .settings import (
     FLAT_KEYS,
     FORMATS,
@@ -207,10 +207,7 @@ class MonitorConfig(_Fields):
             try:
                 data = yaml.safe_load(text_)
             except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-                raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e}); "
-                                  "fix the syntax (indentation, a ':' after each key)") from None
+                raise ConfigError(invalid_yaml(str(path), e)) from None
         else:
             try:
                 data = json.loads(text_)

@@ -77,7 +77,7 @@ def test_import_does_not_pull_torch():
 def test_default_rule_names_and_severities():
     rules = {r.name: r for r in A.default_rules()}
     assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "refusal_direction",
-                           "sudden_change", "nonfinite_activations"]
+                           "sudden_change", "residual_growth", "nonfinite_activations"]
     assert rules["nonfinite_activations"].severity == "critical"
     assert rules["emerging_refusal_features"].severity == "warning"
     assert A.default_rules(emerging_refusal_severity="info")[2].severity == "info"
@@ -347,7 +347,7 @@ rules:
 """)
     rules = {r.name: r for r in A.load_rules(p)}
     assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "refusal_direction",
-                           "nonfinite_activations", "low_act_cosine"]
+                           "residual_growth", "nonfinite_activations", "low_act_cosine"]
     assert rules["emerging_refusal_features"].severity == "info"
     assert rules["features_drifted"].threshold == 0.4 and rules["features_drifted"].hooks == [HOOK]
     eng = A.AlertEngine(p)
@@ -370,7 +370,7 @@ rules:
     assert rules[0].threshold == 0.2 and rules[1].metrics == ["topk_jaccard"] and rules[1].min_history == 5
     # a rule named like a default replaces it when the defaults are kept
     rules = A.load_rules({"defaults": True, "rules": [{"name": "ev_drop", "kind": "ev_drop", "threshold": 0.3}]})
-    assert [r.name for r in rules][0] == "ev_drop" and rules[0].threshold == 0.3 and len(rules) == 6
+    assert [r.name for r in rules][0] == "ev_drop" and rules[0].threshold == 0.3 and len(rules) == 7
     assert [r.name for r in A.load_rules(None)] == [r.name for r in A.default_rules()]
 
 
@@ -396,7 +396,8 @@ rules:
         ("overrides:\n  ev_drop: {severity: loud}\n", ["bad severity 'loud'"]),
         ("overrides:\n  ev_drop: {kind: threshold}\n", ["kind cannot be overridden"]),
         ("", ["is empty"]),
-        ("rules: [\n", ["not valid YAML"]),
+        ("rules: [\n", ["alerts.yaml:2: invalid YAML", "fix the syntax"]),
+
         ("42\n", ["expected a mapping"]),
     ],
 )

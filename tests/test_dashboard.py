@@ -5,7 +5,8 @@ Store API, and what it shows is compared with the DB. The app is ``dashboard/app
 registers the views with ``st.navigation``; a test opens a view with ``AppTest.switch_page`` (its
 page script). Store problems (missing file, empty DB, older schema) must be a message on the
 page, never a traceback. A writer process keeps writing while the page refreshes, and a real
-headless Chromium renders the served app and follows its navigation.
+headless Chromium renders the served app and follows its navigation. The command itself
+(headless by default, ``--read-only``, the warning off loopback) is tests/test_dashboard_cli.py.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ AppTest = streamlit_testing.AppTest
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")
-PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare", "Adapter", "Directions"]
+PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare", "Adapter", "Directions", "Residual"]
 #: View title -> its page script (relative to app.py), as app.py registers it with st.navigation.
 PAGE_FILES = {title: path for path, title, _ in VIEWS}
 #: View title -> the header its page shows.
 HEADERS = {"Runs": "Runs", "Run detail": "Run detail", "Features": "Features", "Refusal": "Refusal features",
-           "Alerts": "Alerts", "Compare": "Compare runs", "Adapter": "Adapter signals", "Directions": "Directions"}
+           "Alerts": "Alerts", "Compare": "Compare runs", "Adapter": "Adapter signals", "Directions": "Directions",
+           "Residual": "Residual"}
 STEPS = [0, 10, 20, 30]
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -74,11 +76,14 @@ def db(tmp_path_factory) -> Path:
     return path
 
 
-def app(db_path, page: str, **query: str) -> AppTest:
-    """The app opened on one view (its title), as a visit to that view's URL with ``query``."""
+def app(db_path, page: str, read_only: bool | None = None, **query: str) -> AppTest:
+    """The app opened on one view (its title), as a visit to that view's URL with ``query``;
+    ``read_only`` as ``drift-monitor dashboard --read-only`` sets it (None: the command line's)."""
     at = AppTest.from_file(APP, default_timeout=30)
     if db_path is not None:
         at.session_state["db_path"] = str(db_path)
+    if read_only is not None:
+        at.session_state["read_only"] = read_only
     at.query_params.update(query)
     at.switch_page(PAGE_FILES[page]).run()
     return at
@@ -221,8 +226,8 @@ def test_pause_toggle_and_interval(db):
 
 
 def test_every_view_is_registered_with_st_navigation(db):
-    assert [title for _, title, _ in VIEWS] == ["Runs", "Run detail", "Features", "Refusal", "Directions", "Adapter",
-                                                "Alerts", "Compare"]
+    assert [title for _, title, _ in VIEWS] == ["Runs", "Run detail", "Features", "Refusal", "Directions", "Residual",
+                                                "Adapter", "Alerts", "Compare"]
     assert sorted(PAGE_FILES) == sorted(PAGES) == sorted(HEADERS)  # every view is tested here
     files = [(Path(APP).parent / path).resolve() for path in PAGE_FILES.values()]
     assert all(f.is_file() for f in files) and len({f.stem for f in files}) == len(files)  # URL = the file's name
@@ -255,7 +260,7 @@ def test_runs_table_row_opens_the_run_detail(db):
 
 
 @pytest.mark.parametrize("page,key", [("Run detail", "detail_run"), ("Features", "feat_run"), ("Refusal", "ref_run"),
-                                      ("Directions", "dir_run"), ("Adapter", "adp_run")])
+                                      ("Directions", "dir_run"), ("Residual", "res_run"), ("Adapter", "adp_run")])
 def test_run_in_the_url_selects_the_run(db, page, key):
     first = StoreReader(db).runs()["run_id"].iloc[0]
     other = "alpha-id" if first == "beta-id" else "beta-id"
@@ -446,19 +451,6 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> N
     raise AssertionError(f"streamlit did not come up on port {port}")
 
 
-def test_cli_dashboard_command_defaults(db):
-    from drift_monitor.cli import build_parser, dashboard_command
-
-    args = build_parser().parse_args(["dashboard", "--db", str(db)])
-    cmd = dashboard_command(args)
-    import drift_monitor.dashboard as dash
-
-    app_file = Path(cmd[cmd.index("run") + 1])
-    assert app_file == Path(dash.__file__).resolve().parent / "app.py" and app_file.exists()
-    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--db") + 1] == str(db.resolve())
-
-
 def test_browser_renders_dashboard_and_refreshes_live(db, tmp_path):
     """`drift-monitor dashboard` serves the app; headless Chromium (driven over the DevTools pipe, so
     it waits in real time for Streamlit's websocket) shows the runs and the charts, a snapshot
@@ -476,7 +468,7 @@ def test_browser_renders_dashboard_and_refreshes_live(db, tmp_path):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "drift_monitor.cli", "dashboard", "--db", str(live_db), "--port", str(port),
-         "--headless", "--refresh", "1"],
+         "--refresh", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     browser = None
     try:

@@ -1,4 +1,5 @@
-"""Alerts: active and resolved, filtered by severity and rule; acknowledge (Store.acknowledge_alert)."""
+"""Alerts: active and resolved, filtered by severity and rule; acknowledge (Store.acknowledge_alert),
+unless the dashboard runs with ``--read-only``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def body(ctx: PageContext) -> None:
     open_ = df[(df["status"] == "active") & ~df["acknowledged"].fillna(False).astype(bool)] if not df.empty else df
     if not open_.empty:
         st.subheader("Acknowledge")
+        if not ctx.offer_write("Acknowledging an alert", "alerts"):
+            return
         labels = {a: f"{s} · {ru} · step {stp} · {h}" for a, s, ru, stp, h in
                   zip(open_["alert_id"], open_["severity"], open_["rule"], open_["step"], open_["hook"])}
         aid = st.selectbox("Alert", list(labels), format_func=labels.get, key="al_ack_id")

@@ -1,5 +1,5 @@
 """Features: base vs current density at a step, the top drifting features, one feature's trajectory,
-and the import of feature explanations (labels)."""
+and the import of feature explanations (labels; off with ``--read-only``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import streamlit as st
 
 from drift_monitor.dashboard.common import PageContext, render_page
 from drift_monitor.store import TOP_BY_SQL, Store
+from drift_monitor.store.tables import label_id
 
 _ID_KEYS = ("feature", "index", "feature_id", "featureId", "id", "feature_index")
 _LABEL_KEYS = ("label", "description", "explanation", "text")
@@ -28,7 +29,7 @@ def _pick(d: dict, keys: tuple[str, ...]):
 
 def _rows_from_dicts(items: list[dict]) -> pd.DataFrame:
     feats, labels = [], []
-    for item in items:
+    for row, item in enumerate(items, 1):
         if not isinstance(item, dict):
             raise ValueError("each record must be an object with a feature id and an explanation")
         fid, label = _pick(item, _ID_KEYS), _pick(item, _LABEL_KEYS)
@@ -36,7 +37,7 @@ def _rows_from_dicts(items: list[dict]) -> pd.DataFrame:
             label = _pick(item["explanations"][0], _LABEL_KEYS)  # Neuronpedia feature export
         if fid is None or label is None:
             continue
-        feats.append(int(fid))
+        feats.append(label_id(fid, row, "label file"))
         labels.append(str(label))
     if not feats:
         raise ValueError(f"no (feature id, explanation) pairs found; expected keys like {_ID_KEYS[:2]} "
@@ -57,7 +58,8 @@ def parse_labels(data: bytes, filename: str) -> pd.DataFrame:
         if isinstance(obj, dict) and isinstance(obj.get("explanations"), list):
             obj = obj["explanations"]
         if isinstance(obj, dict):
-            return pd.DataFrame({"feature": [int(k) for k in obj], "label": [str(v) for v in obj.values()]})
+            return pd.DataFrame({"feature": [label_id(k, i, filename) for i, k in enumerate(obj, 1)],
+                                 "label": [str(v) for v in obj.values()]})
         if isinstance(obj, list):
             return _rows_from_dicts(obj)
         raise ValueError("a JSON label file must be a list of records or a {feature: explanation} object")
@@ -135,6 +137,8 @@ def body(ctx: PageContext) -> None:
 
     with st.expander("Import feature labels (Neuronpedia export, JSON or CSV)"):
         st.caption(f"{len(labels)} labels stored for {hook}.")
+        if not ctx.offer_write("Importing labels", "feature_labels"):
+            return
         up = st.file_uploader("Label file", type=["json", "csv"], key="labels_file")
         if up is not None and st.button("Import labels", key="labels_import"):
             try:

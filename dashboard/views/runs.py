@@ -22,14 +22,29 @@ def runs_table(r: StoreReader) -> pd.DataFrame:
     if runs.empty:
         return runs
     spark = r.metric_sparklines(KEY_METRICS, last_n=50)
-    out = runs[["name", "run_id", "status", "last_step", "n_snapshots", "active_alerts", "model", "updated_at"]].copy()
+    out = runs[["name", "run_id", "status", "last_step", "n_snapshots", "active_alerts", "pending_writes", "model",
+                "updated_at"]].copy()
     for name in KEY_METRICS:
         sub = spark[spark["name"] == name].set_index("run_id")["values"]
         out[name] = [list(sub[rid]) if rid in sub.index else [] for rid in out["run_id"]]
     return out
 
 
+def spool_notice(r: StoreReader) -> None:
+    """Writes waiting outside the database, and quarantined spool files, with the fix."""
+    from drift_monitor.store import QUARANTINE_HINT, replay_command
+
+    spool = r.spool_state()
+    if spool.n_pending:
+        st.warning(f"{spool.n_pending} writes are not in the database yet. Load them with "
+                   f"`{replay_command(r.path, spool.dumps[0] if spool.dumps else None)}`.")
+    if spool.quarantined:
+        st.error(f"{len(spool.quarantined)} quarantined spool files in `{spool.quarantined[0].parent}`: "
+                 + ", ".join(p.name for p in spool.quarantined) + ". " + QUARANTINE_HINT + ".")
+
+
 def body(ctx: PageContext) -> None:
+    spool_notice(ctx.reader)
     df = runs_table(ctx.reader)
     if df.empty:
         st.info("No runs in this database yet.")
@@ -37,6 +52,8 @@ def body(ctx: PageContext) -> None:
     cfg = {name: st.column_config.LineChartColumn(name, help=f"{name}, last 50 steps") for name in KEY_METRICS}
     cfg["last_step"] = st.column_config.NumberColumn("last step", format="%d")
     cfg["active_alerts"] = st.column_config.NumberColumn("active alerts", format="%d")
+    cfg["pending_writes"] = st.column_config.NumberColumn("pending writes", format="%d",
+                                                          help="writes not in the database yet (spooled or dumped)")
     picked = st.dataframe(df, hide_index=True, column_config=cfg, width="stretch", key="runs_table",
                           on_select="rerun", selection_mode="single-row")
     st.caption(f"{len(df)} runs; sparklines show the mean over hooks of the last 50 snapshots. "

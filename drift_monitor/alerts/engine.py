@@ -6,6 +6,14 @@ engine raises an ``active`` alert when a condition starts to hold (not again whi
 holding) and a ``resolved`` one, at the step where it cleared, when it stops. Its
 :meth:`AlertEngine.state` is plain JSON, so the trainer callback saves it in a checkpoint and a
 resumed run does not re-raise.
+
+Why "stored" is a state of its own: an alert that the engine counts as active but that never
+reached the store is an alert nobody sees, and the engine would not raise it again. With
+``confirm_writes=True`` (the recorder, whenever there is a store) a raised or resolved alert
+stays *unstored* until :meth:`AlertEngine.confirm` (the write that carried it is durable): it is
+not in :meth:`AlertEngine.active`, not counted, and :meth:`AlertEngine.unstored` hands it out
+again with every later write, under the same deterministic id, so it is stored once, at the step
+it was raised, however many writes failed first.
 """
 
 from __future__ import annotations
@@ -42,12 +50,14 @@ class AlertEngine:
     through JSON, so a resumed run continues without re-raising.
     """
 
-    def __init__(self, rules: RulesSource = None, run: str | None = None) -> None:
+    def __init__(self, rules: RulesSource = None, run: str | None = None, *, confirm_writes: bool = False) -> None:
         self.rules: list[AlertRule] = load_rules(rules)
         self.run = run
+        self.confirm_writes = confirm_writes
         self._base: MetricPoint | None = None
         self._history: list[MetricPoint] = []  # non-base points, ascending steps
-        self._active: dict[tuple[str, str], Alert] = {}
+        self._active: dict[tuple[str, str], Alert] = {}  # stored (confirmed) active alerts
+        self._unstored: list[Alert] = []  # state changes not yet confirmed stored, in order
         self.raised_total: dict[tuple[str, str], int] = {}
         self.resolved_total: dict[tuple[str, str], int] = {}
         self._warned_hooks: set[tuple[str, str]] = set()
@@ -55,8 +65,33 @@ class AlertEngine:
     # -- public API ------------------------------------------------------------------------
 
     def evaluate(self, snapshot: Snapshot | MetricPoint) -> list[Alert]:
-        """Record ``snapshot`` and return the Alerts that changed state with it."""
-        return self._step(MetricPoint.from_snapshot(snapshot), emit=True)
+        """Record ``snapshot`` and return the Alerts that changed state with it.
+
+        Without ``confirm_writes`` they count as stored at once; with it they wait in
+        :meth:`unstored` until :meth:`confirm`."""
+        out = self._step(MetricPoint.from_snapshot(snapshot), emit=True)
+        if not self.confirm_writes:
+            self.confirm()
+        return out
+
+    def unstored(self) -> list[Alert]:
+        """Every state change not yet confirmed stored (copies, in order): what the next write
+        must carry. Re-writing one is harmless: its id is deterministic and the store upserts."""
+        return [dataclasses.replace(a) for a in self._unstored]
+
+    def confirm(self) -> list[Alert]:
+        """The write carrying :meth:`unstored` is durable: the alerts now count (active set,
+        raised/resolved totals). Returns them, for the exporter."""
+        done, self._unstored = self._unstored, []
+        for a in done:
+            key, k = (a.rule, a.hook), (a.rule, a.severity)
+            if a.status == "active":
+                self._active[key] = a
+                self.raised_total[k] = self.raised_total.get(k, 0) + 1
+            else:
+                self._active.pop(key, None)
+                self.resolved_total[k] = self.resolved_total.get(k, 0) + 1
+        return [dataclasses.replace(a) for a in done]
 
     def observe(self, snapshot: Snapshot | MetricPoint, *, sync_active: bool = True) -> None:
         """Record ``snapshot`` without returning or counting alerts (replaying a resumed run).
@@ -100,23 +135,26 @@ class AlertEngine:
             "base": self._base.to_json() if self._base is not None else None,
             "history": [p.to_json() for p in self._history],
             "active": [_alert_to_json(a) for a in self._active.values()],
+            "unstored": [_alert_to_json(a) for a in self._unstored],
             "raised_total": [[r, s, n] for (r, s), n in self.raised_total.items()],
             "resolved_total": [[r, s, n] for (r, s), n in self.resolved_total.items()],
         }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any], rules: RulesSource = None, run: str | None = None) -> AlertEngine:
+    def from_state(cls, state: Mapping[str, Any], rules: RulesSource = None, run: str | None = None, *,
+                   confirm_writes: bool = False) -> AlertEngine:
         """An engine continuing from :meth:`state` (rules are given again: they live in the config)."""
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             got = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not an AlertEngine state of version {_STATE_VERSION} (got {got!r})")
-        eng = cls(rules, run=run if run is not None else state.get("run"))
+        eng = cls(rules, run=run if run is not None else state.get("run"), confirm_writes=confirm_writes)
         try:
             eng._base = MetricPoint.from_json(state["base"]) if state.get("base") is not None else None
             eng._history = sorted((MetricPoint.from_json(p) for p in state.get("history", [])), key=lambda p: p.step)
             for d in state.get("active", []):
                 a = _alert_from_json(d)
                 eng._active[(a.rule, a.hook)] = a
+            eng._unstored = [_alert_from_json(d) for d in state.get("unstored", [])]
             eng.raised_total = {(r, s): int(n) for r, s, n in state.get("raised_total", [])}
             eng.resolved_total = {(r, s): int(n) for r, s, n in state.get("resolved_total", [])}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -143,31 +181,46 @@ class AlertEngine:
 
         out: list[Alert] = []
         names = {r.name for r in self.rules}
-        for key in [k for k in self._active if k[0] not in names]:  # rule removed from the config
-            old = self._active.pop(key)
+        current = self._current()
+        for key in [k for k in current if k[0] not in names]:  # rule removed from the config
+            old = current.pop(key)
             if emit:
                 out.append(self._resolved(old, point.step, old.value,
                                           f"resolved: rule {old.rule!r} is no longer configured"))
+            else:
+                self._active.pop(key, None)
         for c in conds:
             key = (c.rule, c.hook)
-            old = self._active.get(key)
+            old = current.get(key)
             if c.firing and old is None:
                 alert = Alert(rule=c.rule, severity=c.severity, step=point.step, hook=c.hook,  # type: ignore[arg-type]
                               message=c.message, value=c.value, threshold=c.threshold, status="active")
-                self._active[key] = alert
+                current[key] = alert
                 if emit:
-                    k = (c.rule, c.severity)
-                    self.raised_total[k] = self.raised_total.get(k, 0) + 1
                     out.append(dataclasses.replace(alert))
+                else:
+                    self._active[key] = alert
             elif not c.firing and old is not None and point.step >= old.step:
-                del self._active[key]
+                del current[key]
                 if emit:
                     out.append(self._resolved(old, point.step, c.value, f"resolved: {c.message}"))
+                else:
+                    self._active.pop(key, None)
+        self._unstored.extend(dataclasses.replace(a) for a in out)
         return out
 
+    def _current(self) -> dict[tuple[str, str], Alert]:
+        """The active alerts as the conditions see them: the stored ones, updated by the state
+        changes not yet stored (a raised alert is not raised twice while its write waits)."""
+        cur = dict(self._active)
+        for a in self._unstored:
+            if a.status == "active":
+                cur[(a.rule, a.hook)] = a
+            else:
+                cur.pop((a.rule, a.hook), None)
+        return cur
+
     def _resolved(self, old: Alert, step: int, value: float, message: str) -> Alert:
-        k = (old.rule, old.severity)
-        self.resolved_total[k] = self.resolved_total.get(k, 0) + 1
         return Alert(rule=old.rule, severity=old.severity, step=step, hook=old.hook, message=message,
                      value=value, threshold=old.threshold, status="resolved")
 

@@ -60,6 +60,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from drift_monitor.errors import DriftMonitorError
+
 from .. import catalog
 from ..records import Alert, Snapshot
 
@@ -96,7 +98,7 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
 
-class PrometheusExporterError(RuntimeError):
+class PrometheusExporterError(DriftMonitorError, RuntimeError):
     """A Prometheus exporter problem, with a message that names the fix."""
 
 
@@ -231,6 +233,12 @@ class PrometheusExporter:
         with self.collector.lock:
             self._state.errors += 1
 
+    def set_store_pending(self, n: int) -> None:
+        """Writes computed but not in the store yet (``drift_monitor_store_pending``): above 0
+        while the database is busy or failing; they are retried at every later write."""
+        with self.collector.lock:
+            self._state.store_pending = float(n)
+
     # ------------------------------------------------------------------ serving / pushing
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` of this registry on ``host:port`` from a daemon thread; return the port.
@@ -314,6 +322,7 @@ class _RunState:
     last_ts: float | None = None
     snapshots: float = 0.0
     errors: float = 0.0
+    store_pending: float = 0.0
     raised: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (rule, severity) -> [n, created]
     active: dict[tuple[str, str], float] = field(default_factory=dict)  # (rule, severity) -> alerts active now
     #: family (without the prefix) -> label values after ``run`` (hook, then a pattern's fields) -> value
@@ -338,6 +347,8 @@ _FIXED: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "last_snapshot_timestamp_seconds": ("gauge", "Unix time at which the last snapshot was computed.", ()),
     "snapshots": ("counter", "Snapshots exported.", ()),
     "errors": ("counter", "Errors caught inside the monitor (training went on).", ()),
+    "store_pending": ("gauge", "Writes (snapshots, alerts) computed but not yet in the store: spooled or queued after "
+                      "a failed write, retried at every later write.", ()),
     "probe_duration_seconds": ("histogram", "Duration of probe passes.", ()),
     "last_probe_duration_seconds": ("gauge", "Duration of the last probe pass.", ()),
     "alerts_raised": ("counter", "Alerts raised (Alert records received with status active).", ("rule", "severity")),
@@ -406,6 +417,7 @@ class DriftMonitorCollector(Collector):
                     fams["last_snapshot_timestamp_seconds"].add_metric([run], st.last_ts)
                 fams["snapshots"].add_metric([run], st.snapshots, created=st.created if created else None)
                 fams["errors"].add_metric([run], st.errors, created=st.created if created else None)
+                fams["store_pending"].add_metric([run], st.store_pending)
                 if st.buckets is not None:
                     h, acc, cum = fams["probe_duration_seconds"], 0.0, []
                     for b, n in zip(DURATION_BUCKETS, st.buckets):

@@ -26,16 +26,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..probe.capture import resolve_module
+from ..errors import DriftMonitorError
+from ..probe.capture import replace_output, resolve_module
+
+
+class VerifyError(DriftMonitorError, ValueError):
+    """A causal check that cannot run as asked (features, prompts, run), naming the fix."""
 
 
 def _feature_index(features: Sequence[int], d_sae: int, device: torch.device) -> torch.Tensor:
     idx = torch.as_tensor(list(features), dtype=torch.long)
     if idx.numel() == 0:
-        raise ValueError("an intervention needs at least one feature")
+        raise VerifyError("an intervention needs at least one feature")
     bad = idx[(idx < 0) | (idx >= d_sae)]
     if bad.numel():
-        raise ValueError(f"feature ids {bad.tolist()} are outside the SAE's dictionary (0..{d_sae - 1})")
+        raise VerifyError(f"feature ids {bad.tolist()} are outside the SAE's dictionary (0..{d_sae - 1}); "
+                          "give ids of this SAE's features")
+
     return idx.to(device)
 
 
@@ -49,16 +56,6 @@ def ablation_delta(sae: Any, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor
 def steering_vector(sae: Any, idx: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``Σ_i s_i·d_i`` ([d]); ``scales`` are the per-feature strengths (α × typical activation)."""
     return (scales.to(sae.W_dec.dtype)[:, None] * sae.W_dec[idx]).sum(0)
-
-
-def _replace_output(out: Any, fn) -> Any:
-    """Apply ``fn`` to a module output that is a Tensor (transformers 5.x decoder layers) or a
-    tuple whose first element is the hidden state (older layers, attention modules)."""
-    if isinstance(out, torch.Tensor):
-        return fn(out)
-    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-        return (fn(out[0]), *out[1:])
-    raise TypeError(f"cannot intervene on a module output of type {type(out).__name__}")
 
 
 @contextlib.contextmanager
@@ -90,7 +87,7 @@ def intervene(model: nn.Module, hook: str, sae: Any, *, ablate: Sequence[int] = 
         return x
 
     def fwd_hook(_mod: nn.Module, _inp: Any, out: Any) -> Any:
-        return _replace_output(out, edit)
+        return replace_output(out, edit)
 
     handle = module.register_forward_hook(fwd_hook)
     try:

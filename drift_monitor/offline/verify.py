@@ -39,7 +39,7 @@ from torch import nn
 from ..probe.capture import ActivationCapture, resolve_module
 from ..progress import bar as progress_bar
 from ..records import ConditionResult, VerifyResult, VerifySettings, normalize_text, pct
-from .interventions import intervene
+from .interventions import VerifyError, intervene
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ def density_matched(features: Sequence[int], density: torch.Tensor, pool: int, r
         dist[taken] = math.inf
         k = min(pool, int((~taken).sum()))
         if k == 0:
-            raise ValueError("not enough features left for a random control")
+            raise VerifyError("not enough features left for a random control; lower --n-random or check fewer "
+                              "features")
         cand = torch.topk(dist, k, largest=False).indices.tolist()
         pick = rng.choice(cand)
         taken[pick] = True
@@ -179,13 +180,13 @@ def verify(model: nn.Module, tokenizer: Any, sae: Any, hook: str, features: Sequ
     s = settings or VerifySettings()
     features = [int(f) for f in features]
     if not features:
-        raise ValueError("verify needs at least one feature")
+        raise VerifyError("verify needs at least one feature")
     if len(set(features)) != len(features):
-        raise ValueError(f"duplicate feature ids in {features}")
+        raise VerifyError(f"duplicate feature ids in {features}; give each feature once")
     if not harmful:
-        raise ValueError("no harmful prompts: the refusal rate needs some (check --probes and the category names)")
+        raise VerifyError("no harmful prompts: the refusal rate needs some (check --probes and the category names)")
     if not harmless:
-        raise ValueError("no harmless prompts: the KL and the over-refusal check need some")
+        raise VerifyError("no harmless prompts: the KL and the over-refusal check need some")
     if getattr(tokenizer, "pad_token", None) is None:
         log.warning("tokenizer has no pad token; using eos (%r)", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
@@ -305,14 +306,14 @@ def parse_feature_spec(spec: str) -> list[int] | tuple[str, int]:
         except ValueError:
             k = 0
         if k < 1:
-            raise ValueError(f"--features {spec!r}: top:K needs a positive integer K, e.g. top:5")
+            raise VerifyError(f"--features {spec!r}: top:K needs a positive integer K, e.g. top:5")
         return ("top", k)
     try:
         ids = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--features {spec!r}: give feature ids (12,345), top:K or emerging") from None
+        raise VerifyError(f"--features {spec!r}: give feature ids (12,345), top:K or emerging") from None
     if not ids:
-        raise ValueError("--features is empty: give feature ids (12,345), top:K or emerging")
+        raise VerifyError("--features is empty: give feature ids (12,345), top:K or emerging")
     return ids
 
 
@@ -324,7 +325,7 @@ def features_from_store(reader: Any, run_id: str, hook: str, step: int, spec: tu
     """
     df = reader.refusal_features(run_id, hook, steps=[step])
     if df.empty:
-        raise ValueError(f"run {run_id} has no refusal features stored for hook {hook!r} at step {step} "
+        raise VerifyError(f"run {run_id} has no refusal features stored for hook {hook!r} at step {step} "
                          "(they need harmful and harmless probes); give --features 12,345 instead")
     df = df.assign(emerging=df["emerging"].fillna(False).astype(bool)).sort_values(
         ["emerging", "rank"], ascending=[False, True], na_position="last")
@@ -332,7 +333,7 @@ def features_from_store(reader: Any, run_id: str, hook: str, step: int, spec: tu
     kind, k = spec
     if kind == "emerging":
         if not emerging:
-            raise ValueError(f"no emerging refusal features at step {step} of run {run_id}; use top:K")
+            raise VerifyError(f"no emerging refusal features at step {step} of run {run_id}; use top:K")
         return emerging
     if len(emerging) < k:
         log.warning("only %d emerging refusal features at step %d; top:%d adds the next by refusal score",
@@ -362,7 +363,7 @@ def _prompts(probes: str | None, run_cfg: dict[str, Any], harmful_cat: str,
     harmful = [r.prompt for r in ps.records if r.category == harmful_cat]
     harmless = [r.prompt for r in ps.records if r.category == harmless_cat]
     if not harmful or not harmless:
-        raise ValueError(f"probe set {ps.name!r} has {len(harmful)} {harmful_cat!r} and {len(harmless)} "
+        raise VerifyError(f"probe set {ps.name!r} has {len(harmful)} {harmful_cat!r} and {len(harmless)} "
                          f"{harmless_cat!r} probes; verify needs both (categories: {ps.categories})")
     return harmful, harmless
 
@@ -395,48 +396,37 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
     the base conditions switch the adapter off). ``db`` + ``run``: where ``top:K`` features come
     from and where the results go; the SAE and probes default to the run's own config.
     """
-    from transformers import AutoTokenizer
-
     from ..probe.saes import load_sae
-    from .loading import has_tokenizer, load_model
+    from .loading import load_pair
 
     spec = parse_feature_spec(features)
     reader = run_id = None
     run_cfg: dict[str, Any] = {}
     if db is not None:
         if run is None:
-            raise ValueError("--db needs --run: the run whose features are checked and to which results belong")
+            raise VerifyError("--db needs --run: the run whose features are checked and to which results belong")
         from ..store import StoreReader
 
         reader = StoreReader(db)
         run_id = reader.resolve_run(run)
         run_cfg = _run_config(reader, run_id)
     elif isinstance(spec, tuple):
-        raise ValueError(f"--features {features}: reading features from a run needs --db and --run")
+        raise VerifyError(f"--features {features}: reading features from a run needs --db and --run")
     saes = saes or _run_saes(run_cfg, reader, run_id)
     if len(saes) != 1:
-        raise ValueError(f"verify checks one hook at a time: give one --sae HOOK=SOURCE (got {len(saes)})")
+        raise VerifyError(f"verify checks one hook at a time: give one --sae HOOK=SOURCE (got {len(saes)})")
     hook, source = next(iter(saes.items()))
     if reader is not None and step is None:
         steps = reader.steps(run_id, hook)
         if not steps:
-            raise ValueError(f"run {run_id} has no snapshots at hook {hook!r}")
+            raise VerifyError(f"run {run_id} has no snapshots at hook {hook!r}")
         step = max(steps)
     feats = features_from_store(reader, run_id, hook, int(step), spec) if isinstance(spec, tuple) else spec
     harmful, harmless = _prompts(probes, run_cfg, harmful_category, harmless_category)
 
-    tok_dir = adapter if adapter and has_tokenizer(adapter) else model
-    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-    m = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    base = base_ctx = None
-    if adapter:
-        from peft import PeftModel
-
-        m = PeftModel.from_pretrained(m, adapter).eval()
-        base_ctx = m.disable_adapter
-    elif base_model:
-        base = load_model(base_model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    else:
+    tok, m, base, base_ctx = load_pair(model, adapter=adapter, base_model=base_model, device=device, dtype=dtype,
+                                       trust_remote_code=trust_remote_code)
+    if base is None and base_ctx is None:
         log.warning("no --adapter or --base-model: the base and steered_base conditions are skipped")
     sae = load_sae(source, device=device, dtype=dtype)
     res = verify(m, tok, sae, hook, feats, harmful, harmless, base_model=base, base_context=base_ctx,

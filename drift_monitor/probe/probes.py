@@ -22,11 +22,13 @@ from typing import Any
 import torch
 
 from ..config import FORMATS
+from ..errors import DriftMonitorError
+from ..records import ALL
 from .tokens import TokenConventions
 
 log = logging.getLogger(__name__)
 
-class ProbeError(ValueError):
+class ProbeError(DriftMonitorError, ValueError):
     """A malformed or empty probe set, with the file and line that is wrong."""
 
 
@@ -50,8 +52,10 @@ class ProbeSet:
             raise ProbeError(f"probe set {self.name!r} is empty: it needs at least one record")
         seen: set[str] = set()
         for r in self.records:
+            _check_category(r.category, f"probe set {self.name!r}, probe {r.id!r}")
             if r.id in seen:
-                raise ProbeError(f"probe set {self.name!r}: duplicate id {r.id!r}")
+                raise ProbeError(f"probe set {self.name!r}: duplicate id {r.id!r}; give every probe its own id")
+
             seen.add(r.id)
 
     def __len__(self) -> int:
@@ -80,11 +84,16 @@ class ProbeSet:
         if not path.is_file():
             raise ProbeError(f"probe file not found: {path}")
         records = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ProbeError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                     f"0x{raw[e.start]:02x}); save the probe file as UTF-8") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -129,7 +138,16 @@ def _parse_record(obj: dict[str, Any], where: str) -> ProbeRecord:
     extra = set(obj) - {"id", "category", "prompt", "response"}
     if extra:
         raise ProbeError(f"{where}: unknown field(s) {sorted(extra)}; allowed: id, category, prompt, response")
+    _check_category(obj["category"], where)
     return ProbeRecord(id=obj["id"], category=obj["category"], prompt=obj["prompt"], response=resp)
+
+
+def _check_category(category: str, where: str) -> None:
+    """``all`` names the aggregate of every probe token in each snapshot: a probe category of
+    that name would overwrite it (and be overwritten), so it is refused where it is read."""
+    if category == ALL:
+        raise ProbeError(f"{where}: category {ALL!r} is reserved (it is the aggregate over every probe); "
+                         "rename the category, e.g. 'all_topics'")
 
 
 # ---------------------------------------------------------------------------------- formatting

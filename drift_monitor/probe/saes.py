@@ -17,8 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import DriftMonitorError, first_line
+from .fingerprint import weights_digest
 
-class SAELoadError(ValueError):
+
+class SAELoadError(DriftMonitorError, ValueError):
     """An SAE that cannot be loaded or does not fit the model, with the fix in the message."""
 
 
@@ -41,31 +44,91 @@ class HookedSAE:
 
 
 def load_sae(source: Any, device: str | torch.device = "cpu", dtype: str | None = None) -> Any:
-    """An sae-lens SAE from an object, a local directory or ``"release:sae_id"``."""
+    """An sae-lens SAE from an object, a local directory or ``"release:sae_id"``.
+
+    Every SAE is checked for non-finite weights (:func:`check_finite`): one NaN in a decoder
+    row makes every reconstruction NaN, and the metrics would report NaN (or l0 = 0) without
+    a word rather than fail.
+    """
     if hasattr(source, "encode") and hasattr(source, "decode") and hasattr(source, "cfg"):
         sae = source
         if dtype is not None:
             sae = sae.to(dtype=getattr(torch, dtype))
-        return sae.to(device)
+        return check_finite(sae.to(device), _describe(source))
     from sae_lens import SAE
 
     if isinstance(source, Path) or (isinstance(source, str) and Path(source).exists()):
         path = Path(source)
-        if not (path / "cfg.json").is_file():
-            raise SAELoadError(
-                f"{path} is not an sae-lens SAE directory: it has no cfg.json "
-                "(expected cfg.json + sae_weights.safetensors, as written by SAE.save_model)"
-            )
-        if not (path / "sae_weights.safetensors").is_file():
-            raise SAELoadError(f"{path}: cfg.json found but sae_weights.safetensors is missing")
-        return SAE.load_from_disk(str(path), device=str(device), dtype=dtype)
+        _check_sae_dir(path)
+        return check_finite(SAE.load_from_disk(str(path), device=str(device), dtype=dtype), str(path))
     if isinstance(source, str) and ":" in source and not source.startswith((".", "/", "~")):
         release, sae_id = source.split(":", 1)
-        return SAE.from_pretrained(release, sae_id, device=str(device), dtype=dtype or "float32")
+        return check_finite(SAE.from_pretrained(release, sae_id, device=str(device), dtype=dtype or "float32"),
+                            source)
     raise SAELoadError(
         f"cannot load an SAE from {source!r}: give a local sae-lens directory (cfg.json + "
         "sae_weights.safetensors), 'release:sae_id' for a sae-lens hub release, or an SAE object"
     )
+
+
+def _check_sae_dir(path: Path) -> None:
+    """The checks sae-lens leaves to a traceback, each as one line naming the file and the fix:
+    a missing or unreadable ``cfg.json``, an architecture sae-lens does not know, a damaged
+    (e.g. truncated) weights file, and a ``cfg.json`` whose widths are not its weights'.
+
+    Why read the safetensors header first: it holds every tensor's shape, so a cfg.json copied
+    from another SAE is caught here, without loading a byte of the weights.
+    """
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file, weights = path / "cfg.json", path / "sae_weights.safetensors"
+    if not cfg_file.is_file():
+        raise SAELoadError(f"{path} is not an sae-lens SAE directory: it has no cfg.json "
+                           "(expected cfg.json + sae_weights.safetensors, as written by SAE.save_model)")
+    if not weights.is_file():
+        raise SAELoadError(f"{path}: cfg.json found but sae_weights.safetensors is missing")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SAELoadError(f"{cfg_file}: not valid JSON ({first_line(e)}); restore the SAE's cfg.json "
+                           "(SAE.save_model writes it)") from None
+    if not isinstance(cfg, dict):
+        raise SAELoadError(f"{cfg_file}: expected a JSON object of SAE settings, got {type(cfg).__name__}")
+    arch = handle_config_defaulting(dict(cfg)).get("architecture")
+    if arch not in SAE_CLASS_REGISTRY:
+        raise SAELoadError(f"{cfg_file}: "
+                           + (f"unknown SAE architecture {arch!r}" if arch else "no 'architecture' given")
+                           + "; sae-lens knows "
+                           f"{', '.join(sorted(SAE_CLASS_REGISTRY))} (fix 'architecture', or upgrade sae-lens)")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError) as e:
+        raise SAELoadError(f"{weights}: damaged or truncated ({first_line(e)}); copy or download the SAE "
+                           "again") from None
+    w_dec = shapes.get("W_dec")
+    if w_dec is not None and len(w_dec) == 2:
+        for key, want in (("d_sae", w_dec[0]), ("d_in", w_dec[1])):
+            if key in cfg and cfg[key] != want:
+                raise SAELoadError(f"{cfg_file}: {key}={cfg[key]!r} but W_dec in sae_weights.safetensors is "
+                                   f"{list(w_dec)} ({key}={want}); the cfg.json belongs to another SAE: restore "
+                                   "the one saved with these weights")
+
+
+def check_finite(sae: Any, where: str) -> Any:
+    """``sae`` itself, or :class:`SAELoadError` naming the first tensor with a NaN or inf.
+
+    One float32 reduction per tensor (no copy of the weights): a sum is finite exactly when
+    every term is, short of an overflow no real SAE's weights come near.
+    """
+    for name, t in sae.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+            bad = int((~torch.isfinite(t)).sum())
+            raise SAELoadError(f"SAE {where}: tensor {name} has {bad} non-finite value(s) (NaN or inf) of "
+                               f"{t.numel()}; this SAE is damaged: use another copy, or retrain it")
+    return sae
 
 
 def metadata_hook_name(sae: Any) -> str | None:
@@ -127,17 +190,12 @@ def check_d_in(hsae: HookedSAE, width: int | None, module_name: str) -> None:
 
 
 def sae_fingerprint(sae: Any) -> str:
-    """A cheap, stable identity for cache keys: config + a strided sample of the weights."""
+    """A stable identity for cache keys: config + every weight (the same projection as the model's
+    fingerprint, :func:`~drift_monitor.probe.fingerprint.weights_digest`; a sample missed changes)."""
     h = hashlib.sha256()
     cfg = sae.cfg.to_dict() if hasattr(sae.cfg, "to_dict") else vars(sae.cfg)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, t in sorted(sae.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        sample = flat[::step].to("cpu", torch.float64)
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(sample.numpy().tobytes())
+    h.update(weights_digest(sorted(sae.state_dict().items())).encode())
     return h.hexdigest()[:16]
 
 

@@ -13,6 +13,14 @@ Why it looks the way it does:
   own transaction, before any new write; a spool file is deleted only after its transaction
   committed, and its id is recorded in that same transaction so it is applied exactly once even
   if the process dies between the commit and the delete.
+* **Nothing is lost when the disk fails either.** A full disk, an I/O error or a read-only
+  file system mid-run is retried like a lock: the write goes to the spool, or waits in memory
+  (bounded) when the spool cannot be written either, and every later write applies what waits
+  first, in order. What still waits when the store is closed is dumped to a file whose replay
+  command is logged (:mod:`.replay`). Only unreadable spool files (or ones the database
+  rejects) are quarantined in ``<db>.spool/failed/``; ``StoreReader.runs()`` counts each run's
+  waiting writes. The start of a run (:meth:`Store.start_run`) is strict instead: a store that
+  cannot be written raises :class:`StoreUnwritable` before any work.
 * **Whole snapshots or none.** Every write of one snapshot (all hooks, metrics, feature tables,
   refusal features, alerts) is one transaction, so a process killed mid-write leaves the
   previous state. Re-writing ``(run, step, hook)`` replaces it (delete + insert in the same
@@ -34,7 +42,7 @@ The modules, one job each: :mod:`.errors` (what can go wrong), :mod:`.schema` (t
 migrations), :mod:`.connection` (opening, locks, transactions), :mod:`.tables` (Arrow tables
 from records), :mod:`.ops` (a write as data, and how it is applied), :mod:`.spool` (writes that
 found the file busy), :mod:`.writer` (:class:`Store`), :mod:`.reader` (:class:`StoreReader`),
-:mod:`.export` (:func:`export_run`).
+:mod:`.export` (:func:`export_run`), :mod:`.replay` (loading what a run could not store).
 
 The package imports only the standard library, NumPy, pandas, pyarrow, DuckDB and
 :mod:`drift_monitor.records`: the dashboard imports it and must never pull in torch.
@@ -50,6 +58,8 @@ from .errors import (
     StoreError,
     StoreLocked,
     StoreNotFound,
+    StoreUnwritable,
+    is_transient,
 )
 from .export import EXPORT_TABLES, export_run
 from .reader import TOP_BY_SQL, StoreReader
@@ -62,8 +72,9 @@ from .schema import (
     Migration,
     create_schema,
 )
+from .spool import QUARANTINE_HINT, SpoolState, spool_state
 from .tables import alert_id, build_feature_stats_table
-from .writer import REFUSAL_TOP_N, RunStatus, Store, WriteOutcome
+from .writer import REFUSAL_TOP_N, RUN_STATUSES, RunStatus, Store, WriteOutcome, replay_command
 
 __all__ = [
     "COLUMNS",
@@ -71,22 +82,29 @@ __all__ = [
     "FEATURE_COLUMNS",
     "MIGRATIONS",
     "OLDEST_VERSION",
+    "QUARANTINE_HINT",
     "REFUSAL_TOP_N",
+    "RUN_STATUSES",
     "SCHEMA_VERSION",
     "TOP_BY_SQL",
     "VERIFICATION_COLUMNS",
     "Migration",
     "RunStatus",
     "SchemaVersionError",
+    "SpoolState",
     "Store",
     "StoreEmpty",
     "StoreError",
     "StoreLocked",
     "StoreNotFound",
     "StoreReader",
+    "StoreUnwritable",
     "WriteOutcome",
     "alert_id",
     "build_feature_stats_table",
     "create_schema",
     "export_run",
+    "is_transient",
+    "replay_command",
+    "spool_state",
 ]

@@ -76,7 +76,11 @@ def _translate_open_error(path: Path, exc: Exception) -> Exception:
         return StoreNotFound(f"no drift-monitor store at {path} (the file does not exist)")
     if "not a valid DuckDB database" in msg:
         return StoreError(f"{path} is not a DuckDB database file: {msg}")
+    if "Is a directory" in msg:
+        return StoreError(f"{path} is a directory, not a drift-monitor DuckDB file: give the file's path, e.g. "
+                          f"{path / 'drift.duckdb'}")
     return exc
+
 
 
 @contextlib.contextmanager

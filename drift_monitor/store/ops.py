@@ -13,6 +13,7 @@ key (DuckDB's index makes bulk inserts several times slower), hence ``DELETE`` n
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,11 +22,12 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from .errors import LabelError
 from .schema import COLUMNS, VERIFICATIONS_DDL
 from .tables import _ts
 
 #: Tables whose rows belong to one (run, step, hook) and are replaced on re-write.
-_SNAPSHOT_TABLES = ("feature_stats", "metrics", "refusal_features", "snapshots")
+_SNAPSHOT_TABLES = ("feature_stats", "metrics", "refusal_features", "residual_directions", "snapshots")
 
 
 @dataclass
@@ -86,8 +88,9 @@ def _apply_snapshot(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
         _delete_snapshot(con, run_id, step, hook)
     # The snapshots row (with its row counts) goes first: order is irrelevant inside the
     # transaction, but it lets a completeness check catch any write that escaped one.
-    for name in ("snapshots", "metrics", "refusal_features", "feature_stats"):
-        _insert_arrow(con, name, op.tables[name])
+    for name in ("snapshots", "metrics", "refusal_features", "residual_directions", "feature_stats"):
+        if name in op.tables:  # a write spooled by a version before migration 3 has no residual table
+            _insert_arrow(con, name, op.tables[name])
     for alert in p["alerts"]:
         _apply_alert(con, alert)
     con.execute(
@@ -166,9 +169,17 @@ def _apply_ack_alert(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
 
 
 def _apply_labels(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+    """Replace the labels of these features; ids beyond the hook's SAE (its ``d_sae`` in the
+    stored snapshots, when there are any) are refused whole, in the same transaction."""
     table = op.tables["feature_labels"]
     if table.num_rows == 0:
         return
+    hook = op.payload["hook"]
+    d_sae = con.execute("SELECT max(d_sae) FROM snapshots WHERE hook = ?", [hook]).fetchall()[0][0]
+    top = max(table.column("feature").to_pylist())
+    if d_sae is not None and top >= d_sae:
+        raise LabelError(f"labels for hook {hook!r}: feature id {top} is beyond its SAE's {d_sae} features "
+                         f"(ids 0..{d_sae - 1}); fix or remove that row, or import the labels for the right hook")
     con.register("_dm_labels_keys", table.select(["feature"]))
     try:
         con.execute(
@@ -195,6 +206,19 @@ def _apply_verification(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
         _ensure_run(con, p["run_id"], p["t"])
     con.execute("DELETE FROM verifications WHERE verify_id = ?", [p["verify_id"]]).fetchall()
     _insert_arrow(con, "verifications", op.tables["verifications"])
+
+
+def _apply_once(con: duckdb.DuckDBPyConnection, op: _Op) -> bool:
+    """Apply a write that may have been applied before (a spool or dump file: the process may
+    have died between the commit and the file's delete). Its id is recorded in the same
+    transaction, so it takes effect exactly once. The caller owns the transaction. Returns
+    False when it had been applied already."""
+    done = con.execute("SELECT count(*) FROM _spool_applied WHERE op_id = ?", [op.op_id]).fetchall()
+    if done[0][0]:
+        return False
+    _APPLY[op.kind](con, op)
+    con.execute("INSERT INTO _spool_applied VALUES (?, ?)", [op.op_id, _ts(time.time())]).fetchall()
+    return True
 
 
 #: How each kind of write is applied (also the kinds a spool file may hold).

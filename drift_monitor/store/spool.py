@@ -1,11 +1,13 @@
-"""The spool: writes that found the file busy, kept on disk until the writer can apply them.
+"""The spool: writes that could not reach the database, kept on disk until the writer can apply them.
 
 Why: a training step must never block for long on a dashboard that happens to be reading, and
-must never lose a snapshot either. When the writer cannot get the file within its retry budget
-it serialises the :class:`~.ops._Op` to one self-contained file here (atomically: temp file,
-fsync, rename) and carries on; the next write applies the queue first, in order. Exactly-once
-application is the writer's job (it records each op id in the same transaction); this module
-only stores, loads and quarantines the files.
+must never lose a snapshot either, not even on a full disk. When the writer cannot write the
+file (busy beyond its retry budget, disk full, I/O error) it serialises the :class:`~.ops._Op`
+to one self-contained file here (atomically: temp file, fsync, rename) and carries on; the next
+write applies the queue first, in order. Exactly-once application is the writer's job (it
+records each op id in the same transaction); this module only stores, loads and quarantines
+the files, writes and reads *dump files* (the writes a run could not store anywhere else when
+it ended, loaded back by :mod:`.replay`), and counts what waits (:func:`spool_state`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import logging
 import os
 import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import StoreError
 from .ops import _APPLY, _Op
 
 log = logging.getLogger(__name__)
@@ -31,8 +36,9 @@ class _Spool:
 
     Each file is a zip (stored, not compressed) of ``op.json`` and one Parquet file per table:
     a single file, so creating it (temp + fsync + rename) and deleting it are both atomic.
-    Files that cannot be applied (corrupt, or rejected by the database) are moved to
-    ``failed/`` rather than deleted: nothing is lost, and they stop blocking the queue.
+    Files that can never be applied (unreadable, or rejected by the database) are moved to
+    ``failed/`` rather than deleted: nothing is lost, and they stop blocking the queue. A file
+    that meets a transient error (disk full, I/O error, a lock) stays pending and is retried.
     """
 
     FORMAT = 1
@@ -50,39 +56,156 @@ class _Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         name = f"{time.time_ns():020d}-{os.getpid():07d}-{self._seq:06d}-{op.op_id[:8]}.zip"
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
-                meta = {"format": self.FORMAT, "kind": op.kind, "op_id": op.op_id, "payload": op.payload}
-                zf.writestr("op.json", json.dumps(meta))
-                for tname, table in op.tables.items():
-                    buf = io.BytesIO()
-                    pq.write_table(table, buf, compression="zstd")
-                    zf.writestr(f"{tname}.parquet", buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        final = self.dir / name
+        _write_atomic(final, op_bytes(op))
         return final
 
     @staticmethod
     def load(path: Path) -> _Op:
-        with zipfile.ZipFile(path) as zf:
-            meta = json.loads(zf.read("op.json"))
-            if meta.get("format") != _Spool.FORMAT or meta.get("kind") not in _APPLY:
-                raise ValueError(f"unknown spool format/kind in {path}: {meta.get('format')}/{meta.get('kind')}")
-            tables = {
-                n[: -len(".parquet")]: pq.read_table(io.BytesIO(zf.read(n)))
-                for n in zf.namelist()
-                if n.endswith(".parquet")
-            }
-        return _Op(meta["kind"], meta["payload"], tables, op_id=meta["op_id"])
+        return op_from_bytes(path.read_bytes(), str(path))
 
     def quarantine(self, path: Path, why: BaseException) -> None:
-        failed = self.dir / "failed"
+        failed = self.dir / QUARANTINE
         failed.mkdir(exist_ok=True)
         os.replace(path, failed / path.name)
-        log.error("drift-monitor: spooled write %s could not be applied (%s); kept in %s", path.name, why, failed)
+        log.error("drift-monitor: spooled write %s is unreadable or rejected (%s); kept in %s. %s",
+                  path.name, why, failed, QUARANTINE_HINT)
+
+    def quarantined(self) -> list[Path]:
+        failed = self.dir / QUARANTINE
+        return sorted(failed.glob("*.zip")) if failed.is_dir() else []
+
+
+#: Sub-folder of the spool that holds files which can never be applied.
+QUARANTINE = "failed"
+QUARANTINE_HINT = ("Quarantined files are unreadable (truncated, corrupt) or rejected by the database; nothing "
+                   "retries them: inspect them, then delete them")
+
+
+def op_bytes(op: _Op) -> bytes:
+    """One write as a self-contained zip (stored, not compressed): ``op.json`` and one Parquet
+    file per table. The format of spool files, and of each entry of a dump file."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        meta = {"format": _Spool.FORMAT, "kind": op.kind, "op_id": op.op_id, "payload": op.payload}
+        zf.writestr("op.json", json.dumps(meta))
+        for tname, table in op.tables.items():
+            tbuf = io.BytesIO()
+            pq.write_table(table, tbuf, compression="zstd")
+            zf.writestr(f"{tname}.parquet", tbuf.getvalue())
+    return buf.getvalue()
+
+
+def op_from_bytes(data: bytes, where: str) -> _Op:
+    """The inverse of :func:`op_bytes`; raises :class:`CorruptSpoolFile` for anything unreadable."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            meta = json.loads(zf.read("op.json"))
+            if meta.get("format") != _Spool.FORMAT or meta.get("kind") not in _APPLY:
+                raise ValueError(f"unknown spool format/kind {meta.get('format')}/{meta.get('kind')}")
+            tables = {n[: -len(".parquet")]: pq.read_table(io.BytesIO(zf.read(n)))
+                      for n in zf.namelist() if n.endswith(".parquet")}
+            return _Op(meta["kind"], meta["payload"], tables, op_id=meta["op_id"])
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, json.JSONDecodeError, UnicodeDecodeError, KeyError,
+            ValueError, TypeError, EOFError, pa.ArrowException) as exc:
+        raise CorruptSpoolFile(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+class CorruptSpoolFile(StoreError, ValueError):
+    """A spool or dump entry that cannot be read back: the only reason a file is quarantined
+    without trying the database (an ``OSError`` reading it is retried instead)."""
+
+
+# -- dump files: what could not be written anywhere else when a run ended ------------------------
+
+DUMP_SUFFIX = ".unsaved.zip"
+
+
+def write_dump(path: Path, ops: list[_Op]) -> Path:
+    """Write ``ops`` (in order) to one file: a zip whose entries are spool files, named so that
+    they sort in the order they must be applied. Atomic (temp file, fsync, rename)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for i, op in enumerate(ops):
+            zf.writestr(f"{i:08d}-{op.op_id}.zip", op_bytes(op))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, buf.getvalue())
+    return path
+
+
+def read_dump(path: Path) -> list[_Op]:
+    """The writes of a dump file, in order (:class:`CorruptSpoolFile` if it cannot be read)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            entries = sorted(n for n in zf.namelist() if n.endswith(".zip"))
+            return [op_from_bytes(zf.read(n), f"{path}:{n}") for n in entries]
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise CorruptSpoolFile(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class SpoolState:
+    """What waits outside the database of ``db``, for ``drift-monitor runs`` and the dashboard:
+    writes pending per run (spool files and dump files beside the database), quarantined files."""
+
+    spool_dir: Path
+    pending: dict[str, int] = field(default_factory=dict)  # run id ("" when unknown) -> writes
+    quarantined: list[Path] = field(default_factory=list)
+    dumps: list[Path] = field(default_factory=list)
+
+    @property
+    def n_pending(self) -> int:
+        return sum(self.pending.values())
+
+
+def spool_state(db: str | os.PathLike[str], spool_dir: str | os.PathLike[str] | None = None) -> SpoolState:
+    """Read the spool of ``db`` (default ``<db>.spool``) and the dump files beside ``db``."""
+    spool = _Spool(Path(spool_dir) if spool_dir is not None else Path(f"{db}.spool"))
+    state = SpoolState(spool.dir, quarantined=spool.quarantined())
+    dumps = sorted(Path(db).parent.glob(f"{Path(db).name}*{DUMP_SUFFIX}"))
+    state.dumps = dumps
+    for path in spool.pending():
+        _count(state.pending, _run_of(path))
+    for dump in dumps:
+        with contextlib.suppress(OSError, zipfile.BadZipFile):
+            with zipfile.ZipFile(dump) as zf:
+                for n in zf.namelist():
+                    _count(state.pending, _run_of_bytes(zf.read(n)))
+    return state
+
+
+def _count(d: dict[str, int], key: str) -> None:
+    d[key] = d.get(key, 0) + 1
+
+
+def _run_of(path: Path) -> str:
+    try:
+        return _run_of_bytes(path.read_bytes())
+    except OSError:
+        return ""
+
+
+def _run_of_bytes(data: bytes) -> str:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return str(json.loads(zf.read("op.json")).get("payload", {}).get("run_id") or "")
+    except (zipfile.BadZipFile, KeyError, ValueError):
+        return ""
+
+
+def _write_atomic(final: Path, data: bytes) -> None:
+    tmp = final.parent / f".{final.name}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(final.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

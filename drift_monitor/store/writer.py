@@ -15,10 +15,14 @@ import contextlib
 import json
 import logging
 import os
+import shlex
+import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,20 +30,21 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
+from drift_monitor.errors import first_line
 from drift_monitor.records import Alert, Snapshot, VerifyResult
 
 from .connection import _connect, _path_lock, _transaction
-from .errors import StoreLocked
-from .ops import _APPLY, _Op
+from .errors import StoreLocked, StoreUnwritable, is_transient
+from .ops import _APPLY, _apply_once, _Op
 from .schema import _upgrade_schema
-from .spool import _Spool
+from .spool import DUMP_SUFFIX, CorruptSpoolFile, _Spool, write_dump
 from .tables import (
     _alert_payload,
     _labels_table,
     _metrics_table,
     _refusal_table,
+    _residual_table,
     _snapshots_table,
-    _ts,
     _verification_table,
     build_feature_stats_table,
 )
@@ -52,8 +57,24 @@ log = logging.getLogger(__name__)
 #: Default number of refusal features stored per (step, hook), besides every emerging one.
 REFUSAL_TOP_N = 200
 
-RunStatus = Literal["running", "finished", "failed"]
-WriteOutcome = Literal["committed", "spooled"]
+#: A run's state: ``failed`` (training or the scan raised), ``interrupted`` (KeyboardInterrupt),
+#: ``preempted`` (SIGTERM: a scheduler took the job back).
+RunStatus = Literal["running", "finished", "failed", "interrupted", "preempted"]
+RUN_STATUSES: tuple[str, ...] = ("running", "finished", "failed", "interrupted", "preempted")
+#: ``committed``: in the database. ``spooled``: on disk in the spool, applied by the next write.
+#: ``queued``: in memory only (the database and the spool both failed); retried at every later
+#: write, and dumped to a file by :meth:`Store.close` if it still cannot be written.
+WriteOutcome = Literal["committed", "spooled", "queued"]
+
+#: Default bound of the in-memory queue (bytes of Arrow tables); beyond it the oldest writes
+#: are dumped to a file at once.
+MAX_QUEUE_BYTES = 256 << 20
+
+
+def replay_command(db: str | os.PathLike[str], dump: str | os.PathLike[str] | None = None) -> str:
+    """The shell command that loads ``dump`` (or, without it, the spool) into ``db``."""
+    parts = [sys.executable, "-m", "drift_monitor.store.replay", *([str(dump)] if dump else []), "--db", str(db)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 class _Opening:
@@ -107,6 +128,17 @@ class Store:
     Errors that retrying cannot fix (a file of another schema version, a file that is not a
     DuckDB database, a malformed snapshot) raise at once and nothing is spooled: spooling
     them would only postpone the same failure.
+
+    Errors that retrying can fix (:func:`~.errors.is_transient`: a lock, a full disk, an I/O
+    error, a read-only file system) never lose a write. The write goes to the spool; if the
+    spool cannot be written either (it lives beside the database, usually on the same full
+    disk) it waits in memory (``max_queue_bytes``; beyond that the oldest are dumped to a
+    file). Every later write first applies what waits, in order. :meth:`close` writes what
+    still waits in memory to a *dump file* beside the database (else in ``fallback_dirs``, else
+    the temp folder) and logs the command that loads it (:func:`replay_command`).
+    ``failure`` is the last non-lock error while writes are failing (None once the store
+    works), ``unsaved`` the dump files written, ``lost`` writes that could not be kept
+    anywhere (each logged as an error).
     """
 
     def __init__(
@@ -119,6 +151,8 @@ class Store:
         spool_dir: str | os.PathLike[str] | None = None,
         store_dead_features: bool = False,
         refusal_top_n: int = REFUSAL_TOP_N,
+        max_queue_bytes: int = MAX_QUEUE_BYTES,
+        fallback_dirs: Sequence[str | os.PathLike[str]] = (),
     ):
         self.path = Path(path)
         self.run_id = run_id
@@ -128,6 +162,12 @@ class Store:
         self.refusal_top_n = int(refusal_top_n)
         self.spool = _Spool(Path(spool_dir) if spool_dir is not None else Path(f"{self.path}.spool"))
         self._lock = _path_lock(self.path)
+        self.max_queue_bytes = int(max_queue_bytes)
+        self.fallback_dirs = [Path(d) for d in fallback_dirs]
+        self._queue: deque[_Op] = deque()  # writes neither in the database nor on disk, in order
+        self.failure: BaseException | None = None
+        self.unsaved: list[Path] = []
+        self.lost = 0
 
     # -- runs -----------------------------------------------------------------------------
 
@@ -142,7 +182,10 @@ class Store:
         """Create a run (or resume it, if the id exists: status back to 'running') and return its id.
 
         The id is ``run_id``, else the one given to the constructor, else a fresh uuid4 hex.
-        ``None`` fields keep their stored values on resume.
+        ``None`` fields keep their stored values on resume. This is the start of a run, so a
+        store that cannot be written (read-only file system, full disk, a directory in the way)
+        raises :class:`StoreUnwritable` here, before any work, instead of queueing; a busy file
+        (a reader) still spools.
         """
         rid = run_id or self.run_id or uuid.uuid4().hex
         self.run_id = rid
@@ -151,13 +194,13 @@ class Store:
             "config_json": json.dumps(dict(config), sort_keys=True, default=str) if config is not None else None,
             "probe_hash": probe_hash, "t": time.time(),
         }
-        self._submit(_Op("start_run", payload))
+        self._submit(_Op("start_run", payload), strict=True)
         return rid
 
     def finish_run(self, status: RunStatus = "finished", run_id: str | None = None) -> WriteOutcome:
         """Record the run's end state, so the dashboard can tell live runs from dead ones."""
-        if status not in ("running", "finished", "failed"):
-            raise ValueError(f"run status must be 'running', 'finished' or 'failed', got {status!r}")
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
         return self._submit(_Op("finish_run", {"run_id": self._run(run_id), "status": status, "t": time.time()}))
 
     # -- snapshots and alerts ------------------------------------------------------------------
@@ -182,7 +225,8 @@ class Store:
             "probe_hash": snapshot.probe_hash, "t": time.time(),
             "alerts": [_alert_payload(run_id, a) for a in alerts],
         }
-        tables = {"feature_stats": features, "metrics": metrics, "refusal_features": refusal, "snapshots": snaps}
+        tables = {"feature_stats": features, "metrics": metrics, "refusal_features": refusal, "snapshots": snaps,
+                  "residual_directions": _residual_table(snapshot, run_id)}
         return _Op("snapshot", payload, tables)
 
     def write_alerts(self, alerts: Iterable[Alert], run_id: str | None = None) -> WriteOutcome:
@@ -216,30 +260,48 @@ class Store:
     # -- spool and lifecycle --------------------------------------------------------------------
 
     def pending(self) -> int:
-        """Number of spooled writes not yet in the database."""
-        return len(self.spool.pending())
+        """Number of writes not yet in the database: spooled (on disk) plus queued (in memory)."""
+        return len(self.spool.pending()) + len(self._queue)
 
     def flush_spool(self, timeout_s: float | None = None) -> int:
-        """Apply spooled writes now; returns how many were applied (0 if the file is still busy)."""
-        if not self.spool.pending():
+        """Apply waiting writes (spooled, then queued) now; returns how many were applied (0 if
+        the file is still busy or failing: they keep waiting)."""
+        if not self.spool.pending() and not self._queue:
             return 0
         with self._lock:
+            applied = 0
             try:
                 con = self._open(self.retry_timeout_s if timeout_s is None else timeout_s)
-            except StoreLocked as exc:
-                log.warning("drift-monitor: %d spooled writes still pending: %s", self.pending(), exc)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._failed(exc, "flush")
                 return 0
             try:
-                return self._flush_spool(con)
+                applied = self._flush_spool(con)
+                applied += self._flush_queue(con)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._failed(exc, "flush")
+                return applied
             finally:
-                con.close()
+                _close(con)
+            self.failure = None
+            return applied
 
     def close(self) -> None:
-        """Flush the spool; what cannot be flushed stays on disk for the next Store on this path."""
+        """Flush; what cannot be flushed stays in the spool for the next Store on this path, and
+        what the spool cannot take either is dumped to a file (logged with its replay command)."""
         self.flush_spool()
-        if self.pending():
-            log.warning("drift-monitor: %d writes left in %s; the next Store on %s applies them",
-                        self.pending(), self.spool.dir, self.path)
+        self._spill()
+        if self._queue:
+            self._dump(list(self._queue))
+            self._queue.clear()
+        n = len(self.spool.pending())
+        if n:
+            log.warning("drift-monitor: %d writes wait in %s; the next write to %s applies them, or now: %s",
+                        n, self.spool.dir, self.path, replay_command(self.path))
 
     def __enter__(self) -> Self:
         return self
@@ -267,16 +329,18 @@ class Store:
             raise
         return con
 
-    def _submit(self, op_or_builder: _Op | Callable[[], _Op]) -> WriteOutcome:
-        """Apply one write now (after the spool), or spool it if the file stays busy.
+    def _submit(self, op_or_builder: _Op | Callable[[], _Op], strict: bool = False) -> WriteOutcome:
+        """Apply one write now (after what waits), else spool or queue it (class docstring).
 
         A snapshot's Arrow tables are built (``op_or_builder`` callable) while the file is being
-        opened on a helper thread: see :class:`_Opening`.
+        opened on a helper thread: see :class:`_Opening`. ``strict`` (the start of a run): an
+        unwritable store raises :class:`StoreUnwritable` instead of queueing.
         """
         with self._lock:
-            # While earlier writes wait in the spool the file was busy a moment ago: try once,
+            # While earlier writes wait the file was busy or failing a moment ago: try once,
             # briefly, rather than stall training for the full retry budget at every write.
-            budget = self.retry_timeout_s if not self.spool.pending() else min(self.retry_timeout_s, 0.1)
+            waiting = bool(self._queue) or bool(self.spool.pending())
+            budget = min(self.retry_timeout_s, 0.1) if waiting else self.retry_timeout_s
             opening = _Opening(lambda: self._open(budget))
             try:
                 op = op_or_builder() if callable(op_or_builder) else op_or_builder
@@ -285,40 +349,154 @@ class Store:
                 raise
             try:
                 con = opening.result()
-            except StoreLocked as exc:
-                where = self.spool.put(op)
-                log.warning("drift-monitor: %s busy, %s write spooled to %s (%s)", self.path, op.kind, where, exc)
-                return "spooled"
+            except Exception as exc:  # noqa: BLE001 - _defer re-raises what retrying cannot fix
+                return self._defer(op, exc, strict)
             try:
-                self._flush_spool(con)
-                with _transaction(con):
-                    _APPLY[op.kind](con, op)
+                try:
+                    self._flush_spool(con)
+                    self._flush_queue(con)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    return self._defer(op, exc, strict=False)
+                try:
+                    with _transaction(con):
+                        _APPLY[op.kind](con, op)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    return self._defer(op, exc, strict)
             finally:
-                con.close()
+                _close(con)
+            self.failure = None
             return "committed"
 
+    def _defer(self, op: _Op, exc: Exception, strict: bool) -> WriteOutcome:
+        """Keep ``op`` for later after ``exc``: in the spool if it can take it (and nothing older
+        waits in memory), else in memory. Raises what retrying cannot fix."""
+        if not is_transient(exc):
+            raise exc
+        if strict and not isinstance(exc, StoreLocked):
+            raise StoreUnwritable(self.path, exc) from exc
+        self._failed(exc, op.kind)
+        self._spill()
+        if not self._queue:
+            try:
+                where = self.spool.put(op)
+            except OSError as spool_exc:
+                log.warning("drift-monitor: cannot spool to %s either (%s); the write waits in memory",
+                            self.spool.dir, spool_exc)
+            else:
+                log.warning("drift-monitor: %s write spooled to %s (%s: %s)", op.kind, where, type(exc).__name__,
+                            first_line(exc))
+                return "spooled"
+        self._queue.append(op)
+        self._bound_queue()
+        log.warning("drift-monitor: %s write queued in memory (%d waiting)", op.kind, self.pending())
+        return "queued"
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        """Remember a failure (a lock is normal operation, not a failure of the store)."""
+        if isinstance(exc, StoreLocked):
+            return
+        if self.failure is None:
+            log.error("drift-monitor: writing %s failed (%s: %s); the write is kept and retried at every later "
+                      "write", self.path, type(exc).__name__, first_line(exc))
+        self.failure = exc
+
+    def _spill(self) -> None:
+        """Move queued writes to the spool, oldest first, while it takes them."""
+        while self._queue:
+            try:
+                self.spool.put(self._queue[0])
+            except OSError:
+                return
+            self._queue.popleft()
+
+    def _bound_queue(self) -> None:
+        size = sum(_op_bytes(o) for o in self._queue)
+        spill: list[_Op] = []
+        while self._queue and size > self.max_queue_bytes:
+            spill.append(self._queue.popleft())
+            size -= _op_bytes(spill[-1])
+        if spill:
+            log.error("drift-monitor: over %d bytes of writes wait in memory; dumping the %d oldest",
+                      self.max_queue_bytes, len(spill))
+            self._dump(spill)
+
+    def _dump(self, ops: list[_Op]) -> Path | None:
+        """Write ``ops`` to a dump file beside the database, else in a fallback folder; log the
+        command that loads it. If no folder takes it, the writes are lost: say so, loudly."""
+        run = next((o.payload.get("run_id") for o in ops if o.payload.get("run_id")), None) or "store"
+        name = f"{self.path.name}.{str(run)[:12]}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}{DUMP_SUFFIX}"
+        errors = []
+        for folder in [self.path.parent, *self.fallback_dirs, Path(tempfile.gettempdir())]:
+            try:
+                path = write_dump(folder / name, ops)
+            except OSError as exc:
+                errors.append(f"{folder}: {exc.strerror or exc}")
+                continue
+            self.unsaved.append(path)
+            log.error("drift-monitor: %d writes could not be stored in %s; they are in %s. Load them with: %s",
+                      len(ops), self.path, path, replay_command(self.path, path))
+            return path
+        self.lost += len(ops)
+        steps = sorted({o.payload["step"] for o in ops if "step" in o.payload})
+        log.error("drift-monitor: LOST %d writes (%s): neither %s, its spool nor any dump folder could take them "
+                  "(%s)", len(ops), f"snapshots at steps {steps}" if steps else "no snapshots", self.path,
+                  "; ".join(errors))
+        return None
+
     def _flush_spool(self, con: duckdb.DuckDBPyConnection) -> int:
-        """Apply every spooled write in order, each exactly once, each in its own transaction."""
+        """Apply every spooled write in order, each exactly once, each in its own transaction.
+
+        Only a file that cannot be read (:class:`CorruptSpoolFile`) or that the database rejects
+        (a constraint, a schema mismatch) is quarantined; a transient error (disk full, I/O, a
+        lock) raises, leaving it and every later file pending, in order, for the next try.
+        """
         applied = 0
         for path in self.spool.pending():
             try:
                 op = self.spool.load(path)
             except FileNotFoundError:
                 continue  # another writer applied and removed it meanwhile
-            except Exception as exc:  # noqa: BLE001 - a corrupt file must not block the queue forever
+            except CorruptSpoolFile as exc:
                 self.spool.quarantine(path, exc)
                 continue
             try:
                 with _transaction(con):
-                    done = con.execute("SELECT count(*) FROM _spool_applied WHERE op_id = ?", [op.op_id]).fetchall()
-                    if not done[0][0]:
-                        _APPLY[op.kind](con, op)
-                        con.execute(
-                            "INSERT INTO _spool_applied VALUES (?, ?)", [op.op_id, _ts(time.time())]
-                        ).fetchall()
-            except (duckdb.Error, ValueError, KeyError, pa.ArrowException) as exc:
+                    _apply_once(con, op)
+            except Exception as exc:
+                if is_transient(exc) or not isinstance(exc, (duckdb.Error, ValueError, KeyError, pa.ArrowException)):
+                    raise
                 self.spool.quarantine(path, exc)
                 continue
             path.unlink(missing_ok=True)
             applied += 1
         return applied
+
+    def _flush_queue(self, con: duckdb.DuckDBPyConnection) -> int:
+        """Apply the writes waiting in memory, oldest first; a transient error raises and leaves
+        the rest. One the database rejects goes to the spool's quarantine (kept, not retried)."""
+        applied = 0
+        while self._queue:
+            op = self._queue[0]
+            try:
+                with _transaction(con):
+                    _apply_once(con, op)
+            except Exception as exc:
+                if is_transient(exc) or not isinstance(exc, (duckdb.Error, ValueError, KeyError, pa.ArrowException)):
+                    raise
+                self.spool.quarantine(self.spool.put(op), exc)
+            self._queue.popleft()
+            applied += 1
+        return applied
+
+
+def _op_bytes(op: _Op) -> int:
+    return sum(t.nbytes for t in op.tables.values()) + 1024
+
+
+def _close(con: duckdb.DuckDBPyConnection) -> None:
+    """Close, ignoring a failed checkpoint on close: what committed is in the WAL, which the
+    next open replays (measured on a full disk)."""
+    try:
+        con.close()
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.debug("drift-monitor: closing the store: %s", exc)

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DriftMonitorError
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
 
-class DataError(ValueError):
+class DataError(DriftMonitorError, ValueError):
     """Unusable training data, with the file and the fix in the message."""
 
 

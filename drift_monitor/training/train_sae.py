@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ..errors import DriftMonitorError
 from ..probe.capture import ActivationCapture, hidden_size, model_device, resolve_module
 from ..probe.probes import chat_prompt
 from ..probe.tokens import TokenConventions, first_position_mask, keep_mask
@@ -54,7 +55,7 @@ PARTIAL = ".partial"
 REPORT = "train_report.json"
 
 
-class TrainSAEError(ValueError):
+class TrainSAEError(DriftMonitorError, ValueError):
     """Bad train-sae input, with the fix in the message."""
 
 
