@@ -33,6 +33,7 @@ PAGES = (
     ("views/features.py", "Features", ":material/scatter_plot:"),
     ("views/refusal.py", "Refusal", ":material/block:"),
     ("views/directions.py", "Directions", ":material/explore:"),
+    ("views/residual.py", "Residual", ":material/blur_on:"),
     ("views/adapter.py", "Adapter", ":material/tune:"),
     ("views/alerts.py", "Alerts", ":material/notifications:"),
     ("views/compare.py", "Compare", ":material/compare_arrows:"),

@@ -204,6 +204,25 @@ CATALOG: tuple[MetricSpec, ...] = (
     _m("refusal_direction_norm",
        "Norm of the current refusal direction (mean harmful - mean harmless activation at the refusal "
        "tokens).", "activation", _NEU),
+    # --- the residual monitor: what the base SAE cannot represent
+    _m("residual_energy_ratio",
+       "Mean squared SAE error per token of the current model over the base's (1: nothing new; 2: twice the "
+       "error the base SAE leaves on the base).", "ratio", _LO, panel=_EV, default_alert="residual_growth"),
+    _m("residual_top_share",
+       "Share of the current model's SAE error energy along the first direction of new error (the top "
+       "eigenvector of the error's second moment, current minus base); 0 when no direction holds the "
+       "minimum share.",
+       "ratio", _LO),
+    # --- CE-loss transfer (cadence.ce_every_n_snapshots; the general probes, full forwards)
+    _m("ce_loss_clean", "Mean next-token cross-entropy of the model on the general probes.", "nats", _NEU),
+    _m("ce_loss_spliced",
+       "The same with the base SAE's reconstruction spliced in at the hook (position 0 kept).", "nats", _LO),
+    _m("ce_loss_zero_ablated", "The same with the hook's output zeroed.", "nats", _NEU),
+    _m("ce_loss_delta", "ce_loss_spliced - ce_loss_clean: the loss the SAE's error costs the model.", "nats", _LO,
+       panel=_EV),
+    _m("ce_loss_score",
+       "(ce_loss_zero_ablated - ce_loss_spliced) / (ce_loss_zero_ablated - ce_loss_clean), as sae-lens defines "
+       "it: 1 when the reconstruction keeps all the loss the hook carries.", "ratio", _HI),
     # --- counts: what was read, and what was not
     _m("n_tokens", "Selected probe tokens that reached the SAE in the probe pass.", "tokens", _NEU,
        prometheus_name="probe_tokens"),

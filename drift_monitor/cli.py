@@ -1,7 +1,10 @@
 """`drift-monitor` command line. Subcommands stay thin: the work lives in the library.
 
-Why errors are caught here: a user who mistypes a path should read one line that names the
-fix, not a traceback; ``--debug`` brings the traceback back.
+Why errors are caught here, and only ours: a user who mistypes a path should read one line that
+names the fix, not a traceback, and the library says so by raising a
+:class:`~drift_monitor.errors.DriftMonitorError`. Anything else is a bug of ours, so it keeps
+its traceback (and asks for a report) instead of passing for a user error. ``--debug`` shows
+the traceback of either.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from . import __version__
+from .errors import ConfigError, DriftMonitorError
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -40,15 +45,26 @@ def _cmd_probes(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from .store import StoreReader
+    from .store import QUARANTINE_HINT, StoreReader, replay_command
 
-    df = StoreReader(args.db).runs()
+    reader = StoreReader(args.db)
+    df = reader.runs()
     if df.empty:
         print(f"{args.db}: no runs yet")
-        return 0
-    cols = [c for c in ("run_id", "name", "status", "model", "last_step", "n_snapshots", "active_alerts",
-                        "updated_at") if c in df.columns]
-    print(df[cols].to_string(index=False))
+    else:
+        cols = [c for c in ("run_id", "name", "status", "model", "last_step", "n_snapshots", "active_alerts",
+                            "pending_writes", "updated_at") if c in df.columns]
+        print(df[cols].to_string(index=False))
+    spool = reader.spool_state()
+    if spool.n_pending:
+        print(f"{spool.n_pending} writes are not in the database yet (in {spool.spool_dir}"
+              + (f" and {len(spool.dumps)} dump files beside it" if spool.dumps else "") + "); load them with:")
+        for dump in spool.dumps or [None]:
+            print(f"  {replay_command(args.db, dump)}")
+    if spool.quarantined:
+        print(f"{len(spool.quarantined)} quarantined spool files in {spool.quarantined[0].parent}: "
+              + ", ".join(p.name for p in spool.quarantined))
+        print(QUARANTINE_HINT)
     return 0
 
 
@@ -57,7 +73,7 @@ def _parse_saes(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         hook, sep, source = spec.partition("=")
         if not sep or not hook or not source:
-            raise ValueError(f"--sae {spec!r}: expected HOOK=SOURCE, e.g. --sae model.layers.12=path/to/sae_dir")
+            raise ConfigError(f"--sae {spec!r}: expected HOOK=SOURCE, e.g. --sae model.layers.12=path/to/sae_dir")
         saes[hook] = source
     return saes
 
@@ -68,7 +84,7 @@ def _parse_directions(specs: list[str]) -> dict[str, list[str]]:
     for spec in specs:
         hook, sep, path = spec.partition("=")
         if not sep or not hook or not path:
-            raise ValueError(f"--direction {spec!r}: expected HOOK=PATH, "
+            raise ConfigError(f"--direction {spec!r}: expected HOOK=PATH, "
                              "e.g. --direction model.layers.12=refusal.safetensors")
         directions.setdefault(hook, []).append(path)
     return directions
@@ -90,11 +106,57 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     for r in result.failed:
         print(f"drift-monitor: checkpoint {r.checkpoint.path} (step {r.checkpoint.step}) failed: {r.error}",
               file=sys.stderr)
-    return 1 if result.failed else 0
+    for path in result.unsaved:
+        from .store.writer import replay_command
+
+        print(f"drift-monitor: writes the store could not take are in {path}; load them with: "
+              f"{replay_command(args.db, path)}", file=sys.stderr)
+    return 1 if result.failed or result.unsaved else 0
+
+
+def _cmd_diff_dict(args: argparse.Namespace) -> int:
+    from .offline.diffdict import diff_dict, format_diff_dict
+    from .offline.loading import load_pair
+    from .probe.probes import ProbeSet
+    from .settings import ProbeSettings
+
+    if not args.adapter and not args.base_model:
+        raise ConfigError("diff-dict compares two models: give --adapter (its base is --model with the adapter "
+                          "off) or --base-model")
+    if args.atoms < 1:
+        raise ConfigError(f"--atoms must be at least 1, got {args.atoms}")
+    tok, model, base, base_ctx = load_pair(args.model, adapter=args.adapter, base_model=args.base_model,
+                                           device=args.device, dtype=args.dtype,
+                                           trust_remote_code=args.trust_remote_code)
+    res = diff_dict(model, base, tok, ProbeSet.resolve(args.probes), args.hook, n_atoms=args.atoms,
+                    base_context=base_ctx, settings=ProbeSettings(batch_size=args.batch_size), device=args.device,
+                    progress=not args.no_progress)
+    print(format_diff_dict(res))
+    if args.json:
+        _write_json(args.json, res.to_dict())
+    return 0
+
+
+def _write_json(path: str, data: object) -> None:
+    """``--json FILE``: the results as JSON, or one line naming the option when it cannot be written."""
+    import json
+    from pathlib import Path
+
+    try:
+        Path(path).write_text(json.dumps(data, indent=2))
+    except OSError as e:
+        raise ConfigError(f"--json {path}: cannot write it ({e.strerror or e}); give a writable file path") from None
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .store.replay import replay
+
+    r = replay(args.db, args.dump, timeout_s=args.timeout)
+    print(r.summary(args.db))
+    return 0 if r.waiting == 0 else 1
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from .offline.verify import format_result, result_json, run_verify
@@ -116,7 +178,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.db:
         print(f"stored in {args.db} (verify id {res.verify_id}); see the dashboard's Refusal page")
     if args.json:
-        Path(args.json).write_text(json.dumps(result_json(res), indent=2))
+        _write_json(args.json, result_json(res))
     return 0
 
 
@@ -147,8 +209,9 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
         train_tokens=args.train_tokens, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
         chat_fraction=args.chat_fraction, seed=args.seed, device=args.device, dtype=args.dtype,
         checkpoint_every=args.checkpoint_every)
-    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, what="--model")
+    model = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                       what="--model")
     report = train_sae(model, tok, settings, args.out, data=args.data, force=args.force, model_name=args.model,
                        progress=not args.no_progress)
     print(report.format())
@@ -157,7 +220,12 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
 
 
 def dashboard_command(args: argparse.Namespace) -> list[str]:
-    """The ``streamlit run`` command line for the installed dashboard app (works from a wheel)."""
+    """The ``streamlit run`` command line for the installed dashboard app (works from a wheel).
+
+    Why headless unless ``--open``: a non-headless Streamlit asks for an e-mail address on its first
+    run and waits on standard input for it, so under nohup or a service manager it never serves.
+    ``--open`` lets Streamlit open a browser, with that prompt turned off.
+    """
     from pathlib import Path
 
     import drift_monitor.dashboard as dash
@@ -165,10 +233,27 @@ def dashboard_command(args: argparse.Namespace) -> list[str]:
     app = Path(dash.__file__).resolve().parent / "app.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(app),
            "--server.address", args.host, "--server.port", str(args.port),
-           "--server.headless", "true" if args.headless else "false",
+           "--server.headless", "false" if args.open else "true", "--server.showEmailPrompt", "false",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
            "--", "--db", str(Path(args.db).expanduser().resolve()), "--refresh", str(args.refresh)]
-    return cmd
+    return cmd + (["--read-only"] if args.read_only else [])
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) binds this machine's loopback only; a name that does
+    not resolve counts as not loopback (the warning errs on the loud side)."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
@@ -176,7 +261,19 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     import subprocess
 
     cmd = dashboard_command(args)
-    print(f"drift-monitor dashboard: http://{args.host}:{args.port}/  (db {args.db}, read-only)", flush=True)
+    if args.headless:
+        print("drift-monitor dashboard: note: --headless is the default now and is ignored (--open opens a "
+              "browser)", file=sys.stderr)
+    if not is_loopback(args.host):
+        can = "read the runs" if args.read_only else "read the runs and acknowledge alerts or import labels"
+        fix = "put a reverse proxy with authentication in front" if args.read_only else \
+            "use --read-only or a reverse proxy with authentication"
+        print(f"drift-monitor dashboard: warning: bound to {args.host}, which is not loopback: it serves without "
+              f"authentication; anyone who can reach port {args.port} can {can}; {fix}", file=sys.stderr)
+    writes = "read-only" if args.read_only else \
+        "acknowledging alerts and importing labels write to it; --read-only turns them off"
+    print(f"drift-monitor dashboard: http://{args.host}:{args.port}/  (db {args.db}; {writes})", flush=True)
+    sys.stderr.flush()
     if os.name == "posix":  # become streamlit: signals (Ctrl-C, a supervisor's SIGTERM) reach it directly
         os.execv(cmd[0], cmd)
     return subprocess.call(cmd)
@@ -190,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="benchmark the probe pass and the store against their lower bounds")
+    b = sub.add_parser(
+        "bench", help="benchmark the probe pass and the store against their lower bounds",
+        description="Time the probe pass (forward + SAE encode + statistics) and a store write on a built-in "
+                    "tiny or mid-size model, and compare them with their lower bounds (a bare forward and "
+                    "encode; a bare DuckDB insert). Nothing is downloaded.")
     b.add_argument("--size", choices=["tiny", "mid", "both"], default="tiny",
                    help="tiny: 4-layer 64-wide Llama, 1k features; mid: 8-layer 1024-wide Llama, 16k features")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -199,11 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-store", action="store_true", help="skip the store write benchmark")
     b.set_defaults(func=_cmd_bench)
 
-    pr = sub.add_parser("probes", help="validate a probe file and count its records per category")
+    pr = sub.add_parser(
+        "probes", help="validate a probe file and count its records per category",
+        description="Check a JSONL probe file (one {id, category, prompt, response?} object per line; "
+                    "'all' is a reserved category) and print its probes per category. Errors name the file "
+                    "and line.")
     pr.add_argument("file", nargs="?", default="default", help="a JSONL probe file, or 'default'")
     pr.set_defaults(func=_cmd_probes)
 
-    sc = sub.add_parser("scan", help="scan saved checkpoints (full models or PEFT adapters) against a base model")
+    sc = sub.add_parser(
+        "scan", help="scan saved checkpoints (full models or PEFT adapters) against a base model",
+        description="Measure saved checkpoints (full models or PEFT adapters) against the base model through "
+                    "its SAE, as the training callback would have, and store snapshots and alerts in --db. "
+                    "Resumable: steps already stored are skipped unless --force.")
     sc.add_argument("--base-model", required=True, help="the base model folder (step 0; adapters load onto it)")
     sc.add_argument("--sae", action="append", default=[], metavar="HOOK=SOURCE",
                     help="an SAE per hook: a local sae-lens folder or release:sae_id (repeatable; default: "
@@ -235,11 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=_cmd_scan)
 
-    from .records import VerifySettings  # NumPy only: --help stays fast: --help stays fast
+    from .records import VerifySettings  # NumPy only: --help stays fast
 
     alpha = VerifySettings.alpha
-    v = sub.add_parser("verify", help="causal check: ablate drifted features (vs a random control) and steer "
-                                      "the base with them; refusal rates, KL on harmless probes")
+    v = sub.add_parser(
+        "verify", help="causal check: ablate drifted features (vs a random control) and steer "
+                       "the base with them; refusal rates, KL on harmless probes",
+        description="Causal check of drifted SAE features: ablate them in the fine-tuned model (against a "
+                    "density-matched random control) and add them to the base model, then compare refusal "
+                    "rates on harmful prompts and the KL on harmless ones. Features come from --features "
+                    "or from a run's refusal features in --db; results are stored there too.")
     v.add_argument("--model", required=True, help="the fine-tuned model folder, or with --adapter the base model")
     v.add_argument("--adapter", default=None, help="a PEFT adapter folder loaded onto --model (base = adapter off)")
     v.add_argument("--base-model", default=None, help="the base model folder, for the steering condition "
@@ -270,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--trust-remote-code", action="store_true")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_cmd_verify)
+
+    dd = sub.add_parser(
+        "diff-dict", help="a small dictionary of what a fine-tune changed at a hook (real difference vectors)",
+        description="Pair the fine-tuned and the base model's activations token by token on the probes, and "
+                    "pick, ITDA-style, the few real difference vectors that explain most of the change; each "
+                    "atom is read by its probes, its source token and the logit lens.")
+    dd.add_argument("--model", required=True, help="the fine-tuned model folder, or with --adapter the base model")
+    dd.add_argument("--adapter", default=None, help="a PEFT adapter folder loaded onto --model (base = adapter off)")
+    dd.add_argument("--base-model", default=None, help="the base model folder (not needed with --adapter)")
+    dd.add_argument("--hook", required=True, help="the module whose output is compared, e.g. model.layers.12")
+    dd.add_argument("--probes", default="default", help="a JSONL probe file, or 'default'")
+    dd.add_argument("--atoms", type=int, default=8, help="most atoms to pick (fewer when the change is explained)")
+    dd.add_argument("--batch-size", type=int, default=16)
+    dd.add_argument("--device", default="cpu")
+    dd.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    dd.add_argument("--json", default=None, metavar="FILE", help="also write the atoms as JSON")
+    dd.add_argument("--trust-remote-code", action="store_true")
+    dd.add_argument("--no-progress", action="store_true")
+    dd.set_defaults(func=_cmd_diff_dict)
 
     t = sub.add_parser(
         "train-sae", help="train a base-model SAE (sae-lens format) for a model that has none",
@@ -306,31 +439,57 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train_sae)
 
-    ex = sub.add_parser("export", help="export one run's tables as Parquet or CSV")
+    ex = sub.add_parser(
+        "export", help="export one run's tables as Parquet or CSV",
+        description="Write one run's rows of every table (runs, snapshots, metrics, feature_stats, "
+                    "refusal_features, alerts) to --out as Parquet or CSV files, one per table.")
     ex.add_argument("--db", required=True)
     ex.add_argument("--run", required=True, help="a run id or name")
     ex.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     ex.add_argument("--out", default=".", help="output folder")
     ex.set_defaults(func=_cmd_export)
 
-    d = sub.add_parser("dashboard", help="open the Streamlit dashboard on a drift-monitor DuckDB file (read-only)")
+    d = sub.add_parser(
+        "dashboard", help="serve the Streamlit dashboard on a drift-monitor DuckDB file",
+        description="Serve the Streamlit dashboard on a drift-monitor DuckDB file: runs, metrics, features, "
+                    "refusal, alerts. Headless: it never waits on standard input (--open also opens a browser). "
+                    "Two controls write to the file (acknowledging an alert, importing feature labels); "
+                    "--read-only turns them off.")
     d.add_argument("--db", required=True, help="the DuckDB file (it may not exist yet: the page says so)")
     d.add_argument("--port", type=int, default=8501)
-    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                                                       "any other address serves without authentication)")
     d.add_argument("--refresh", type=float, default=5.0, help="live refresh interval in seconds")
-    d.add_argument("--headless", action="store_true", help="do not open a browser")
+    d.add_argument("--read-only", action="store_true",
+                   help="offer no control that writes (alert acknowledgements, label import)")
+    d.add_argument("--open", action="store_true", help="open a browser on the dashboard")
+    d.add_argument("--headless", action="store_true", help="deprecated: headless is the default; ignored")
     d.set_defaults(func=_cmd_dashboard)
 
-    dm = sub.add_parser("demo", help="the refusal model organism: build it (cached), fine-tune it monitored, "
-                                     "scan a control run, summarise")
+    dm = sub.add_parser(
+        "demo", help="the refusal model organism: build it (cached), fine-tune it monitored, "
+                     "scan a control run, summarise",
+        description="Build the refusal model organism (cached), fine-tune it with the monitor on, scan a "
+                    "control run, and summarise what was detected; everything lands in --out.")
     dm.add_argument("--out", default="runs/demo", help="output folder (drift.duckdb, checkpoints, summary.json)")
     dm.add_argument("--quick", action="store_true", help="the small CI size (about a minute on 2 cores)")
     dm.add_argument("--prometheus-port", type=int, default=-1, help="serve /metrics on this port (-1: off)")
     dm.set_defaults(func=_cmd_demo)
 
-    r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file")
+    r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file",
+                       description="List the runs in a drift-monitor DuckDB file: status, model, last step, "
+                                   "snapshots and active alerts.")
     r.add_argument("--db", required=True)
     r.set_defaults(func=_cmd_runs)
+
+    rp = sub.add_parser("replay", help="load writes a run could not store (a dump file, or the spool) into its DB",
+                        description="Load the writes a run could not store — the .unsaved.zip file its log names, "
+                                    "or the DB's spool — into the DuckDB file, each exactly once. Exit 0 when "
+                                    "nothing waits any more, 1 when writes still wait.")
+    rp.add_argument("dump", nargs="?", help="the .unsaved.zip file the run's log names (omit: apply the spool)")
+    rp.add_argument("--db", required=True, help="the DuckDB file to load into")
+    rp.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a busy database")
+    rp.set_defaults(func=_cmd_replay)
     return p
 
 
@@ -344,19 +503,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("drift-monitor: interrupted; what was stored is whole, and rerunning the same command finishes "
               "the job", file=sys.stderr)
         return 130
-    except Exception as e:
-        if args.debug or not _is_user_error(e):
-            raise
-        print(f"drift-monitor: error: {e}", file=sys.stderr)
+    except DriftMonitorError as e:  # ours: the message names the fix (a setting, a path, a file given)
+        if args.debug:
+            traceback.print_exc()
+        message = "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+        print(f"drift-monitor: error: {message}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - not ValueError/OSError as "user errors": they hide our bugs
+        traceback.print_exc()
+        print("drift-monitor: internal error (a bug in drift-monitor, not in your input); please report "
+              "this with the traceback above", file=sys.stderr)
+        return 1
 
 
-def _is_user_error(e: BaseException) -> bool:
-    """Errors whose message already says what to fix: shown as one line, without a traceback."""
-    if isinstance(e, (ValueError, KeyError, FileNotFoundError, OSError)):
-        return True
-    store = sys.modules.get("drift_monitor.store")  # only loaded if a command used the store
-    return store is not None and isinstance(e, store.StoreError)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,14 +27,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MetricSettings, MonitorConfig
+from .config import PLAIN_CATEGORIES, MetricSettings, MonitorConfig
+from .errors import ConfigError
 from .probe import metrics as M
-from .probe.capture import ActivationCapture, hidden_size, is_sharded, model_device, probe_mode, resolve_module
+from .probe.capture import (
+    ActivationCapture,
+    hidden_size,
+    is_sharded,
+    model_device,
+    plain_forward,
+    probe_mode,
+    resolve_module,
+)
+from .probe.ce import ce_batches, ce_losses
 from .probe.directions import load_hook_directions
+from .probe.dist import on_every_rank, rank_world
+from .probe.fingerprint import weights_digest
 from .probe.probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
+from .probe.residual import ResidualReader, logit_lens_weights
 from .probe.saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
 from .probe.stats import STATE_LAYOUT, HookStats, PairedBatch
 from .probe.tokens import TokenConventions, above_limit, keep_mask, merge_conventions
+from .progress import bar
 from .records import Snapshot
 
 log = logging.getLogger(__name__)
@@ -51,44 +65,21 @@ class _HookBase:
     refusal: HookStats | None = None  # the base at the refusal tokens (ProbeBatch.refusal)
 
 
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _on_every_rank(flag: bool, device: torch.device) -> bool:
-    """``flag`` AND-ed over the ranks (one tiny collective); ``flag`` itself outside a group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    if dist.get_backend() == "nccl" and torch.cuda.is_available():  # NCCL reduces CUDA tensors only
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def model_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of a model's weights: config + names/shapes + a strided sample of each tensor.
+    """The identity of a model's weights that keys its baseline cache: config, class, and every
+    parameter's name, dtype, shape and exact projection (:func:`~drift_monitor.probe.fingerprint.weights_digest`).
 
-    Why sampled: hashing every weight of a 7B model reads 14 GB; a few thousand values per
-    tensor tell apart any two checkpoints a user will realistically compare.
+    Why every weight: a fingerprint of sampled values reused a stale baseline for a different base
+    whose changes missed the samples. The projection runs on the weights' device and brings back
+    one integer per tensor, so it reads the weights once and copies none of them to the host.
     """
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_json_string"):
         h.update(cfg.to_json_string(use_diff=False).encode())
     h.update(type(model).__name__.encode())
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 1024)
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(flat[::step].to("cpu", torch.float64).numpy().tobytes())
+    with torch.no_grad():
+        h.update(weights_digest(model.named_parameters()).encode())
     return h.hexdigest()[:16]
 
 
@@ -104,7 +95,7 @@ class DriftMonitor:
         self.saes: list[HookedSAE] = [bind_sae(h, src, device, config.sae_dtype) for h, src in config.sae_items()]
         hooks = [s.hook for s in self.saes]
         if len(set(hooks)) != len(hooks):
-            raise ValueError(f"two SAEs on the same hook: {hooks}; give one SAE per hook")
+            raise ConfigError(f"two SAEs on the same hook: {hooks}; give one SAE per hook")
         # What each SAE reads follows its own training conventions (drift_monitor.probe.tokens); the
         # config's outlier_factor applies where the SAE records no limit of its own.
         self.conventions: dict[str, TokenConventions] = {
@@ -129,6 +120,10 @@ class DriftMonitor:
             self.base_probes = prepare_probes(self.probe_set, tokenizer, order=self.probes.order,
                                               format_for=lambda c: pc.format_for(c, base=True), **prep)
             check_paired(self.probes, self.base_probes)
+        # The CE-loss metrics predict the general (plain-text) probes' tokens
+        self._ce_batches = ce_batches([r.prompt for r in self.probe_set.records if r.category in PLAIN_CATEGORIES],
+                                      tokenizer, pc.batch_size, pc.max_length) \
+            if config.cadence.ce_every_n_snapshots else []
         # Loaded and checked now (file, width, hook), so a bad direction fails at start-up. Not part
         # of the baseline cache key: projections are computed from the cached sums at compute().
         self.directions: dict[str, dict[str, torch.Tensor]] = load_hook_directions(
@@ -159,7 +154,7 @@ class DriftMonitor:
         path = self._cache_path(self.base_fingerprint) if use_cache else None
         base = self._load_cache(path) if path is not None else None
         device = torch.device(self.config.device) if self.config.device else model_device(base_model)
-        if path is not None and not _on_every_rank(base is not None, device):
+        if path is not None and not on_every_rank(base is not None, device):
             # A hit here but a miss (missing or unreadable file) on another rank: that rank's
             # probe pass has collectives, so every rank must run it, or they pair up wrongly.
             base = None
@@ -170,7 +165,7 @@ class DriftMonitor:
                 self._save_cache(path, base)
         else:
             log.info("baseline loaded from cache %s", path)
-        return self._set_base(base, t0)
+        return self._with_ce(self._set_base(base, t0), base_model)
 
     def load_baseline(self, fingerprint: str) -> Snapshot:
         """The base snapshot from the on-disk cache alone, by the base model's fingerprint.
@@ -182,7 +177,7 @@ class DriftMonitor:
         t0 = time.perf_counter()
         path = self._cache_path(fingerprint)
         base = self._load_cache(path)
-        if not _on_every_rank(base is not None, torch.device(self.config.device or "cpu")):
+        if not on_every_rank(base is not None, torch.device(self.config.device or "cpu")):
             raise FileNotFoundError(
                 f"no cached baseline for base model {fingerprint} at {path} (or on another rank); "
                 "it is written by DriftMonitor.baseline() — keep baseline_cache_dir between runs")
@@ -205,13 +200,39 @@ class DriftMonitor:
         t0 = time.perf_counter()
         modules = self._bind(model)
         stats, _, refusal = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
+        readers = self._residual_readers(model) if self.settings.residual_directions else {}
         hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings, self.directions.get(h),
-                                     refusal=_pair(refusal.get(h), self._base[h].refusal)) for h in stats}
+                                     refusal=_pair(refusal.get(h), self._base[h].refusal), reader=readers.get(h))
+                 for h in stats}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return Snapshot(step=step, hooks=hooks, probe_hash=self.probe_hash,
+        snap = Snapshot(step=step, hooks=hooks, probe_hash=self.probe_hash,
                         n_tokens=int(sum(float(s.n.sum()) for s in stats.values()) / max(len(stats), 1)),
                         duration_s=time.perf_counter() - t0)
+        return self._with_ce(snap, model)
+
+    def _with_ce(self, snap: Snapshot, model: nn.Module) -> Snapshot:
+        """Add the CE-loss metrics (probe.ce) when ``cadence.ce_every_n_snapshots`` makes them due
+        at this step and the probes have general text to predict."""
+        if not self._ce_batches or not self.config.cadence.ce_due(snap.step):
+            return snap
+        device = torch.device(self.config.device) if self.config.device else model_device(model)
+        t0 = time.perf_counter()
+        losses = ce_losses(model, self._ce_batches, {s.hook: s.sae for s in self.saes}, device)
+        for h, ce in losses.items():
+            snap.hooks[h].metrics.update(ce.metrics())
+        snap.duration_s += time.perf_counter() - t0
+        return snap
+
+    def _residual_readers(self, model: nn.Module) -> dict[str, ResidualReader]:
+        """Per hook: the SAE's decoder and the model's logit lens, to read directions of new error."""
+        unembed, norm = logit_lens_weights(model)
+        tok = self.tokenizer
+
+        def decode(ids: list[int]) -> list[str]:
+            return [tok.decode([i]) for i in ids]
+
+        return {s.hook: ResidualReader(s.sae.W_dec.detach(), unembed, norm, decode) for s in self.saes}
 
     # ------------------------------------------------------------------ the probe pass
     def _bind(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -233,7 +254,7 @@ class DriftMonitor:
     def _my_batches(self) -> list[tuple[int, bool]]:
         """(batch index, counts?) for this rank. Ranks run equally many forwards (FSDP needs
         every rank in every forward); a rank short of batches repeats one and ignores it."""
-        rank, world = _dist_info()
+        rank, world = rank_world()
         n = len(self.probes.batches)
         mine = [(i, True) for i in range(rank, n, world)]
         per_rank = -(-n // world)
@@ -258,20 +279,22 @@ class DriftMonitor:
             s.sae.to(device)
         probes = self.base_probes if base is None else self.probes
         cats = probes.categories
-        stats = {s.hook: HookStats(cats, s.d_in, s.d_sae, device) for s in self.saes}
+        keep_residual = self.settings.residual_directions > 0
+        stats = {s.hook: HookStats(cats, s.d_in, s.d_sae, device, keep_residual) for s in self.saes}
         scored = self._scores_refusal()
-        refusal = {s.hook: HookStats(cats, s.d_in, s.d_sae, device) for s in self.saes} if scored else {}
+        refusal = {s.hook: HookStats(cats, s.d_in, s.d_sae, device, False) for s in self.saes} if scored else {}
         pairs: dict[str, dict[int, PairedBatch]] = {s.hook: {} for s in self.saes}
         forward = _forward_fn(model)
         batches = self._my_batches()
-        rank, _ = _dist_info()
+        rank, _ = rank_world()
         announce = base is None or not self._announced
         if announce and rank == 0:
             log.info("drift-monitor %s: %d probes, %d selected tokens in %d batches", desc, len(probes.items),
                      probes.n_tokens, len(probes.batches))
         t0 = time.perf_counter()
         with probe_mode(model), ActivationCapture(modules, early_stop=self._early_stop(model)) as cap:
-            for i, (bi, counts) in enumerate(_progress(batches, desc, self.config.outputs.show_progress and rank == 0)):
+            shown = self.config.outputs.show_progress and rank == 0
+            for i, (bi, counts) in enumerate(bar(batches, desc=desc, unit="batch", enabled=shown, leave=False)):
                 batch: ProbeBatch = probes.batches[bi].to(device)
                 acts = cap.run(lambda: forward(batch))  # noqa: B023 - cap.run calls it at once, in this iteration
                 if i == 0 and announce and rank == 0:  # a slow start should not look like a hang
@@ -376,12 +399,13 @@ class DriftMonitor:
 
     # ------------------------------------------------------------------ baseline cache
     def _cache_path(self, fingerprint: str) -> Path:
-        rank, world = _dist_info()
+        rank, world = rank_world()
         root = Path(self.config.baseline_cache_dir or os.environ.get("DRIFT_MONITOR_CACHE")
                     or Path.home() / ".cache" / "drift_monitor" / "baselines")
         key = json.dumps({"v": CACHE_VERSION, "states": STATE_LAYOUT, "model": fingerprint, "probes": self.probe_hash,
                           "saes": {s.hook: sae_fingerprint(s.sae) for s in self.saes},
-                          "k": self.settings.topk_jaccard_k, "batch": self.config.batch_size,
+                          "k": self.settings.topk_jaccard_k, "batch": self.config.probes.batch_size,
+                          "residual": self.settings.residual_directions > 0,
                           "early": str(self.config.early_stop), "world": world}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return root / digest / f"rank{rank}.safetensors"
@@ -467,28 +491,8 @@ def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Te
 
 
 def _forward_fn(model: nn.Module) -> Callable[[ProbeBatch], object]:
-    """One probe forward, never under a mixed-precision autocast.
-
-    Why: a trainer with ``bf16=True`` has accelerate wrap ``model.forward`` in an autocast
-    context (keeping the original as ``_original_forward``); measured under it, activations
-    would be bf16 products and every snapshot would mix the run's precision into the drift.
-    The original forward is called, inside ``autocast(enabled=False)`` for any outer context.
-    """
-    cfg = getattr(model, "config", None)
-    kwargs: dict[str, Any] = {"use_cache": False} if cfg is not None and hasattr(cfg, "use_cache") else {}
-    call = getattr(model, "_original_forward", None) or model
-
-    def forward(batch: ProbeBatch) -> object:
-        with torch.autocast(batch.input_ids.device.type, enabled=False):
-            return call(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
-
-    return forward
+    """One probe forward (``capture.plain_forward``: never under the trainer's autocast)."""
+    forward = plain_forward(model)
+    return lambda batch: forward(batch.input_ids, batch.attention_mask)
 
 
-def _progress(items: list, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    # disable=None: tqdm switches itself off when stderr is not a terminal (CI logs, files)
-    return tqdm(items, desc=f"drift-monitor {desc}", unit="batch", leave=False, disable=None)

@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from .errors import ConfigError
+
 #: Per-feature columns of a category's feature table, in store order.
 FEATURE_COLUMNS = ("density", "mean_act", "max_act", "drift", "log_density_ratio")
 
@@ -100,6 +102,22 @@ class RefusalFeatures:
 
 
 @dataclass
+class ResidualDirection:
+    """A direction of new SAE error: what the base SAE cannot represent (docs/metrics.md,
+    "Residual directions"). ``rank`` 0 holds the most new error variance."""
+
+    rank: int
+    share: float  # its new error variance / the current model's error energy per token
+    variance: float  # its eigenvalue of Σ_cur − Σ_base (error variance per token)
+    nearest_feature: int  # the SAE decoder direction nearest to it ...
+    decoder_cos: float  # ... and |cos| to it (near 1: a feature after all, just under-used)
+    projections: dict[str, float]  # mean projection of the error onto it, per probe category
+    top_tokens: list[str]  # logit lens: the tokens it promotes most (W_U · norm(v))
+    bottom_tokens: list[str]  # ... and suppresses most
+    vector: list[float] = field(default_factory=list, repr=False)  # the unit direction [d]
+
+
+@dataclass
 class HookResult:
     """Everything one snapshot measured at one hook."""
 
@@ -108,6 +126,7 @@ class HookResult:
     metrics: dict[str, float]
     features: dict[str, FeatureStats]  # keyed by category, including "all"
     refusal: RefusalFeatures | None = None
+    residual: list[ResidualDirection] = field(default_factory=list)
 
 
 @dataclass
@@ -257,11 +276,11 @@ class VerifySettings:
 
     def __post_init__(self) -> None:
         if not self.refusal_phrases:
-            raise ValueError("refusal_phrases is empty: give at least one phrase that marks a refusal")
+            raise ConfigError("refusal_phrases is empty: give at least one phrase that marks a refusal")
         self.refusal_phrases = tuple(normalize_text(p) for p in self.refusal_phrases)
         for name in ("n_random", "random_pool", "max_new_tokens", "batch_size", "max_length"):
             if int(getattr(self, name)) < (0 if name == "n_random" else 1):
-                raise ValueError(f"VerifySettings.{name} must be positive, got {getattr(self, name)!r}")
+                raise ConfigError(f"VerifySettings.{name} must be positive, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .records import ALL as ALL_CATEGORY  # the aggregate over every category
 
 POSITION_SELECTORS = ("all", "prompt_end", "response")
 #: How a probe can be formatted: the model's chat template, a ``User:``/``Assistant:`` transcript,
@@ -28,8 +29,6 @@ FORMATS = ("chat", "dialogue", "plain")
 PROBE_FORMATS = FORMATS
 #: Categories formatted as plain text unless ``formats`` says otherwise: general text is not a request.
 PLAIN_CATEGORIES = ("general",)
-#: The name of the aggregate over every category: no probe category may take it.
-ALL_CATEGORY = "all"
 
 Check = Callable[[str, Any], None]
 
@@ -244,6 +243,9 @@ class MetricSettings(_Section):
     #: strength (the paper's) when False. Subtracting cancels drift every request shares, but a
     #: fine-tune that over-refuses then hides its refusal features.
     refusal_contrast: bool = setting(False, boolean)
+    #: The residual monitor (probe.residual): how many directions of new SAE error to report
+    #: per hook (0: off, and the error's second moment is not kept).
+    residual_directions: int = setting(3, integer(0))
     harmful_category: str = setting("harmful", text())
     harmless_category: str = setting("harmless", text())
 
@@ -268,6 +270,14 @@ class CadenceSettings(_Section):
     adapter_signals: bool | str = setting("auto", choice(True, False, "auto"))
     #: Cadence k of the adapter signals in optimizer steps (None: every_n_steps).
     adapter_every_n_steps: int | None = setting(None, integer(1, optional=True))
+    #: The CE-loss metrics (probe.ce: three full forwards per hook on the general probes) at the
+    #: base and at every step divisible by every_n_steps × this; 0: off. By step, not by count,
+    #: so a scan of a run's checkpoints measures them where the run did.
+    ce_every_n_snapshots: int = setting(0, integer(0))
+
+    def ce_due(self, step: int) -> bool:
+        """Whether the CE-loss metrics are measured at ``step`` (the base, step 0, always when on)."""
+        return bool(self.ce_every_n_snapshots) and step % (self.every_n_steps * self.ce_every_n_snapshots) == 0
 
     @property
     def adapter_cadence(self) -> int:

@@ -64,7 +64,7 @@ def emitted(tmp_path_factory) -> dict[str, dict[str, dict[str, float]]]:
     cfg = MonitorConfig(saes={HOOK: build_sae(D, 64, seed=1)}, directions={HOOK: {"mine": torch.ones(D)}},
                         baseline_cache_dir=str(tmp / "cache"),
                         probes={"source": ProbeSet.from_records(records, name="cat"), "batch_size": 4},
-                        outputs={"show_progress": False})
+                        cadence={"every_n_steps": 10, "ce_every_n_snapshots": 1}, outputs={"show_progress": False})
     mon = DriftMonitor(cfg, tok)
     out = {"base": {h: r.metrics for h, r in mon.baseline(base).hooks.items()},
            "snap": {h: r.metrics for h, r in mon.snapshot(cur, step=10).hooks.items()}}
@@ -126,7 +126,7 @@ def test_catalog_entries_are_well_formed_and_lookups_resolve_patterns():
     s = catalog.spec("direction_projection_delta:bank.0:a:b")
     assert s.name.startswith("direction_projection_delta:") and s.fields("direction_projection_delta:bank.0:a:b") == (
         "bank.0", "a:b")
-    for bad in ("direction_projection:refusal", "direction_projection::harmful", "ce_loss_delta", "explained_varance"):
+    for bad in ("direction_projection:refusal", "direction_projection::harmful", "ce_loss", "explained_varance"):
         assert not catalog.is_known(bad)
     with pytest.raises(KeyError, match="did you mean 'explained_variance'"):
         catalog.spec("explained_varance")
@@ -165,7 +165,7 @@ def test_alert_rules_accept_every_catalog_metric_and_nothing_else():
     for s in catalog.CATALOG:
         AlertRule("r", "threshold", metric=instance(s), op=">", threshold=0.0)
         AlertRule("s", "sudden_change", metrics=[instance(s)])
-    for bad in ("ce_loss_delta", "ce_loss_score", "explained_varance", "direction_projection:refusal", "probe_tokens"):
+    for bad in ("ce_loss", "ce_loss_scores", "explained_varance", "direction_projection:refusal", "probe_tokens"):
         with pytest.raises(AlertRuleError, match="unknown metric"):
             AlertRule("r", "threshold", metric=bad, op=">", threshold=0.0)
 

@@ -85,8 +85,8 @@ def test_scan_of_the_callback_run_equals_the_callback(tb, runs, tmp_path):
     cfg = tmp_path / "monitor.json"
     cfg.write_text(cfg_json)
     ckpts = [str(runs.checkpoints("refusal"))]
-    config = resolve_config(str(tb.model_dir), db_path=str(db), run_name="scan-of-refusal", config=str(cfg),
-                            overrides={"show_progress": False})
+    config = resolve_config(str(tb.model_dir), db_path=str(db), run_name="scan-of-refusal", checkpoints=ckpts,
+                            config=str(cfg), overrides={"show_progress": False})
     res = scan(str(tb.model_dir), config, checkpoints=ckpts)
     assert not res.failed and [r.checkpoint.step for r in res.results] == [10, 20, 30, 40]
     reader = StoreReader(str(db))

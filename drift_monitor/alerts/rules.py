@@ -34,6 +34,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from drift_monitor import catalog
+from drift_monitor.errors import DriftMonitorError, first_line, invalid_yaml
 
 Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite"]
 KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite")
@@ -74,7 +75,7 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class AlertRuleError(ValueError):
+class AlertRuleError(DriftMonitorError, ValueError):
     """A bad alert rule or rules file, with a message that names the problem and the fix."""
 
 
@@ -229,6 +230,10 @@ def default_rules(emerging_refusal_severity: str = "warning") -> list[AlertRule]
         AlertRule("sudden_change", "sudden_change", severity="warning",
                   description=f"a step-to-step change far outside the run's earlier changes (robust z > {sudden:g}): "
                               "a phase transition"),
+        AlertRule("residual_growth", "threshold", metric="residual_energy_ratio", op=">", threshold=1.5,
+                  severity="warning",
+                  description="the base SAE's error grew by half: the model holds directions the base SAE cannot "
+                              "represent (the Residual page reads them)"),
         AlertRule("nonfinite_activations", "nonfinite", severity="critical",
                   description="NaN/inf activations at a hook"),
     ]
@@ -262,12 +267,15 @@ def load_rules(source: RulesSource = None) -> list[AlertRule]:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise AlertRuleError(f"alert rules file {origin} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise AlertRuleError(f"alert rules file {origin} is not UTF-8 text (byte {e.start}); "
+                                 "save it as UTF-8") from None
         except OSError as e:
-            raise AlertRuleError(f"alert rules file {origin} cannot be read: {e}") from None
+            raise AlertRuleError(f"alert rules file {origin} cannot be read: {first_line(e)}") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise AlertRuleError(f"alert rules file {origin} is not valid YAML: {e}") from None
+            raise AlertRuleError(f"alert rules file {invalid_yaml(origin, e)}") from None
         if data is None:
             raise AlertRuleError(f"alert rules file {origin} is empty; write `defaults: true` for the default rules")
         return _parse_rules(data, origin)

@@ -8,6 +8,10 @@ and an H100:
   monitor's own work (decode, statistics, pairing) costs.
 * ``ratio_trunc``  = probe pass ÷ (forward truncated after the hooked layer, no hooks + bare
   encode): the strict bound, the cost of everything the monitor adds to the work it cannot avoid.
+* ``ratio_fingerprint`` = the base model's fingerprint (every weight, once per baseline) ÷ one
+  probe pass.
+* ``ratio_residual`` = the probe pass ÷ the same pass without the residual monitor's error
+  moment (``metrics.residual_directions = 0``): what watching the base SAE's blind spot costs.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ class BenchResult:
     encode_s: float
     peak_mem_mb: float
     n_tokens: int
+    fingerprint_s: float = 0.0  #: monitor.model_fingerprint of the model (the baseline cache key)
+    probe_no_residual_s: float = 0.0  #: the probe pass with metrics.residual_directions = 0
+    residual_state_mb: float = 0.0  #: the error moment kept per hook
+
+    @property
+    def ratio_residual(self) -> float:
+        return self.probe_pass_s / self.probe_no_residual_s if self.probe_no_residual_s else float("nan")
+
+    @property
+    def ratio_fingerprint(self) -> float:
+        return self.fingerprint_s / self.probe_pass_s
 
     @property
     def ratio_full(self) -> float:
@@ -127,10 +142,17 @@ def _world(size: str, device: torch.device, dtype: torch.dtype):
 @torch.no_grad()
 def run_probe_bench(size: str = "tiny", device: str | None = None, repeats: int = 3,
                     dtype: str = "float32") -> BenchResult:
+    from dataclasses import replace
+
+    from ..monitor import DriftMonitor, model_fingerprint
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tdtype = getattr(torch, dtype)
     mon, model, sae, hook, s = _world(size, dev, tdtype)
     mon.baseline(model, use_cache=False)
+    off = replace(mon.config, metrics=replace(mon.config.metrics, residual_directions=0))
+    mon_off = DriftMonitor(off, mon.tokenizer)
+    mon_off.baseline(model, use_cache=False)
     batches = [b.to(dev) for b in mon.probes.batches]
 
     # the lower bound's parts: forwards with no hooks, and the bare encode of the same activations
@@ -154,7 +176,14 @@ def run_probe_bench(size: str = "tiny", device: str | None = None, repeats: int 
     def probe_pass() -> None:
         mon.snapshot(model, step=1)
 
-    fns = {"full": full_forward, "trunc": trunc_forward, "enc": encode, "probe": probe_pass}
+    def fingerprint() -> None:
+        model_fingerprint(model)
+
+    def probe_no_residual() -> None:
+        mon_off.snapshot(model, step=1)
+
+    fns = {"full": full_forward, "trunc": trunc_forward, "enc": encode, "probe": probe_pass, "fp": fingerprint,
+           "probe_off": probe_no_residual}
     for fn in fns.values():  # warm-up (allocator, kernels, lazy inits)
         fn()
     best = {k: float("inf") for k in fns}
@@ -173,7 +202,9 @@ def run_probe_bench(size: str = "tiny", device: str | None = None, repeats: int 
         with _PeakRSS() as m:
             probe_pass()
         peak = (m.peak - m.start) / 2**20
-    return BenchResult(size, str(dev), t_probe, t_full, t_trunc, t_enc, peak, mon.probes.n_tokens)
+    gram = mon._base[hook].stats.err_gram
+    return BenchResult(size, str(dev), t_probe, t_full, t_trunc, t_enc, peak, mon.probes.n_tokens, best["fp"],
+                       best["probe_off"], gram.numel() * gram.element_size() / 2**20)
 
 
 def _truncated(model: Any, layer: int) -> Any:
@@ -193,6 +224,10 @@ def format_result(r: BenchResult) -> str:
             f"encode {r.encode_s * 1e3:.1f} ms\n"
             f"    ratio vs (full forward + encode)      = {r.ratio_full:.3f}   (target <= 1.15)\n"
             f"    ratio vs (truncated forward + encode) = {r.ratio_trunc:.3f}\n"
+            f"    base fingerprint ÷ probe pass         = {r.ratio_fingerprint:.3f}   "
+            f"({r.fingerprint_s * 1e3:.1f} ms, every weight, once per baseline)\n"
+            f"    probe pass ÷ without residual monitor = {r.ratio_residual:.3f}   "
+            f"(error moment {r.residual_state_mb:.1f} MiB per hook)\n"
             f"    peak memory of the probe pass         = {r.peak_mem_mb:.1f} MiB "
             f"({'CUDA allocated' if r.device.startswith('cuda') else 'process RSS increase'})")
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import DriftMonitorError, first_line
 from ..progress import bar
-from .loading import load_model
+from .loading import load_errors, load_model
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-class ScanError(ValueError):
+class ScanError(DriftMonitorError, ValueError):
     """Bad scan input, with the path and the fix in the message."""
 
 
@@ -63,6 +64,8 @@ class ScanResult:
     run_id: str
     results: list[CheckpointResult]
     hooks: list[str] = field(default_factory=list)
+    #: files of writes the store could not take by the end (load them with ``drift-monitor replay``)
+    unsaved: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[CheckpointResult]:
@@ -85,12 +88,22 @@ def checkpoint_kind(path: Path) -> str:
 
 
 def _step_of(path: Path) -> int | None:
+    """The checkpoint's training step: ``global_step`` of its ``trainer_state.json``, else the N
+    of a ``checkpoint-N`` name, else None. A state file that is there but unreadable, or whose
+    step is not a non-negative integer, is refused rather than guessed around."""
     state = path / "trainer_state.json"
     if state.is_file():
         try:
-            return int(json.loads(state.read_text())["global_step"])
-        except (KeyError, ValueError, json.JSONDecodeError):
-            pass
+            data = json.loads(state.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ScanError(f"{state}: not valid JSON ({e}); restore the file, or give the checkpoint as "
+                            "--model STEP=PATH") from None
+        step = data.get("global_step") if isinstance(data, dict) else None
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ScanError(f"{state}: global_step must be a non-negative integer, got {step!r}; fix the file, "
+                                "or give the checkpoint as --model STEP=PATH")
+            return step
     m = _CKPT.match(path.name)
     return int(m[1]) if m else None
 
@@ -110,8 +123,9 @@ def discover(checkpoints: Sequence[str] = (), models: Sequence[str] = ()) -> lis
         if "=" not in spec:
             raise ScanError(f"--model {spec!r}: expected STEP=PATH, e.g. --model 0=base --model 1000=chat")
         s, p = spec.split("=", 1)
-        if not s.strip().lstrip("-").isdigit():
-            raise ScanError(f"--model {spec!r}: the step {s!r} is not an integer")
+        if not s.strip().isdigit():
+            raise ScanError(f"--model {spec!r}: the step {s!r} is not an integer >= 0; "
+                            "give the training step, e.g. --model 1000=PATH")
         path = Path(p).expanduser()
         if not path.exists():
             raise ScanError(f"--model {spec!r}: {path} does not exist")
@@ -173,7 +187,7 @@ class _AdapterSwapper:
                 self.model.set_adapter(name)
         except RuntimeError as e:
             if "size mismatch" in str(e) or "shape" in str(e):
-                detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
+                detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), first_line(e))
                 raise ScanError(f"{ckpt.path}: this adapter does not fit the base model ({detail}); "
                                 "was it trained on a different base?") from None
             raise
@@ -182,11 +196,6 @@ class _AdapterSwapper:
         self.current = name
         self.model.eval()
         return self.model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------- the scan
@@ -234,29 +243,32 @@ def scan(
     device = cfg.device or "cpu"
     base_path, ckpts = _inputs(base_model, checkpoints, models)
     run_id = _existing_run_id(db_path, run_name) or run_id_for(run_name, base_model, ckpts)
-    tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
+    with load_errors("--base-model", base_path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
     mon = DriftMonitor(cfg, tok)
     if not force:
         _check_resumable(db_path, run_id, cfg, mon.probe_hash)
-    base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    base_snap = mon.baseline(base)
+    # the store first: a bad --db fails in a second, before the base model loads
     rec = RunRecorder.open(cfg, probe_hash=mon.probe_hash, run_id=run_id, run_name=run_name or run_id,
                            model_name=str(base_path), push_job="drift_monitor_scan")
-    done = _stored_steps(db_path, run_id)
-    hooks = mon.hooks
-    if force or not all((0, h) in done for h in hooks):
-        rec.record(base_snap)
-    else:
-        rec.observe(base_snap)
     results: list[CheckpointResult] = []
-    swapper = _AdapterSwapper(base)
-    tracker = None
-    if cfg.cadence.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):
-        from ..probe.adapters import AdapterTracker
-
-        tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
-    history = _stored_points(db_path, run_id, hooks)
+    hooks = mon.hooks
     try:
+        base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          what="--base-model")
+        base_snap = mon.baseline(base)
+        done = _stored_steps(db_path, run_id)
+        if force or not all((0, h) in done for h in hooks):
+            rec.record(base_snap)
+        else:
+            rec.observe(base_snap)
+        swapper = _AdapterSwapper(base)
+        tracker = None
+        if cfg.cadence.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):
+            from ..probe.adapters import AdapterTracker
+
+            tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
+        history = _stored_points(db_path, run_id, hooks)
         for ckpt in bar(ckpts, desc="scan", unit="ckpt", enabled=progress):
             if not force and all((ckpt.step, h) in done for h in hooks):
                 if ckpt.step in history:
@@ -264,12 +276,16 @@ def scan(
                 results.append(CheckpointResult(ckpt, "skipped"))
                 continue
             results.append(_scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker))
-    except KeyboardInterrupt:
-        # every stored snapshot is whole (one transaction each); a rerun skips them and finishes
-        rec.finish("failed")
+    except BaseException as e:
+        # interrupted (Ctrl-C) or failed; SIGTERM is recorded as preempted by the recorder's
+        # RunEndWatch. Every stored snapshot is whole (one transaction each); a rerun skips
+        # them and finishes.
+        from ..recorder import status_for
+
+        rec.finish(status_for(e))
         raise
     rec.finish("failed" if any(r.status == "failed" for r in results) else "finished")
-    return ScanResult(run_id, results, hooks)
+    return ScanResult(run_id, results, hooks, unsaved=[str(p) for p in rec.unsaved])
 
 
 def _inputs(base_model: str, checkpoints: Sequence[str], models: Sequence[str]) -> tuple[Path, list[Checkpoint]]:
@@ -297,9 +313,9 @@ def resolve_config(base_model: str, *, db_path: str, run_name: str | None = None
     file) < ``overrides`` (flat settings, e.g. from command-line flags)."""
     from ..config import MonitorConfig, flatten, nest
 
-    run_id = _existing_run_id(db_path, run_name)
-    if run_id is None and Path(db_path).is_file():
-        run_id = run_id_for(run_name, base_model, _inputs(base_model, checkpoints, models)[1])
+    run_id = _existing_run_id(db_path, run_name) or run_name
+    if run_id is None and Path(db_path).is_file():  # a scan without --run-name: its id comes from the inputs
+        run_id = run_id_for(None, base_model, _inputs(base_model, checkpoints, models)[1])
     settings: dict[str, Any] = {}
     stored = _stored_config(db_path, run_id) if run_id else {}
     if stored:
@@ -401,7 +417,7 @@ def _scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker
     except ScanError as e:
         return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=str(e))
     except Exception as e:  # noqa: BLE001 - report it, scan the rest
-        return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=f"{type(e).__name__}: {_first_line(e)}")
+        return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=f"{type(e).__name__}: {first_line(e)}")
     alerts = rec.record(snap)
     if ckpt.kind == "full":
         del model

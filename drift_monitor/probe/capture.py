@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import DriftMonitorError
+
 # Wrapper segments that add a level of naming without changing the computation.
 _WRAPPER_SEGMENTS = ("module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _PEFT_PREFIX = "base_model.model."
@@ -28,7 +30,7 @@ _TL_MLP_OUT = re.compile(r"^blocks\.(\d+)\.hook_mlp_out$")
 _TL_ATTN_OUT = re.compile(r"^blocks\.(\d+)\.hook_attn_out$")
 
 
-class HookNotFoundError(KeyError):
+class HookNotFoundError(DriftMonitorError, KeyError):
     """No module (or several) matches a hook name. The message lists close names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable
@@ -199,3 +201,34 @@ def model_device(model: nn.Module) -> torch.device:
         if p.device.type != "meta":
             return p.device
     return torch.device("cpu")
+
+
+def replace_output(out: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    """Apply ``fn`` to a module output that is a Tensor (transformers 5.x decoder layers) or a
+    tuple whose first element is the hidden state (older layers, attention modules): what a
+    forward hook returns to change what the rest of the model sees."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return (fn(out[0]), *out[1:])
+    raise TypeError(f"cannot change a module output of type {type(out).__name__}")
+
+
+def plain_forward(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """``forward(input_ids, attention_mask)`` of a measurement, never under a mixed-precision autocast.
+
+    Why: a trainer with ``bf16=True`` has accelerate wrap ``model.forward`` in an autocast
+    context (keeping the original as ``_original_forward``); measured under it, activations
+    would be bf16 products and every snapshot would mix the run's precision into the drift.
+    The original forward is called, inside ``autocast(enabled=False)`` for any outer context,
+    without a KV cache.
+    """
+    cfg = getattr(model, "config", None)
+    kwargs = {"use_cache": False} if cfg is not None and hasattr(cfg, "use_cache") else {}
+    call = getattr(model, "_original_forward", None) or model
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        with torch.autocast(input_ids.device.type, enabled=False):
+            return call(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    return forward

@@ -2,8 +2,9 @@
 
 ``compare(cur, base, ...)`` reads two ``stats.HookStats`` (never changing them) and returns
 the ``HookResult`` of docs/metrics.md: scalar metrics, per-category feature tables, refusal
-features and direction projections. Everything is computed from the sums, counts and maxes
-the statistics keep, so it is the same however the tokens were batched, sharded or reduced.
+features, direction projections and the directions of new SAE error (``probe.residual``).
+Everything is computed from the sums, counts and maxes the statistics keep, so it is the same
+however the tokens were batched, sharded or reduced.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from ..records import (
     FeatureStats,
     HookResult,
     RefusalFeatures,
+    ResidualDirection,
 )
 from . import metrics as M
+from . import residual as R
+from .residual import ResidualReader
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,7 +38,8 @@ if TYPE_CHECKING:
 
 def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings,
             directions: Mapping[str, torch.Tensor] | None = None,
-            refusal: tuple[HookStats, HookStats] | None = None) -> HookResult:
+            refusal: tuple[HookStats, HookStats] | None = None,
+            reader: ResidualReader | None = None) -> HookResult:
     """The metrics of ``cur`` (the current model's statistics) against ``base`` (the base model's).
 
     ``directions`` ({name: [d] vector}, see ``drift_monitor.probe.directions``) adds the mean
@@ -42,6 +47,8 @@ def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings
     ``refusal`` (current, base): statistics of the refusal tokens (by default a refusal
     teacher-forced after each harmful/harmless probe), where refusal features are scored;
     without it they are scored on the categories' selected tokens.
+    ``reader`` reads the directions of new SAE error (the decoder's nearest feature, the logit
+    lens); without it they are not computed.
     """
     s = settings
     n = cur.n.sum()
@@ -89,7 +96,32 @@ def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings
         scores, refusal_metrics = _refusal(cur, base, base_density, s, refusal or (cur, base))
         metrics.update(refusal_metrics)
     metrics.update(_direction_metrics(cur, base, directions or {}, s))
-    return HookResult(hook=hook, d_sae=cur.d_sae, metrics=metrics, features=features, refusal=scores)
+    residual = _residual(cur, base, s, reader)
+    metrics["residual_energy_ratio"] = _energy_ratio(cur, base)
+    metrics["residual_top_share"] = residual[0].share if residual else 0.0
+    return HookResult(hook=hook, d_sae=cur.d_sae, metrics=metrics, features=features, refusal=scores,
+                      residual=residual)
+
+
+def _energy_ratio(cur: HookStats, base: HookStats) -> float:
+    """Mean ‖x − x̂‖² per token of the current model over the base's: 1 when nothing is new."""
+    n, n0 = float(cur.n.sum()), float(base.n.sum())
+    e, e0 = float(cur.sq_err_sum.sum()) / max(n, 1.0), float(base.sq_err_sum.sum()) / max(n0, 1.0)
+    return e / e0 if n and n0 and e0 > 0 else math.nan
+
+
+def _residual(cur: HookStats, base: HookStats, s: MetricSettings,
+              reader: ResidualReader | None) -> list[ResidualDirection]:
+    """The directions of new SAE error, read through the decoder and the logit lens."""
+    if reader is None or not s.residual_directions or not cur.residual or not base.residual:
+        return []
+    n, n0 = float(cur.n.sum()), float(base.n.sum())
+    energy = float(cur.sq_err_sum.sum()) / max(n, 1.0)
+    shift = cur.err_sum.sum(0) / max(n, 1.0) - base.err_sum.sum(0) / max(n0, 1.0)
+    found = R.new_directions(cur.err_gram, n, energy, base.err_gram, n0, s.residual_directions, cur.omega,
+                             mean_shift=shift)
+    return [reader.read(i, d, R.category_projections(cur.err_sum, cur.n, d.vector, cur.categories))
+            for i, d in enumerate(found)]
 
 
 def feature_stats(cur: HookStats, base: HookStats, c: int | None) -> FeatureStats:

@@ -13,7 +13,8 @@ and a base ``HookStats`` are a pure function, ``drift_monitor.probe.compare.comp
 
 Outside the table, on purpose:
 
-* ``categories``, ``d``, ``d_sae``, ``device``: configuration, the sizes the shapes name;
+* ``categories``, ``d``, ``d_sae``, ``device``, ``residual``: configuration, the sizes the
+  shapes name (``r``, the error moment's width, follows ``d`` and ``residual``);
 * ``HookStats._reduced``: a Python flag, so ``all_reduce`` cannot count the ranks twice; it
   is per process and in memory only (never merged, reduced or saved);
 * ``PairedBatch``: the base model's per-token tensors at one batch's selected tokens, kept
@@ -37,6 +38,7 @@ from ..records import HookResult
 from . import metrics as M
 from .compare import compare
 from .dist import is_distributed
+from .residual import ResidualReader, accumulate, sketch_matrix, sketch_width
 
 
 @dataclass
@@ -96,6 +98,9 @@ STATES: tuple[StateSpec, ...] = (
     StateSpec("overlap_sum", ("C",), doc="Σ |K ∩ K⁰| / k (the paper's overlap)"),
     StateSpec("fvu_tok_sum", ("C",), doc="Σ per-token FVU ‖x − x̂‖² / ‖x − mean_d x‖²"),
     StateSpec("act_max", ("C", "d_sae"), "max", torch.float32, doc="max f (−inf before any token)"),
+    StateSpec("err_sum", ("C", "d"), doc="Σ e, e = x − x̂ (the SAE's error)"),
+    StateSpec("err_gram", ("d", "r"), doc="Σ e eᵀ over all categories, or its sketch Σ e (e Ω) (probe.residual); "
+                                          "r = 0 when the residual monitor is off"),
 )
 
 #: The table as one string (name:shape:dtype:reduce per state), for anything keyed on the
@@ -116,6 +121,8 @@ class HookStats:
     d: int
     d_sae: int
     device: torch.device | str = "cpu"
+    #: keep the error's second moment (``err_gram``) for the residual monitor
+    residual: bool = True
     #: set by ``all_reduce``: the states are totals over the ranks (see the module docstring)
     _reduced: bool = field(default=False, init=False, repr=False)
 
@@ -124,7 +131,8 @@ class HookStats:
             setattr(self, s.name, torch.full(self._shape(s), s.identity, dtype=s.dtype, device=self.device))
 
     def _shape(self, spec: StateSpec) -> tuple[int, ...]:
-        sizes = {"C": len(self.categories), "d": self.d, "d_sae": self.d_sae}
+        sizes = {"C": len(self.categories), "d": self.d, "d_sae": self.d_sae,
+                 "r": sketch_width(self.d) if self.residual else 0}
         return tuple(sizes[dim] for dim in spec.shape)
 
     # ------------------------------------------------------------------ streaming
@@ -183,6 +191,9 @@ class HookStats:
         sq_err = (err * err).sum(1)
         self.sq_err_sum += one64 @ sq_err
         self.fvu_tok_sum += one64 @ M.fvu_token_rows(sq_err, x64)
+        self.err_sum += one64 @ err
+        if self.residual:
+            accumulate(self.err_gram, err.to(x.dtype if x.dtype == torch.float64 else torch.float32), self.omega)
         self.cos_sum += one64 @ M.cosine_rows(x, x_hat)
 
         if top_vals is not None and top_idx is not None:
@@ -232,7 +243,8 @@ class HookStats:
     def merge(self, other: HookStats) -> HookStats:
         """Fold another shard's states into this one (same categories and sizes), each by its
         reduction: sums add, maxes max."""
-        if other.categories != self.categories or other.d_sae != self.d_sae or other.d != self.d:
+        if other.categories != self.categories or other.d_sae != self.d_sae or other.d != self.d \
+                or other.residual != self.residual:
             raise ValueError("cannot merge statistics of different hooks or category sets")
         for s in STATES:
             mine, theirs = getattr(self, s.name), getattr(other, s.name).to(self.device)
@@ -300,11 +312,20 @@ class HookStats:
     @classmethod
     def from_state_dict(cls, categories: list[str], d: int, d_sae: int, state: Mapping[str, torch.Tensor],
                         device: torch.device | str = "cpu") -> HookStats:
-        return cls(categories, d, d_sae, device).load_state_dict(state)
+        residual = "err_gram" in state and state["err_gram"].shape[-1] > 0
+        return cls(categories, d, d_sae, device, residual).load_state_dict(state)
+
+    @property
+    def omega(self) -> torch.Tensor | None:
+        """The residual sketch's Ω (None: the exact moment), made once per HookStats."""
+        if "_omega" not in self.__dict__:
+            self._omega = sketch_matrix(self.d, self.device)
+        return self._omega
 
     # ------------------------------------------------------------------ results
     def compute(self, base: HookStats, hook: str, settings: MetricSettings,
                 directions: Mapping[str, torch.Tensor] | None = None,
-                refusal: tuple[HookStats, HookStats] | None = None) -> HookResult:
+                refusal: tuple[HookStats, HookStats] | None = None,
+                reader: ResidualReader | None = None) -> HookResult:
         """The metrics of this (current) model against ``base``: ``compare.compare``, which see."""
-        return compare(self, base, hook, settings, directions, refusal)
+        return compare(self, base, hook, settings, directions, refusal, reader)

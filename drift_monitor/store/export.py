@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from .errors import StoreError
 from .reader import StoreReader
 
 #: The tables exported, each restricted to the run's rows.
-EXPORT_TABLES = ("runs", "snapshots", "metrics", "feature_stats", "refusal_features", "alerts")
+EXPORT_TABLES = ("runs", "snapshots", "metrics", "feature_stats", "refusal_features", "alerts",
+                 "residual_directions")
 
 
 def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLike[str],
@@ -29,11 +31,17 @@ def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLik
     reader = StoreReader(path)
     run_id = reader.resolve_run(run)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"--out {out}: cannot create the output folder ({e.strerror or e}); give a folder "
+                         "path that can be written") from None
+
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
     written = []
     with reader._connection() as con:
-        for table in EXPORT_TABLES:
+        present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        for table in (t for t in EXPORT_TABLES if t in present):  # a table of a later migration may be absent
             target = out / f"{safe}_{table}.{fmt}"
             # fixed table names, not user data
             df = con.execute(f"SELECT * FROM {table} WHERE run_id = ?", [run_id]).df()

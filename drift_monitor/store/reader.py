@@ -15,6 +15,7 @@ number; NaN values themselves come back as NaN.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,11 +29,13 @@ from drift_monitor.records import ALL, FEATURE_COLUMNS, PROJECTION, PROJECTION_D
 from .connection import _connect
 from .errors import StoreEmpty, StoreError, StoreNotFound
 from .schema import (
+    RESIDUAL_COLUMNS,
     VERIFICATION_COLUMNS,
     _as_int,
     _check_version,
     _stored_schema_version,
 )
+from .spool import SpoolState, spool_state
 
 #: Ranking expressions accepted by :meth:`StoreReader.top_features` (SQL over ``feature_stats f``).
 TOP_BY_SQL: dict[str, str] = {
@@ -85,8 +88,24 @@ class StoreReader:
         with self._connection(check_version=False) as con:
             return _as_int(_stored_schema_version(con), -1)
 
+    def spool_state(self) -> SpoolState:
+        """Writes that wait outside the database (spool, dump files beside it) and quarantined
+        spool files: read from the folder, not the database (they are not in it)."""
+        return spool_state(self.path)
+
     def runs(self) -> pd.DataFrame:
-        """Every run with its last step, number of snapshots (steps) and open alert counts, newest first."""
+        """Every run with its last step, number of snapshots (steps) and open alert counts, newest first.
+
+        ``pending_writes``: the run's writes not in the database yet (spooled, or in a dump file
+        beside it), read from disk at each call. Why not a stored column: writes are applied in
+        order, so a count stored with a write is stale the moment it lands.
+        """
+        df = self._runs_rows()
+        pending = self.spool_state().pending
+        df["pending_writes"] = [int(pending.get(r, 0)) for r in df["run_id"]]
+        return df
+
+    def _runs_rows(self) -> pd.DataFrame:
         return self._df(
             """SELECT r.run_id, r.name, r.status, r.model, r.probe_hash, r.created_at, r.updated_at,
                       coalesce(s.last_step, r.last_step) AS last_step,
@@ -252,6 +271,31 @@ class StoreReader:
             return con.execute(f"SELECT * FROM verifications {where} ORDER BY created_at DESC, verify_id, "
                                "CASE condition WHEN 'fine_tuned' THEN 0 WHEN 'ablated' THEN 1 WHEN 'random' THEN 2 "
                                "WHEN 'base' THEN 3 ELSE 4 END, draw", params).df()
+
+    def residual_directions(self, run_id: str, hook: str | None = None,
+                            steps: Sequence[int] | None = None) -> pd.DataFrame:
+        """Directions of new SAE error per step (drift_monitor.probe.residual), rank 0 first; the
+        JSON columns decoded (``projections``: {category: mean projection}, ``top_tokens``,
+        ``bottom_tokens``). Empty in a file written before migration 3."""
+        cols = [c for c in RESIDUAL_COLUMNS if not c.endswith("_json")] + ["projections", "top_tokens",
+                                                                           "bottom_tokens"]
+        with self._connection() as con:
+            have = con.execute("SELECT count(*) FROM information_schema.tables "
+                               "WHERE table_name = 'residual_directions'").fetchall()[0][0]
+            if not have:
+                return pd.DataFrame(columns=cols)
+            clauses, params = ["run_id = ?"], [run_id]
+            if hook is not None:
+                clauses.append("hook = ?")
+                params.append(hook)
+            if steps is not None:
+                clauses.append("list_contains(?, step)")
+                params.append([int(s) for s in steps])
+            df = con.execute(f"SELECT * FROM residual_directions WHERE {' AND '.join(clauses)} "
+                             'ORDER BY step, hook, "rank"', params).df()
+        for c in ("projections", "top_tokens", "bottom_tokens"):
+            df[c] = [json.loads(v) for v in df.pop(f"{c}_json")]
+        return df[cols]
 
     def labels(self, hook: str) -> pd.DataFrame:
         return self._df("SELECT feature, label, source FROM feature_labels WHERE hook = ? ORDER BY feature", [hook])

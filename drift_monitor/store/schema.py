@@ -45,6 +45,9 @@ VERIFICATION_COLUMNS = ("verify_id", "run_id", "step", "hook", "created_at", "co
                         "n_features", "alpha", "seed", "harmful_refusal_rate", "harmless_refusal_rate",
                         "kl_harmless", "n_harmful", "n_harmless", "examples_json", "summary_json")
 
+RESIDUAL_COLUMNS = ("run_id", "step", "hook", "rank", "share", "variance", "nearest_feature", "decoder_cos",
+                    "projections_json", "top_tokens_json", "bottom_tokens_json", "vector")
+
 #: Columns of each table in store order (the Arrow tables are inserted by these names).
 COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id", "name", "created_at", "updated_at", "model", "config_json", "probe_hash", "status", "last_step"),
@@ -61,6 +64,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     ),
     "feature_labels": ("hook", "feature", "label", "source"),
     "verifications": VERIFICATION_COLUMNS,
+    "residual_directions": RESIDUAL_COLUMNS,
 }
 
 #: DDL of schema version 1. Only small tables carry primary keys (see the package docstring).
@@ -102,6 +106,13 @@ VERIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS verifications (
         n_harmless INTEGER, examples_json VARCHAR, summary_json VARCHAR)"""
 
 
+#: Directions of new SAE error (drift_monitor.probe.residual), per snapshot and hook: migration 3.
+RESIDUAL_DDL = """CREATE TABLE IF NOT EXISTS residual_directions (
+        run_id VARCHAR, step BIGINT, hook VARCHAR, "rank" INTEGER, share DOUBLE, variance DOUBLE,
+        nearest_feature INTEGER, decoder_cos DOUBLE, projections_json VARCHAR, top_tokens_json VARCHAR,
+        bottom_tokens_json VARCHAR, vector FLOAT[])"""
+
+
 @dataclass(frozen=True)
 class Migration:
     """The statements that turn a file of version ``version - 1`` into one of ``version``."""
@@ -114,6 +125,7 @@ class Migration:
 #: Every change to the layout since :data:`OLDEST_VERSION`, in order.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "verifications table for drift-monitor verify results", (VERIFICATIONS_DDL,)),
+    Migration(3, "residual_directions table for the residual monitor", (RESIDUAL_DDL,)),
 )
 
 #: Version of the layout this code writes: the last migration's.

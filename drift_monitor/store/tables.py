@@ -32,6 +32,7 @@ from drift_monitor.records import (
     VerifyResult,
 )
 
+from .errors import LabelError
 from .schema import VERIFICATION_COLUMNS
 
 
@@ -244,6 +245,26 @@ def _refusal_table(snapshot: Snapshot, run_id: str, top_n: int) -> pa.Table:
     )
 
 
+def _residual_table(snapshot: Snapshot, run_id: str) -> pa.Table:
+    """One row per direction of new SAE error (``HookResult.residual``), every hook."""
+    rows = [(h, d) for h, r in snapshot.hooks.items() for d in r.residual]
+    cols = {
+        "run_id": pa.array([run_id] * len(rows), pa.string()),
+        "step": pa.array([int(snapshot.step)] * len(rows), pa.int64()),
+        "hook": pa.array([h for h, _ in rows], pa.string()),
+        "rank": pa.array([d.rank for _, d in rows], pa.int32()),
+        "share": pa.array([_float(d.share) for _, d in rows], pa.float64()),
+        "variance": pa.array([_float(d.variance) for _, d in rows], pa.float64()),
+        "nearest_feature": pa.array([d.nearest_feature for _, d in rows], pa.int32()),
+        "decoder_cos": pa.array([_float(d.decoder_cos) for _, d in rows], pa.float64()),
+        "projections_json": pa.array([json.dumps(d.projections) for _, d in rows], pa.string()),
+        "top_tokens_json": pa.array([json.dumps(d.top_tokens) for _, d in rows], pa.string()),
+        "bottom_tokens_json": pa.array([json.dumps(d.bottom_tokens) for _, d in rows], pa.string()),
+        "vector": pa.array([d.vector for _, d in rows], pa.list_(pa.float32())),
+    }
+    return pa.table(cols)
+
+
 def _snapshots_table(
     snapshot: Snapshot, run_id: str, feature_stats: pa.Table, metrics: pa.Table, refusal: pa.Table
 ) -> pa.Table:
@@ -353,13 +374,37 @@ def _labels_table(hook: str, labels: Mapping[int, str] | pd.DataFrame, source: s
         df = labels[["feature", "label"]]
     else:
         df = pd.DataFrame({"feature": list(labels.keys()), "label": list(labels.values())})
-    df = df.drop_duplicates("feature", keep="last")
+    ids = [label_id(v, i, f"labels for hook {hook!r}") for i, v in enumerate(df["feature"].tolist(), 1)]
+    df = pd.DataFrame({"feature": ids, "label": df["label"].tolist()}).drop_duplicates("feature", keep="last")
     n = len(df)
     return pa.table(
         {
             "hook": pa.array([hook] * n, pa.string()),
-            "feature": pa.array(df["feature"].to_numpy(np.int64).astype(np.int32)),
+            "feature": pa.array(df["feature"].to_numpy(np.int64), pa.int32()),
             "label": pa.array(df["label"].astype(str).tolist(), pa.string()),
             "source": pa.array([source] * n, pa.string()),
         }
     )
+
+
+#: Feature ids are stored as INTEGER: the bound of any SAE this store can label.
+_MAX_FEATURE_ID = 2**31 - 1
+
+
+def label_id(value: Any, row: int, where: str = "labels") -> int:
+    """One label row's feature id as an int: an integer (or an integral float, or a string of
+    digits, as CSV and JSON keys give it) in [0, 2**31). Anything else raises
+    :class:`LabelError` naming the row: 9.9 is not feature 9, and 2**32 + 5 is not feature 5.
+    The upper bound of the hook's own SAE (its d_sae) is checked when the labels are applied,
+    against the snapshots stored for the hook (:func:`.ops._apply_labels`)."""
+    fid: int | None = None
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        fid = int(value.strip())
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        fid = int(value)
+    elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        fid = int(value)
+    if fid is None or not 0 <= fid <= _MAX_FEATURE_ID:
+        raise LabelError(f"{where}, row {row}: feature id {value!r} is not a feature index "
+                         "(an integer from 0 to the SAE's d_sae - 1); fix or remove that row")
+    return fid

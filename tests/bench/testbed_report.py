@@ -1,11 +1,14 @@
 """Figures of the SmolLM2 test bed (drift_monitor/demo/testbed.py), as ratios measured in one run.
 
     python tests/bench/testbed_report.py [--verify] [--repeats 3]
+    python tests/bench/testbed_report.py --residual
 
 Prints: the probe pass against the forward cut after the hooked layer (the same batches), the
 callback's share of training time, base EV on the probes under the old and the new token
 selection, emerging refusal features and alerts of the refusal and control runs, and with
 --verify the causal check (`drift-monitor verify`) on the refusal run's emerging features.
+--residual prints only what the base SAE cannot see: each run's residual directions, its CE-loss
+metrics and their cost, and the refusal run's difference dictionary.
 """
 
 from __future__ import annotations
@@ -86,6 +89,50 @@ def run_figures(runs) -> dict:
     return out
 
 
+def residual_figures(tb, runs) -> dict:
+    """What the base SAE cannot see in each run's final adapter: the residual directions (with the
+    CE-loss metrics and their cost) and, for the refusal run, the difference dictionary."""
+    from peft import PeftModel
+
+    from drift_monitor.demo.testbed import monitor_config
+    from drift_monitor.monitor import DriftMonitor
+    from drift_monitor.offline.diffdict import diff_dict
+
+    tok = tb.tokenizer()
+    out: dict = {}
+    for kind in runs.run_ids:
+        model = PeftModel.from_pretrained(tb.load_model(), str(runs.adapter(kind))).eval()
+        timed = {}
+        for ce in (0, 1):
+            mon = DriftMonitor(monitor_config(tb, None, "residual", baseline_cache_dir=None,
+                                              cadence={"every_n_steps": 10, "ce_every_n_snapshots": ce}), tok)
+            with model.disable_adapter():
+                mon.baseline(model, use_cache=False)
+            t0 = time.perf_counter()
+            snap = mon.snapshot(model, step=40)
+            timed[ce] = time.perf_counter() - t0
+        h = snap.hooks[tb.hook]
+        keys = ["explained_variance", "base_explained_variance", "residual_energy_ratio", "residual_top_share",
+                "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablated", "ce_loss_delta", "ce_loss_score"]
+        out[kind] = {"metrics": {k: round(h.metrics[k], 4) for k in keys if k in h.metrics},
+                     "ce_seconds_per_snapshot": round(timed[1] - timed[0], 1),
+                     "snapshot_seconds_without_ce": round(timed[0], 1),
+                     "directions": [{"share": round(d.share, 4), "decoder_cos": round(d.decoder_cos, 3),
+                                     "nearest_feature": d.nearest_feature,
+                                     "projections": {c: round(p, 3) for c, p in d.projections.items()},
+                                     "top_tokens": d.top_tokens, "bottom_tokens": d.bottom_tokens}
+                                    for d in h.residual]}
+        if kind == "refusal":
+            from drift_monitor.probe.probes import ProbeSet
+
+            dd = diff_dict(model, None, tok, ProbeSet.default(), tb.hook, n_atoms=4,
+                           base_context=model.disable_adapter, progress=False)
+            out["refusal_diff_dict"] = [{"share": round(a.share, 4), "source": f"{a.source_probe}:{a.source_token!r}",
+                                         "top_probes": a.top_probes[:3], "top_tokens": a.top_tokens,
+                                         "bottom_tokens": a.bottom_tokens} for a in dd.atoms]
+    return out
+
+
 def verify_figures(tb, runs) -> dict:
     from drift_monitor.offline.verify import result_json, run_verify
 
@@ -98,6 +145,8 @@ def verify_figures(tb, runs) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verify", action="store_true", help="also run the causal check (minutes)")
+    ap.add_argument("--residual", action="store_true", help="only the residual directions, CE metrics and "
+                                                             "difference dictionary of both runs (minutes)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -106,6 +155,9 @@ def main() -> None:
     t0 = time.perf_counter()
     tb = build_testbed()
     runs = build_runs(tb)
+    if args.residual:
+        print(json.dumps(residual_figures(tb, runs), indent=2, default=str))
+        return
     report = {"sae": {k: tb.sae_report()[k] for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction",
                                                        "collect_seconds", "train_seconds", "collect_tokens_per_s",
                                                        "forward_tokens_per_s", "seconds_per_million")},
