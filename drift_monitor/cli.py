@@ -137,6 +137,22 @@ def _cmd_diff_dict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_pair_args(p: argparse.ArgumentParser, base_use: str) -> None:
+    """--model/--adapter/--base-model: a fine-tuned model and its base, as ``loading.load_pair`` takes them."""
+    p.add_argument("--model", required=True, help="the fine-tuned model folder, or with --adapter the base model")
+    p.add_argument("--adapter", default=None, help="a PEFT adapter folder loaded onto --model (base = adapter off)")
+    p.add_argument("--base-model", default=None, help=f"the base model folder ({base_use})")
+
+
+def _run_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--device, --dtype, --json, --trust-remote-code, --no-progress of the offline model commands."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", default=None, metavar="FILE", help=f"also write {what} as JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _write_json(path: str, data: object) -> None:
     """``--json FILE``: the results as JSON, or one line naming the option when it cannot be written."""
     import json
@@ -354,10 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "density-matched random control) and add them to the base model, then compare refusal "
                     "rates on harmful prompts and the KL on harmless ones. Features come from --features "
                     "or from a run's refusal features in --db; results are stored there too.")
-    v.add_argument("--model", required=True, help="the fine-tuned model folder, or with --adapter the base model")
-    v.add_argument("--adapter", default=None, help="a PEFT adapter folder loaded onto --model (base = adapter off)")
-    v.add_argument("--base-model", default=None, help="the base model folder, for the steering condition "
-                                                       "(not needed with --adapter)")
+    _model_pair_args(v, "for the steering condition; not needed with --adapter")
     v.add_argument("--sae", action="append", default=[], metavar="HOOK=SOURCE",
                    help="the SAE and its hook (default: the run's, from --db/--run)")
     v.add_argument("--features", default="emerging", metavar="IDS|top:K|emerging",
@@ -378,11 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--refusal-phrases", default=None, metavar="FILE|a,b,c",
                    help="phrases that mark a refusal (a file, one per line, or comma-separated)")
-    v.add_argument("--device", default="cpu")
-    v.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    v.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
-    v.add_argument("--trust-remote-code", action="store_true")
-    v.add_argument("--no-progress", action="store_true")
+    _run_args(v, "the results")
     v.set_defaults(func=_cmd_verify)
 
     dd = sub.add_parser(
@@ -390,18 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pair the fine-tuned and the base model's activations token by token on the probes, and "
                     "pick, ITDA-style, the few real difference vectors that explain most of the change; each "
                     "atom is read by its probes, its source token and the logit lens.")
-    dd.add_argument("--model", required=True, help="the fine-tuned model folder, or with --adapter the base model")
-    dd.add_argument("--adapter", default=None, help="a PEFT adapter folder loaded onto --model (base = adapter off)")
-    dd.add_argument("--base-model", default=None, help="the base model folder (not needed with --adapter)")
+    _model_pair_args(dd, "not needed with --adapter")
     dd.add_argument("--hook", required=True, help="the module whose output is compared, e.g. model.layers.12")
     dd.add_argument("--probes", default="default", help="a JSONL probe file, or 'default'")
     dd.add_argument("--atoms", type=int, default=8, help="most atoms to pick (fewer when the change is explained)")
     dd.add_argument("--batch-size", type=int, default=16)
-    dd.add_argument("--device", default="cpu")
-    dd.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    dd.add_argument("--json", default=None, metavar="FILE", help="also write the atoms as JSON")
-    dd.add_argument("--trust-remote-code", action="store_true")
-    dd.add_argument("--no-progress", action="store_true")
+    _run_args(dd, "the atoms")
     dd.set_defaults(func=_cmd_diff_dict)
 
     t = sub.add_parser(

@@ -54,10 +54,7 @@ def world(tmp_path_factory):
 
     tf.torch_threads()
     root = tmp_path_factory.mktemp("bad-inputs")
-    tok, model, sae_dir, ps = tf.world(root)
-    base = root / "base"
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
+    tok, model, sae_dir, ps, base = tf.saved_world(root)
     probes = root / "probes.jsonl"
     probes.write_text("".join(json.dumps({"id": r.id, "category": r.category, "prompt": r.prompt}) + "\n"
                               for r in ps.records[:6]))

@@ -40,10 +40,7 @@ def world(tmp_path_factory):
 
     tf.torch_threads()
     root = tmp_path_factory.mktemp("scan-world")
-    tok, model, sae_dir, ps = tf.world(root)
-    base = root / "base"
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
+    tok, model, sae_dir, ps, base = tf.saved_world(root)
     # the saved tokenizer is the one the callback used: same class, template and token ids
     tok2 = AutoTokenizer.from_pretrained(base)
     assert isinstance(tok2, PreTrainedTokenizerFast) and tok2.chat_template == tok.chat_template

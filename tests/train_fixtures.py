@@ -30,6 +30,15 @@ def world(tmp: Path, seed: int = 0):
     return tok, model, sae_dir, ps
 
 
+def saved_world(tmp: Path, seed: int = 0):
+    """``world`` with the model and tokenizer saved as a folder (``tmp/base``), as a scan reads a base."""
+    tok, model, sae_dir, ps = world(tmp, seed)
+    base = tmp / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    return tok, model, sae_dir, ps, base
+
+
 def chat_dataset(n: int = 48):
     """Chat-format rows: harmful prompts answered with the refusal, the others complied with."""
     from datasets import Dataset

@@ -459,13 +459,7 @@ class Store:
             except CorruptSpoolFile as exc:
                 self.spool.quarantine(path, exc)
                 continue
-            try:
-                with _transaction(con):
-                    _apply_once(con, op)
-            except Exception as exc:
-                if is_transient(exc) or not isinstance(exc, (duckdb.Error, ValueError, KeyError, pa.ArrowException)):
-                    raise
-                self.spool.quarantine(path, exc)
+            if not _applied(con, op, lambda exc, path=path: self.spool.quarantine(path, exc)):
                 continue
             path.unlink(missing_ok=True)
             applied += 1
@@ -477,13 +471,7 @@ class Store:
         applied = 0
         while self._queue:
             op = self._queue[0]
-            try:
-                with _transaction(con):
-                    _apply_once(con, op)
-            except Exception as exc:
-                if is_transient(exc) or not isinstance(exc, (duckdb.Error, ValueError, KeyError, pa.ArrowException)):
-                    raise
-                self.spool.quarantine(self.spool.put(op), exc)
+            _applied(con, op, lambda exc, op=op: self.spool.quarantine(self.spool.put(op), exc))
             self._queue.popleft()
             applied += 1
         return applied
@@ -500,3 +488,18 @@ def _close(con: duckdb.DuckDBPyConnection) -> None:
         con.close()
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.debug("drift-monitor: closing the store: %s", exc)
+
+
+def _applied(con: duckdb.DuckDBPyConnection, op: _Op, reject) -> bool:
+    """Apply ``op`` in one transaction. A transient error (busy, full, I/O) or a bug raises, so the
+    write stays where it waits; one the database rejects (a constraint, a malformed table) is
+    handed to ``reject`` (quarantined: kept, not retried) and False returned."""
+    try:
+        with _transaction(con):
+            _apply_once(con, op)
+    except Exception as exc:
+        if is_transient(exc) or not isinstance(exc, (duckdb.Error, ValueError, KeyError, pa.ArrowException)):
+            raise
+        reject(exc)
+        return False
+    return True
