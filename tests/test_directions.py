@@ -1,4 +1,4 @@
-"""Direction monitors (issue 7, part 3): user direction files, the mean projection per probe
+"""Direction monitors (README, "Direction monitors"): user direction files, the mean projection per probe
 category, the monitor's own base refusal direction, and their way into DuckDB, Prometheus and
 the dashboard.
 

@@ -104,7 +104,7 @@ def test_demo_writes_both_runs_to_one_db(demo):
     assert {"organism-refusal", "organism-control"} <= set(runs["name"])
 
 
-# ------------------------------------------------------------------------------ causal check (issue 7)
+# ------------------------------------------------------------------------------ causal check (README, "Causal check")
 def _refusal_run(summary):
     return summary["tool"]["refusal"]["run_id"]
 
