@@ -96,6 +96,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     flags = {"saes": _parse_saes(args.sae) or None, "directions": _parse_directions(args.direction) or None,
              "formats": args.model_format, "base_formats": args.base_format, "probes": args.probes,
              "batch_size": args.batch_size, "pushgateway_url": args.pushgateway, "device": args.device,
+             "keep_pushed": True if args.keep_pushed else None,
              "show_progress": False if args.no_progress else None}
     cfg = resolve_config(args.base_model, db_path=args.db, run_name=args.run_name, checkpoints=args.checkpoints,
                          models=args.model, config=args.config,
@@ -351,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--db", required=True, help="the DuckDB file to write (created if missing)")
     sc.add_argument("--probes", default=None, help="a JSONL probe file, or 'default' (default: the config's)")
     sc.add_argument("--run-name", default=None, help="the run's name and id (default: derived from the inputs)")
-    sc.add_argument("--pushgateway", default=None, metavar="URL", help="push aggregates to this Pushgateway")
+    sc.add_argument("--pushgateway", default=None, metavar="URL",
+                    help="push aggregates to this Pushgateway (its group is deleted at the end)")
+    sc.add_argument("--keep-pushed", action="store_true", help="keep the run's Pushgateway group after the scan")
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     sc.add_argument("--batch-size", type=int, default=None, help="probes per forward (default: the config's, 16)")

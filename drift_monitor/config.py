@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 #: Settings that belong to one process (where it writes, what it serves, which device): a stored
 #: run's configuration is rebuilt without them (:meth:`MonitorConfig.stored_settings`).
 PER_PROCESS = ("db_path", "run_name", "device", "show_progress", "prometheus_port", "prometheus_host",
-               "pushgateway_url", "fail_fast")
+               "pushgateway_url", "keep_pushed", "prometheus_sd_dir", "fail_fast")
 
 
 class ConfigDeprecationWarning(DeprecationWarning):

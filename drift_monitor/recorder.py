@@ -86,6 +86,7 @@ class RunRecorder:
     last_step: int = 0
     status: RunStatus = "running"
     unsaved: list[Path] = field(default_factory=list)
+    sd_target: Path | None = None  #: the Prometheus file_sd target file, while serving (outputs.prometheus_sd_dir)
     _finished: bool = field(default=False, repr=False)
     _store_alert: Alert | None = field(default=None, repr=False)  # the active store_write_failed alert
     _busy: int = field(default=0, repr=False)
@@ -133,12 +134,19 @@ class RunRecorder:
         from .exporters.prometheus import PrometheusExporter
 
         outputs = self.config.outputs
-        self.exporter = PrometheusExporter(run=self.run_id)
+        self.exporter = PrometheusExporter(run=self.run_id,
+                                           adapter_modules=self.config.outputs.prometheus_adapter_modules)
         self.exporter.set_info(model=model_name or "", probe_hash=probe_hash, version=__version__)
         if outputs.prometheus_port is not None:
             self.prometheus_port = self.exporter.serve(outputs.prometheus_port, outputs.prometheus_host)
             log.info("drift-monitor: Prometheus metrics at http://%s:%d/metrics", outputs.prometheus_host,
                      self.prometheus_port)
+            if outputs.prometheus_sd_dir:
+                from .exporters.discovery import write_target
+
+                self.sd_target = write_target(outputs.prometheus_sd_dir, outputs.prometheus_host,
+                                              self.prometheus_port, self.run_id)
+                log.info("drift-monitor: Prometheus file_sd target %s", self.sd_target)
 
     # ------------------------------------------------------------------ per snapshot
     def record(self, snap: Snapshot) -> list[Alert]:
@@ -274,7 +282,17 @@ class RunRecorder:
                     self.unsaved = list(self.store.unsaved)
                     self._export_pending()
             log.info("drift-monitor: run %s %s", self.run_id, status)
-            self.push()
+            if self.sd_target is not None:
+                from .exporters.discovery import remove_target
+
+                self._guard("remove the Prometheus file_sd target", remove_target, self.sd_target)
+            out = self.config.outputs
+            if self.exporter is not None and out.pushgateway_url and not out.keep_pushed:
+                # the run is over: its last values must not be scraped as current forever
+                self._guard("delete the Pushgateway group", self.exporter.delete_pushed, out.pushgateway_url,
+                            self.push_job)
+            else:
+                self.push()
 
     def __enter__(self) -> RunRecorder:
         return self

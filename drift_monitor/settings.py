@@ -298,7 +298,16 @@ class OutputSettings(_Section):
     #: Serve /metrics on this port (0: an ephemeral one; None: off).
     prometheus_port: int | None = setting(None, integer(0, 65535, optional=True))
     prometheus_host: str = setting("127.0.0.1", text())
+    #: Write a Prometheus file_sd target file here while serving /metrics (exporters.discovery),
+    #: so a central server finds the run on whichever node it runs; removed when the run ends.
+    prometheus_sd_dir: str | None = setting(None, text(optional=True))
     pushgateway_url: str | None = setting(None, text(optional=True))
+    #: Export the per-LoRA-module adapter series (``hook="adapter:<module>"``, ~900 per run on a 7B
+    #: model) to Prometheus too; the aggregates (hook ``adapter``) always are. The store keeps both.
+    prometheus_adapter_modules: bool = setting(False, boolean)
+    #: Keep the run's Pushgateway group after the run ends. Off: the last push is followed by a
+    #: delete, so a finished run's values are not scraped as current forever.
+    keep_pushed: bool = setting(False, boolean)
     show_progress: bool = setting(True, boolean)
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import train_fixtures as tf
+from prometheus_client import generate_latest
 
 from drift_monitor.alerts import AlertEngine, MetricPoint, evaluate
 from drift_monitor.probe.adapters import (
@@ -254,11 +255,26 @@ def test_trainer_lora_signals_in_duckdb_and_prometheus(tmp_path):
     for name, key in [("drift_monitor_adapter_b_norm", "adapter_B_norm"),
                       ("drift_monitor_adapter_b_local_cosine", "adapter_B_local_cosine")]:
         assert _prometheus_value(text, name, "adapter") == pytest.approx(val[(5, "adapter", key)], rel=1e-9)
-    m0 = modules[0]
-    assert _prometheus_value(text, "drift_monitor_lora_ba_norm", f"adapter:{m0}") == pytest.approx(
-        val[(5, f"adapter:{m0}", "lora_BA_norm")], rel=1e-9)
+    # per-module series are opt-in (outputs.prometheus_adapter_modules): the store keeps them, /metrics not
+    assert f'hook="adapter:{modules[0]}"' not in text
     if cb.exporter is not None:
         cb.exporter.close()
+
+
+def test_per_module_adapter_series_are_opt_in():
+    from drift_monitor.exporters.prometheus import PrometheusExporter
+
+    hooks = {"adapter": HookResult("adapter", 0, {"adapter_B_norm": 0.5}, {}),
+             "adapter:layers.0.q": HookResult("adapter:layers.0.q", 0, {"lora_BA_norm": 0.25}, {})}
+    snap = Snapshot(step=3, hooks=hooks, probe_hash="p", n_tokens=0)
+    for opt_in in (False, True):
+        exp = PrometheusExporter("r", adapter_modules=opt_in)
+        exp.update(snap)
+        text = generate_latest(exp.registry).decode()
+        assert _prometheus_value(text, "drift_monitor_adapter_b_norm", "adapter") == 0.5
+        assert ('hook="adapter:layers.0.q"' in text) is opt_in
+        if opt_in:
+            assert _prometheus_value(text, "drift_monitor_lora_ba_norm", "adapter:layers.0.q") == 0.25
 
 
 # --------------------------------------------------------------------------------------------

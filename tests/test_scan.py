@@ -489,11 +489,17 @@ def test_pushgateway_receives_the_run_aggregates(world, tmp_path, capsys):
     try:
         wait_ready(f"http://127.0.0.1:{port}/-/ready", proc, log)
         db = tmp_path / "scan.duckdb"
-        assert main(scan_args(world, db, "--no-progress", "--pushgateway", f"http://127.0.0.1:{port}",
+        gateway = f"http://127.0.0.1:{port}"
+        assert main(scan_args(world, db, "--no-progress", "--pushgateway", gateway, "--keep-pushed",
                               checkpoints=world.full.out, run="pushed")) == 0
-        text = http_get(f"http://127.0.0.1:{port}/metrics")
+        text = http_get(f"{gateway}/metrics")
+        # without --keep-pushed the finished scan deletes its group: nothing of it stays to be scraped
+        assert main(scan_args(world, tmp_path / "other.duckdb", "--no-progress", "--pushgateway", gateway,
+                              checkpoints=world.full.out, run="deleted")) == 0
+        after = http_get(f"{gateway}/metrics")
     finally:
         stop(proc)
+    assert 'run="deleted"' not in after and 'run="pushed"' in after
     samples = {(s.name, s.labels.get("run"), s.labels.get("hook")): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     m = metrics_of(db, "pushed")

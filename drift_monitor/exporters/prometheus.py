@@ -55,7 +55,7 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import push_to_gateway, start_http_server
+from prometheus_client.exposition import delete_from_gateway, push_to_gateway, start_http_server
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -63,7 +63,7 @@ from prometheus_client.utils import floatToGoString
 from drift_monitor.errors import DriftMonitorError
 
 from .. import catalog
-from ..records import Alert, Snapshot
+from ..records import ADAPTER_HOOK_PREFIX, Alert, Snapshot
 
 if TYPE_CHECKING:
     from typing import Self
@@ -138,10 +138,13 @@ class PrometheusExporter:
     Thread-safe: ``update`` may run in the training thread while the HTTP server scrapes.
     """
 
-    def __init__(self, run: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, run: str, registry: CollectorRegistry | None = None, *, adapter_modules: bool = False) -> None:
         if not isinstance(run, str) or not run:
             raise ValueError(f"PrometheusExporter needs a non-empty run name (the `run` label), got {run!r}")
         self.run = run
+        #: export the per-LoRA-module hooks (``adapter:<module>``) too: ~900 series per run on a 7B
+        #: model, so opt-in; the aggregate hook ``adapter`` is always exported
+        self.adapter_modules = adapter_modules
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._lock = threading.RLock()
         self._server = None
@@ -193,6 +196,8 @@ class PrometheusExporter:
         with self._lock, self.collector.lock:
             st = self._state
             for hook, result in snapshot.hooks.items():
+                if not self.adapter_modules and hook.startswith(ADAPTER_HOOK_PREFIX):
+                    continue
                 for key, value in result.metrics.items():
                     family = self.collector.family_of(key)
                     if family is not None:  # None: a name clash, not exported (logged once)
@@ -292,6 +297,19 @@ class PrometheusExporter:
                 errno.EIO, f"could not push metrics of run {self.run!r} to the Pushgateway at {gateway!r} "
                 f"(job {job!r}, grouping key {key}): {e}. Check pushgateway_url and that the Pushgateway runs."
             ) from e
+
+    def delete_pushed(self, gateway: str, job: str = "drift_monitor", grouping_key: Mapping[str, str] | None = None,
+                      timeout: float | None = 30) -> None:
+        """Delete this run's group from a Pushgateway (a finished run's values would otherwise stay
+        there, and be scraped as current, forever). Raises :class:`PushError` on failure."""
+        key = dict(grouping_key) if grouping_key is not None else {"run": self.run}
+        try:
+            delete_from_gateway(gateway, job=job, grouping_key=key, timeout=timeout)
+        except Exception as e:  # URLError, HTTPError, socket errors
+            self.record_error()
+            raise PushError(errno.EIO, f"could not delete the group of run {self.run!r} from the Pushgateway at "
+                                       f"{gateway!r} (job {job!r}): {e}. Delete it by hand in the Pushgateway's UI, "
+                                       "or keep it with outputs.keep_pushed") from e
 
     def close(self) -> None:
         """Stop the HTTP server, if any (idempotent)."""
