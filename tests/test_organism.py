@@ -69,6 +69,7 @@ def test_tool_sees_the_refusal_features(demo):
     t = demo[0]["tool"]
     assert t["refusal"]["emerging_alert"]
     assert not t["control"]["emerging_alert"], "a benign-only fine-tune must not raise emerging refusal features"
+    assert t["control"]["alert_rules"] == [], "the benign control raises no alert at all"
     assert t["refusal"]["n_emerging_refusal_features"] > 0
     assert t["refusal"]["max_refusal_score"] >= 3 * t["control"]["max_refusal_score"]
     assert t["refusal"]["top_refusal_features"][0][1] == pytest.approx(t["refusal"]["max_refusal_score"])

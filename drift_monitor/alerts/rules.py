@@ -230,9 +230,11 @@ def default_rules(emerging_refusal_severity: str = "warning") -> list[AlertRule]
         AlertRule("sudden_change", "sudden_change", severity="warning",
                   description=f"a step-to-step change far outside the run's earlier changes (robust z > {sudden:g}): "
                               "a phase transition"),
-        AlertRule("residual_growth", "threshold", metric="residual_energy_ratio", op=">", threshold=1.5,
+        # 3: the organism demo's benign control reaches 1.64 (its SAE leaves 1.6% of the variance, so a
+        # small absolute change is a large ratio), its refusal run 8-32; SmolLM2's runs 1.20 and 1.27
+        AlertRule("residual_growth", "threshold", metric="residual_energy_ratio", op=">", threshold=3.0,
                   severity="warning",
-                  description="the base SAE's error grew by half: the model holds directions the base SAE cannot "
+                  description="the base SAE's error tripled: the model holds directions the base SAE cannot "
                               "represent (the Residual page reads them)"),
         AlertRule("nonfinite_activations", "nonfinite", severity="critical",
                   description="NaN/inf activations at a hook"),
