@@ -122,6 +122,15 @@ class PageContext:
         assert self.run is not None
         return str(self.run["run_id"])
 
+    def write_path(self, run_id: str | None = None) -> str:
+        """The store file a write for ``run_id`` (default: the picked run) goes to: the store
+        itself, or, over many files (a store directory), the file that holds the run."""
+        from drift_monitor.store.many import is_many, locate
+
+        if not is_many(self.db):
+            return self.db
+        return locate(self.reader.runs(), run_id or self.run_id)[0]
+
     def offer_write(self, action: str, table: str) -> bool:
         """Whether the page may show the control that does ``action``; a caption says either way
         what it writes where (the DB file and table), or that ``--read-only`` turned it off."""

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a Trainer output folder (checkpoint-N inside), a checkpoint, or a glob (repeatable)")
     sc.add_argument("--model", action="append", default=[], metavar="STEP=PATH",
                     help="an explicit checkpoint, e.g. --model 1000=path/to/chat (repeatable)")
-    sc.add_argument("--db", required=True, help="the DuckDB file to write (created if missing)")
+    sc.add_argument("--db", required=True, help="the DuckDB file to write (created if missing), or a store "
+                                                 "directory: the run then writes DIR/<run>.duckdb")
     sc.add_argument("--probes", default=None, help="a JSONL probe file, or 'default' (default: the config's)")
     sc.add_argument("--run-name", default=None, help="the run's name and id (default: derived from the inputs)")
     sc.add_argument("--pushgateway", default=None, metavar="URL",
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--features", default="emerging", metavar="IDS|top:K|emerging",
                    help="feature ids (12,345), or from the run's refusal features at --step: every emerging one "
                         "(the default) or top:K (emerging first, then by refusal score)")
-    v.add_argument("--db", default=None, help="the run's DuckDB file: features come from it, results go to it")
+    v.add_argument("--db", default=None, help="the run's DuckDB file (or a store directory): features come from "
+                                              "it, results go to the run's file")
     v.add_argument("--run", default=None, help="a run id or name in --db")
     v.add_argument("--step", type=int, default=None, help="the step whose refusal features are read (default: last)")
     v.add_argument("--probes", default=None, metavar="harmful|FILE",
@@ -449,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export one run's tables as Parquet or CSV",
         description="Write one run's rows of every table (runs, snapshots, metrics, feature_stats, "
                     "refusal_features, alerts) to --out as Parquet or CSV files, one per table.")
-    ex.add_argument("--db", required=True)
+    ex.add_argument("--db", required=True, help="a DuckDB file, a store directory or a glob of files")
     ex.add_argument("--run", required=True, help="a run id or name")
     ex.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     ex.add_argument("--out", default=".", help="output folder")
@@ -461,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "refusal, alerts. Headless: it never waits on standard input (--open also opens a browser). "
                     "Two controls write to the file (acknowledging an alert, importing feature labels); "
                     "--read-only turns them off.")
-    d.add_argument("--db", required=True, help="the DuckDB file (it may not exist yet: the page says so)")
+    d.add_argument("--db", required=True, help="the DuckDB file (it may not exist yet: the page says so), a store "
+                                               "directory or a glob: every run of every file")
     d.add_argument("--port", type=int, default=8501)
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                                                        "any other address serves without authentication)")
@@ -485,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file",
                        description="List the runs in a drift-monitor DuckDB file: status, model, last step, "
                                    "snapshots and active alerts.")
-    r.add_argument("--db", required=True)
+    r.add_argument("--db", required=True, help="a DuckDB file, a store directory or a glob of files")
     r.set_defaults(func=_cmd_runs)
 
     rp = sub.add_parser("replay", help="load writes a run could not store (a dump file, or the spool) into its DB",

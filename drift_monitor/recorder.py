@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import MonitorConfig
-from .errors import first_line
+from .errors import ConfigError, first_line
 from .records import Alert, Snapshot
 
 log = logging.getLogger("drift_monitor.recorder")
@@ -113,8 +113,17 @@ class RunRecorder:
         store = None
         if outputs.db_path:
             from .store import Store
+            from .store.many import is_many, run_file
 
-            store = Store(outputs.db_path, run_id=run_id, run_name=name, fallback_dirs=fallback_dirs)
+            db = outputs.db_path
+            if is_many(db):  # a store directory: this run writes its own file, so runs never contend
+                if any(c in str(db) for c in "*?["):
+                    raise ConfigError(f"outputs.db_path {db!r}: a glob names files to read; a run writes to a "
+                                      "file or to a store directory")
+                run_id = run_id or uuid.uuid4().hex
+                Path(db).mkdir(parents=True, exist_ok=True)
+                db = str(run_file(db, run_id))
+            store = Store(db, run_id=run_id, run_name=name, fallback_dirs=fallback_dirs)
             run_id = store.start_run(name=name, model=model_name, config=config.to_dict(),
                                      probe_hash=probe_hash)
         run_id = run_id or uuid.uuid4().hex

@@ -356,6 +356,23 @@ def test_resumed_scan_with_other_probes_or_settings_is_refused(world, tmp_path, 
     assert "run r: 0 scanned, 2 already stored, 0 failed" in capsys.readouterr().out
 
 
+def test_scan_into_a_store_directory_writes_its_own_file_and_resumes(world, tmp_path, capsys):
+    """--db DIR: the scan writes DIR/<run>.duckdb beside other runs' files, readers of DIR see it,
+    and a rerun into DIR resumes it (nothing scanned twice)."""
+    store_dir = tmp_path / "runs"
+    store_dir.mkdir()
+    shutil.copy(world.full.db, store_dir / "callback.duckdb")  # another run's file already there
+    args = scan_args(world, store_dir, "--no-progress", checkpoints=world.full.out, run="dir-scan")
+    assert main(args) == 0
+    assert sorted(p.name for p in store_dir.glob("*.duckdb")) == ["callback.duckdb", "dir-scan.duckdb"]
+    runs = StoreReader(store_dir).runs()
+    assert set(runs.name) >= {"dir-scan"} and world.full.run_id in set(runs.run_id)
+    assert_matches_callback(world.full, store_dir / "dir-scan.duckdb", "dir-scan")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "run dir-scan: 0 scanned, 2 already stored, 0 failed" in capsys.readouterr().out
+
+
 def test_interrupted_scan_leaves_whole_snapshots_and_a_rerun_finishes(world, tmp_path, monkeypatch, capsys):
     db = tmp_path / "scan.duckdb"
     args = scan_args(world, db, "--no-progress", checkpoints=world.full.out, run=None)  # derived run id

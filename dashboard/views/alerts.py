@@ -47,7 +47,8 @@ def body(ctx: PageContext) -> None:
                   zip(open_["alert_id"], open_["severity"], open_["rule"], open_["step"], open_["hook"])}
         aid = st.selectbox("Alert", list(labels), format_func=labels.get, key="al_ack_id")
         if st.button("Acknowledge", key="al_ack"):
-            outcome = acknowledge(ctx.db, aid)
+            rid = str(open_.loc[open_["alert_id"] == aid, "run_id"].iloc[0])
+            outcome = acknowledge(ctx.write_path(rid), aid)
             if outcome == "committed":
                 st.success(f"Acknowledged {labels[aid]}.")
             else:

@@ -142,7 +142,7 @@ def body(ctx: PageContext) -> None:
         up = st.file_uploader("Label file", type=["json", "csv"], key="labels_file")
         if up is not None and st.button("Import labels", key="labels_import"):
             try:
-                n = import_labels(ctx.db, hook, up.getvalue(), up.name)
+                n = import_labels(ctx.write_path(), hook, up.getvalue(), up.name)
             except (ValueError, RuntimeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 st.error(f"Could not import {up.name}: {exc}")
             else:

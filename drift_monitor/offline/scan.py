@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import DriftMonitorError, first_line
 from ..progress import bar
+from ..store.many import exists as store_exists
 from .loading import load_errors, load_model
 
 log = logging.getLogger(__name__)
@@ -314,7 +315,7 @@ def resolve_config(base_model: str, *, db_path: str, run_name: str | None = None
     from ..config import MonitorConfig, flatten, nest
 
     run_id = _existing_run_id(db_path, run_name) or run_name
-    if run_id is None and Path(db_path).is_file():  # a scan without --run-name: its id comes from the inputs
+    if run_id is None and store_exists(db_path):  # a scan without --run-name: its id comes from the inputs
         run_id = run_id_for(None, base_model, _inputs(base_model, checkpoints, models)[1])
     settings: dict[str, Any] = {}
     stored = _stored_config(db_path, run_id) if run_id else {}
@@ -340,7 +341,7 @@ def _check_resumable(db_path: str, run_id: str, cfg: Any, probe_hash: str) -> No
     from ..config import MonitorConfig
     from ..store import StoreError, StoreReader
 
-    if not Path(db_path).is_file():
+    if not store_exists(db_path):
         return
     try:
         runs = StoreReader(db_path).runs()
@@ -377,7 +378,7 @@ def _existing_run_id(db_path: str, run_name: str | None) -> str | None:
     """The id of the run named ``run_name`` in ``db_path`` (a callback run has a uuid id), if any."""
     from ..store import StoreError, StoreReader
 
-    if not run_name or not Path(db_path).is_file():
+    if not run_name or not store_exists(db_path):
         return None
     try:
         runs = StoreReader(db_path).runs()
@@ -391,7 +392,7 @@ def _stored_config(db_path: str, run_id: str) -> dict[str, Any]:
     """The stored ``config_json`` of ``run_id`` (a name or id) in ``db_path``; {} when absent."""
     from ..store import StoreError, StoreReader
 
-    if not Path(db_path).is_file():
+    if not store_exists(db_path):
         return {}
     try:
         runs = StoreReader(db_path).runs()

@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -433,7 +433,10 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
                  settings=settings, progress=progress, run_id=run_id, step=step)
     if db is not None:
         from ..store import Store
+        from ..store.many import is_many, locate
 
-        Store(db, run_id=run_id).write_verification(res)
+        # over many store files (a store directory), the result goes to the run's own file
+        target, rid = locate(reader.runs(), run_id) if is_many(db) else (db, run_id)
+        Store(target, run_id=rid).write_verification(replace(res, run_id=rid) if rid != run_id else res)
     return res
 

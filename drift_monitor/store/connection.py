@@ -13,12 +13,15 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 
 from .errors import StoreError, StoreLocked, StoreNotFound
+
+T = TypeVar("T")
 
 _LOCK_MARKERS = ("could not set lock", "conflicting lock", "different configuration", "lock on file")
 
@@ -50,20 +53,35 @@ def _connect(
     Raises :class:`StoreLocked` once ``timeout_s`` (or ``max_attempts``) is spent, so callers
     decide what "busy" means for them (the writer spools, a reader reports).
     """
+    def open_() -> duckdb.DuckDBPyConnection:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            if not _is_lock_error(exc):
+                raise _translate_open_error(path, exc) from exc
+            raise
+
+    return retry_locked(open_, str(path), timeout_s, max_attempts, first_delay_s, max_delay_s)
+
+
+def retry_locked(open_: Callable[[], T], what: str, timeout_s: float, max_attempts: int | None = None,
+                 first_delay_s: float = 0.01, max_delay_s: float = 0.25) -> T:
+    """``open_()``, retried with jittered exponential backoff while it fails on a lock held by
+    another process; :class:`StoreLocked` naming ``what`` once the time or attempts are spent."""
     start = time.monotonic()
     delay = first_delay_s
     attempt = 0
     while True:
         attempt += 1
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return open_()
         except (duckdb.IOException, duckdb.ConnectionException) as exc:
             if not _is_lock_error(exc):
-                raise _translate_open_error(path, exc) from exc
+                raise
             waited = time.monotonic() - start
             if waited + delay > timeout_s or (max_attempts is not None and attempt >= max_attempts):
                 raise StoreLocked(
-                    f"{path} stayed locked by another process for {waited:.2f}s ({attempt} attempts): {exc}"
+                    f"{what} stayed locked by another process for {waited:.2f}s ({attempt} attempts): {exc}"
                 ) from exc
         time.sleep(delay * random.uniform(0.5, 1.0))
         delay = min(delay * 2, max_delay_s)

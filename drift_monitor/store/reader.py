@@ -26,8 +26,9 @@ import pandas as pd
 
 from drift_monitor.records import ALL, FEATURE_COLUMNS, PROJECTION, PROJECTION_DELTA
 
-from .connection import _connect
+from .connection import _connect, retry_locked
 from .errors import StoreEmpty, StoreError, StoreNotFound
+from .many import attach_all, is_many, store_files
 from .schema import (
     RESIDUAL_COLUMNS,
     VERIFICATION_COLUMNS,
@@ -66,6 +67,14 @@ class StoreReader:
 
     @contextlib.contextmanager
     def _connection(self, check_version: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+        if is_many(self.path):  # a directory or a glob: every store file in it, as one (store.many)
+            con = retry_locked(lambda: _attached(self.path, check_version), f"a store file of {self.path}",
+                               self.retry_timeout_s, self.retries)
+            try:
+                yield con
+            finally:
+                con.close()
+            return
         if not self.path.exists():
             raise StoreNotFound(f"no drift-monitor store at {self.path} (the file does not exist)")
         con = _connect(self.path, read_only=True, timeout_s=self.retry_timeout_s, max_attempts=self.retries)
@@ -90,12 +99,22 @@ class StoreReader:
 
     def spool_state(self) -> SpoolState:
         """Writes that wait outside the database (spool, dump files beside it) and quarantined
-        spool files: read from the folder, not the database (they are not in it)."""
-        return spool_state(self.path)
+        spool files: read from the folder, not the database (they are not in it). For many
+        files, theirs together."""
+        if not is_many(self.path):
+            return spool_state(self.path)
+        states = [spool_state(f) for f in store_files(self.path)]
+        total = SpoolState(self.path, quarantined=[q for s in states for q in s.quarantined],
+                           dumps=[d for s in states for d in s.dumps])
+        for s in states:
+            for run, n in s.pending.items():
+                total.pending[run] = total.pending.get(run, 0) + n
+        return total
 
     def runs(self) -> pd.DataFrame:
         """Every run with its last step, number of snapshots (steps) and open alert counts, newest first.
 
+        ``store_file``: the file holding the run (the store itself, or one of many).
         ``pending_writes``: the run's writes not in the database yet (spooled, or in a dump file
         beside it), read from disk at each call. Why not a stored column: writes are applied in
         order, so a count stored with a write is stale the moment it lands.
@@ -103,16 +122,18 @@ class StoreReader:
         df = self._runs_rows()
         pending = self.spool_state().pending
         df["pending_writes"] = [int(pending.get(r, 0)) for r in df["run_id"]]
+        if not is_many(self.path):  # many files: the runs view says which file each run lives in
+            df["store_file"] = str(self.path)
         return df
 
     def _runs_rows(self) -> pd.DataFrame:
         return self._df(
-            """SELECT r.run_id, r.name, r.status, r.model, r.probe_hash, r.created_at, r.updated_at,
+            f"""SELECT r.run_id, r.name, r.status, r.model, r.probe_hash, r.created_at, r.updated_at,
                       coalesce(s.last_step, r.last_step) AS last_step,
                       coalesce(s.n_snapshots, 0) AS n_snapshots,
                       coalesce(a.active_alerts, 0) AS active_alerts,
                       coalesce(a.unacknowledged_alerts, 0) AS unacknowledged_alerts,
-                      r.config_json
+                      r.config_json{", r.store_file" if is_many(self.path) else ""}
                FROM runs r
                LEFT JOIN (SELECT run_id, max(step) AS last_step, count(DISTINCT step) AS n_snapshots
                           FROM snapshots GROUP BY run_id) s USING (run_id)
@@ -378,3 +399,14 @@ class StoreReader:
             "SELECT DISTINCT category FROM feature_stats WHERE run_id = ? AND step = ? AND hook = ? ORDER BY category",
             [run_id, int(step), hook],
         )["category"].tolist()
+
+
+def _attached(path: Path, check_version: bool) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with every store file of ``path`` attached read-only (store.many)."""
+    con = duckdb.connect(":memory:")
+    try:
+        attach_all(con, path, check_version)
+    except BaseException:
+        con.close()
+        raise
+    return con
