@@ -77,3 +77,39 @@ class single_thread:
         import torch
 
         torch.set_num_threads(self.n)
+
+
+def start_prometheus(tmp_path: Path, scrape_configs: str) -> tuple[subprocess.Popen, str, Path]:
+    """A real Prometheus server scraping every second with ``scrape_configs`` (YAML, indented under
+    the key), ready: (process, base URL, log). Stop it with :func:`stop`."""
+    binary = need("prometheus")
+    port = free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n" + scrape_configs)
+    log = tmp_path / "prometheus.log"
+    proc = start([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                  f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base}/-/ready", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, base, log
+
+
+def prom_query(base: str, promql: str, want: int, timeout: float = 30.0) -> list[dict]:
+    """Poll Prometheus's query API until ``promql`` returns ``want`` series (or time runs out)."""
+    import json
+    import urllib.parse
+
+    query = urllib.parse.urlencode({"query": promql})
+    deadline, result = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        body = json.loads(http_get(f"{base}/api/v1/query?{query}"))
+        assert body["status"] == "success", body
+        result = body["data"]["result"]
+        if len(result) == want:
+            break
+        time.sleep(0.25)
+    return result

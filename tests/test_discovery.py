@@ -4,10 +4,8 @@ Prometheus server discovers it there, and the file goes when the run ends."""
 from __future__ import annotations
 
 import json
-import time
-import urllib.parse
 
-from servers import free_port, http_get, need, start, stop, wait_ready
+from servers import http_get, prom_query, start_prometheus, stop
 from test_prometheus import H1, full_metrics, snapshot
 
 from drift_monitor.config import MonitorConfig
@@ -16,21 +14,7 @@ from drift_monitor.exporters.prometheus import PrometheusExporter
 from drift_monitor.recorder import RunRecorder
 
 
-def _query(base: str, promql: str, want: int, timeout: float = 40.0) -> list[dict]:
-    query = urllib.parse.urlencode({"query": promql})
-    deadline, result = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        body = json.loads(http_get(f"{base}/api/v1/query?{query}"))
-        assert body["status"] == "success", body
-        result = body["data"]["result"]
-        if len(result) == want:
-            break
-        time.sleep(0.25)
-    return result
-
-
 def test_a_real_prometheus_discovers_two_live_exporters_through_file_sd(tmp_path, monkeypatch):
-    binary = need("prometheus")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     sd = tmp_path / "targets"
     exporters = []
@@ -40,18 +24,10 @@ def test_a_real_prometheus_discovers_two_live_exporters_through_file_sd(tmp_path
         port = exp.serve(port=0)
         write_target(sd, "127.0.0.1", port, run)
         exporters.append(exp)
-    prom_port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                   "scrape_configs:\n  - job_name: drift_monitor\n    file_sd_configs:\n"
-                   f"      - files: ['{sd}/*.json']\n        refresh_interval: 1s\n")
-    log = tmp_path / "prometheus.log"
-    proc = start([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                  f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], log)
+    proc, base, log = start_prometheus(tmp_path, "  - job_name: drift_monitor\n    file_sd_configs:\n"
+                                                 f"      - files: ['{sd}/*.json']\n        refresh_interval: 1s\n")
     try:
-        base = f"http://127.0.0.1:{prom_port}"
-        wait_ready(f"{base}/-/ready", proc, log)
-        result = _query(base, "drift_monitor_explained_variance", want=2)
+        result = prom_query(base, "drift_monitor_explained_variance", want=2, timeout=40)
         got = {r["metric"]["run"]: float(r["value"][1]) for r in result}
         assert got == {"run-a": 0.75, "run-b": 0.5}, f"{result}; log:\n{log.read_text()[-2000:]}"
         # the target file's labels arrive on every series

@@ -8,17 +8,15 @@ fails the test (it never skips).
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, http_get, need, start, stop, wait_ready
+from servers import free_port, http_get, need, prom_query, start, start_prometheus, stop, wait_ready
 
 from drift_monitor.exporters.prometheus import (
     ALLOWED_LABELS,
@@ -204,32 +202,13 @@ def test_serve_ephemeral_port_and_port_in_use():
 
 # ---------------------------------------------------------------------------- 3. Prometheus
 def test_real_prometheus_scrapes_the_exporter(tmp_path):
-    binary = need("prometheus")
     exp = PrometheusExporter("scraped-run")
     exp.update(snapshot(42, {H1: full_metrics(0.8125), H2: full_metrics(0.5)}))
     target = exp.serve(port=0)
-    prom_port = free_port()
-    cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: drift_monitor_train\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{target}']\n"
-    )
-    log = tmp_path / "prometheus.log"
-    proc = start([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                  f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], log)
+    proc, base, log = start_prometheus(tmp_path, "  - job_name: drift_monitor_train\n    static_configs:\n"
+                                                 f"      - targets: ['127.0.0.1:{target}']\n")
     try:
-        base = f"http://127.0.0.1:{prom_port}"
-        wait_ready(f"{base}/-/ready", proc, log)
-        query = urllib.parse.urlencode({"query": 'drift_monitor_explained_variance{run="scraped-run"}'})
-        deadline, result = time.monotonic() + 30, []
-        while time.monotonic() < deadline:
-            body = json.loads(http_get(f"{base}/api/v1/query?{query}"))
-            assert body["status"] == "success", body
-            result = body["data"]["result"]
-            if len(result) == 2:
-                break
-            time.sleep(0.25)
+        result = prom_query(base, 'drift_monitor_explained_variance{run="scraped-run"}', want=2)
         got = {r["metric"]["hook"]: float(r["value"][1]) for r in result}
         assert got == {H1: 0.8125, H2: 0.5}, f"Prometheus returned {result}; log:\n{log.read_text()[-2000:]}"
         assert all(r["metric"]["job"] == "drift_monitor_train" for r in result)
