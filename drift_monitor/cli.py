@@ -199,10 +199,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .store.merge import merge
+
+    runs = merge(args.sources, args.into)
+    print(f"{args.into}: {len(runs)} runs merged ({', '.join(runs[:5])}{', ...' if len(runs) > 5 else ''})")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .store import export_run
+    from .store.merge import export_dataset
 
-    written = export_run(args.db, args.run, args.out, fmt=args.format)
+    if args.run is None:
+        if args.format != "parquet":
+            raise ConfigError("export without --run writes a Parquet dataset of every run: use --format parquet, "
+                              "or give --run for one run's CSV files")
+        written = export_dataset([args.db], args.out)
+    else:
+        written = export_run(args.db, args.run, args.out, fmt=args.format)
     for path in written:
         print(path)
     return 0
@@ -448,14 +463,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train_sae)
 
     ex = sub.add_parser(
-        "export", help="export one run's tables as Parquet or CSV",
-        description="Write one run's rows of every table (runs, snapshots, metrics, feature_stats, "
-                    "refusal_features, alerts) to --out as Parquet or CSV files, one per table.")
+        "export", help="export one run's tables as Parquet or CSV, or every run as a Parquet dataset",
+        description="With --run: write that run's rows of every table (runs, snapshots, metrics, feature_stats, "
+                    "refusal_features, alerts, residual_directions) to --out as Parquet or CSV files, one per "
+                    "table. Without --run: every run of --db as a hive-partitioned Parquet dataset, "
+                    "OUT/table=<table>/run=<run id>/*.parquet, that DuckDB, pandas or Spark read directly.")
     ex.add_argument("--db", required=True, help="a DuckDB file, a store directory or a glob of files")
-    ex.add_argument("--run", required=True, help="a run id or name")
+    ex.add_argument("--run", default=None, help="a run id or name (omit: every run, as a dataset)")
     ex.add_argument("--format", choices=["parquet", "csv"], default="parquet")
-    ex.add_argument("--out", default=".", help="output folder")
+    ex.add_argument("--out", default=".", help="output folder (for a dataset: a new or empty one)")
     ex.set_defaults(func=_cmd_export)
+
+    mg = sub.add_parser(
+        "merge", help="copy the runs of several stores into one file, or into a store directory",
+        description="Copy every run of the SOURCE stores (files, store directories or globs) into --into: a "
+                    "new DuckDB file, or a directory (one file per run). Run ids two sources share stay apart "
+                    "(<file stem>/<id>), as every reader shows them.")
+    mg.add_argument("sources", nargs="+", metavar="SOURCE", help="a DuckDB file, a store directory or a glob")
+    mg.add_argument("--into", required=True, metavar="FILE|DIR/", help="a new DuckDB file, or a directory")
+    mg.set_defaults(func=_cmd_merge)
 
     d = sub.add_parser(
         "dashboard", help="serve the Streamlit dashboard on a drift-monitor DuckDB file",

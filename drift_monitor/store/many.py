@@ -49,8 +49,11 @@ def exists(path: str | os.PathLike[str]) -> bool:
 
 
 def store_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The store files a directory or glob names, sorted (no spool or temporary files)."""
+    """The store files a directory or glob names, sorted (no spool or temporary files); a single
+    file names itself."""
     s = str(path)
+    if not is_many(s):
+        return [Path(s)] if Path(s).is_file() else []
     pattern = s if any(c in s for c in "*?[") else os.path.join(s, f"*{SUFFIX}")
     return sorted(Path(p) for p in globlib.glob(pattern) if Path(p).is_file() and p.endswith(SUFFIX))
 
@@ -90,6 +93,11 @@ def attach_all(con: duckdb.DuckDBPyConnection, path: str | os.PathLike[str], che
     files = store_files(path)
     if not files:
         raise StoreNotFound(f"no drift-monitor store files at {path} (no *{SUFFIX} files)")
+    attach_files(con, files, str(path), check_version)
+
+
+def attach_files(con: duckdb.DuckDBPyConnection, files: Sequence[Path], where: str, check_version: bool = True) -> None:
+    """:func:`attach_all` for an explicit list of store files (``where`` names them in errors)."""
     tables_of: list[tuple[str, Path, set[str]]] = []
     versions = []
     for i, f in enumerate(files):
@@ -105,7 +113,7 @@ def attach_all(con: duckdb.DuckDBPyConnection, path: str | os.PathLike[str], che
             "SELECT table_name FROM information_schema.tables WHERE table_catalog = ?", [alias]).fetchall()}
         tables_of.append((alias, f, names))
     if not tables_of:
-        raise StoreEmpty(f"{path}: no store file there holds drift-monitor data yet")
+        raise StoreEmpty(f"{where}: no store file there holds drift-monitor data yet")
     renamed = _colliding(con, tables_of)
     for table, cols in COLUMNS.items():
         parts = [_select(alias, table, cols, renamed.get(alias)) for alias, _, names in tables_of if table in names]
@@ -145,7 +153,9 @@ def _colliding(con: duckdb.DuckDBPyConnection, tables_of: Sequence[tuple[str, Pa
 
 
 def _select(alias: str, table: str, cols: Sequence[str], prefix: str | None) -> str:
-    """One file's rows of ``table``; ``run_id`` prefixed where the file's ids collide."""
+    """One file's rows of ``table``; ``run_id`` (and the alert ids derived from it) prefixed where
+    the file's ids collide."""
     if prefix is None or "run_id" not in cols:
         return f"SELECT * FROM {alias}.{table}"
-    return f"SELECT * REPLACE ({_quoted(prefix)} || run_id AS run_id) FROM {alias}.{table}"
+    ids = ", ".join(f"{_quoted(prefix)} || {c} AS {c}" for c in ("run_id", "alert_id") if c in cols)
+    return f"SELECT * REPLACE ({ids}) FROM {alias}.{table}"
