@@ -92,7 +92,8 @@ def attach_all(con: duckdb.DuckDBPyConnection, path: str | os.PathLike[str], che
     """
     files = store_files(path)
     if not files:
-        raise StoreNotFound(f"no drift-monitor store files at {path} (no *{SUFFIX} files)")
+        raise StoreNotFound(f"no drift-monitor store files at {path} (no *{SUFFIX} files): give a store file, a "
+                            f"store directory of <run>{SUFFIX} files, or a glob that matches them")
     attach_files(con, files, str(path), check_version)
 
 
