@@ -42,6 +42,7 @@ from .settings import (
     text,
     validate_fields,
 )
+from .textfiles import read_utf8
 
 __all__ = ["FORMATS", "PLAIN_CATEGORIES", "POSITION_SELECTORS", "PROBE_FORMATS", "CadenceSettings",
            "ConfigDeprecationWarning", "ConfigError", "MetricSettings", "MonitorConfig", "OutputSettings",
@@ -197,10 +198,7 @@ class MonitorConfig(_Fields):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            text_ = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+        text_ = read_utf8(path, ConfigError, "save the config as UTF-8")
         if path.suffix in (".yaml", ".yml"):
             import yaml
 

@@ -35,6 +35,7 @@ import yaml
 
 from drift_monitor import catalog
 from drift_monitor.errors import DriftMonitorError, first_line, invalid_yaml
+from drift_monitor.textfiles import read_utf8
 
 Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite"]
 KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite")
@@ -266,12 +267,9 @@ def load_rules(source: RulesSource = None) -> list[AlertRule]:
         path = Path(source)
         origin = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_utf8(path, AlertRuleError, "save it as UTF-8")
         except FileNotFoundError:
             raise AlertRuleError(f"alert rules file {origin} does not exist") from None
-        except UnicodeDecodeError as e:
-            raise AlertRuleError(f"alert rules file {origin} is not UTF-8 text (byte {e.start}); "
-                                 "save it as UTF-8") from None
         except OSError as e:
             raise AlertRuleError(f"alert rules file {origin} cannot be read: {first_line(e)}") from None
         try:

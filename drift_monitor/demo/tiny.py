@@ -111,3 +111,16 @@ def collect_activations(model, tokenizer, texts: list[str], hook: str) -> torch.
     with ActivationCapture({hook: module}, early_stop=True) as cap:
         acts = cap.run(lambda: model(**enc, use_cache=False))[hook]
     return acts[enc["attention_mask"].bool()]
+
+
+def build_key(settings: object, version: str, prefix: str) -> str:
+    """The cache key of a cached build (the organism, the test bed): ``prefix-<hash>`` of its
+    settings and version. Settings named ``ft_*``/``lora_*`` are left out: the fine-tunes run
+    after the build and do not change what is cached."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    build = {k: v for k, v in asdict(settings).items() if not k.startswith(("ft_", "lora_"))}  # type: ignore[call-overload]
+    s = json.dumps({"v": version, **build}, sort_keys=True)
+    return f"{prefix}-{hashlib.sha256(s.encode()).hexdigest()[:12]}"

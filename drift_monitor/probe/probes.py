@@ -24,6 +24,7 @@ import torch
 from ..config import FORMATS
 from ..errors import DriftMonitorError
 from ..records import ALL
+from ..textfiles import jsonl
 from .tokens import TokenConventions
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,10 @@ class ProbeSet:
         if not path.is_file():
             raise ProbeError(f"probe file not found: {path}")
         records = []
-        with path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ProbeError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line is "
-                                     f"0x{raw[e.start]:02x}); save the probe file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ProbeError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-                if not isinstance(obj, dict):
-                    raise ProbeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                records.append(_parse_record(obj, where))
+        for where, obj in jsonl(path, ProbeError, "save the probe file as UTF-8"):
+            if not isinstance(obj, dict):
+                raise ProbeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            records.append(_parse_record(obj, where))
         if not records:
             raise ProbeError(f"probe file {path} is empty: it needs at least one JSON record per line")
         return cls(records, name=path.stem)

@@ -9,7 +9,6 @@ JSONL (``messages`` or ``prompt``/``response``) are always formatted with the te
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DriftMonitorError
+from ..textfiles import jsonl, read_utf8
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
@@ -61,26 +61,16 @@ def load_documents(sources: Sequence[str | Path]) -> list[Document]:
 def _from_file(path: Path) -> list[Document]:
     if path.suffix == ".jsonl":
         return list(_from_jsonl(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it or leave it out") from None
+    text = read_utf8(path, DataError, "convert it or leave it out")
     # Paragraphs (blank-line separated) are documents: short enough to mix, long enough for context.
     return [Document(p.strip()) for p in text.split("\n\n") if p.strip()]
 
 
 def _from_jsonl(path: Path) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            doc = _from_record(obj, f"{path}:{lineno}")
-            if doc is not None:
-                yield doc
+    for where, obj in jsonl(path, DataError, "convert it or leave it out"):
+        doc = _from_record(obj, where)
+        if doc is not None:
+            yield doc
 
 
 def _from_record(obj: Any, where: str) -> Document | None:
