@@ -28,7 +28,6 @@ from .settings import (
     FORMATS,
     PLAIN_CATEGORIES,
     POSITION_SELECTORS,
-    PROBE_FORMATS,
     SECTIONS,
     CadenceSettings,
     MetricSettings,
@@ -44,7 +43,7 @@ from .settings import (
 )
 from .textfiles import read_utf8
 
-__all__ = ["FORMATS", "PLAIN_CATEGORIES", "POSITION_SELECTORS", "PROBE_FORMATS", "CadenceSettings",
+__all__ = ["FORMATS", "PLAIN_CATEGORIES", "POSITION_SELECTORS", "CadenceSettings",
            "ConfigDeprecationWarning", "ConfigError", "MetricSettings", "MonitorConfig", "OutputSettings",
            "ProbeSettings"]
 

@@ -26,7 +26,6 @@ POSITION_SELECTORS = ("all", "prompt_end", "response")
 #: How a probe can be formatted: the model's chat template, a ``User:``/``Assistant:`` transcript,
 #: or the bare text. Defined here (torch-free) so the CLI can offer them without importing torch.
 FORMATS = ("chat", "dialogue", "plain")
-PROBE_FORMATS = FORMATS
 #: Categories formatted as plain text unless ``formats`` says otherwise: general text is not a request.
 PLAIN_CATEGORIES = ("general",)
 
