@@ -42,7 +42,8 @@ def test_prometheus_scrapes_a_training_run(tmp_path):
         assert cb.prometheus_port == target
         stored = StoreReader(cfg.db_path).metric_series(cb.run_id, names=["explained_variance"])
         last = float(stored[stored.step == 4].value.iloc[0])
-        query = urllib.parse.urlencode({"query": f'drift_monitor_explained_variance{{run="{cb.run_id}"}}'})
+        query = urllib.parse.urlencode({"query": "drift_monitor_explained_variance * on(instance) group_left(run) "
+                                                 f'drift_monitor_run_info{{run="{cb.run_id}"}}'})
         deadline, result = time.monotonic() + 30, []
         while time.monotonic() < deadline:
             result = json.loads(http_get(f"{base_url}/api/v1/query?{query}"))["data"]["result"]

@@ -196,7 +196,7 @@ def test_every_prometheus_family_has_the_catalog_help():
         fam = fams[name]
         assert fam.type == "gauge" and fam.documentation == s.help, name
         (sample,) = fam.samples
-        assert set(sample.labels) == {"run", "hook", *s.labels} and sample.value == 0.5, name
+        assert set(sample.labels) == {"hook", *s.labels} and sample.value == 0.5, name
     # every per-hook family is a catalog metric
     per_hook = {n for n, f in fams.items() if f.samples and "hook" in f.samples[0].labels}
     assert per_hook == {PREFIX + s.exported for s in catalog.CATALOG}

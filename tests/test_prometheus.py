@@ -23,6 +23,7 @@ from drift_monitor.exporters.prometheus import (
     METRIC_HELP,
     PortInUseError,
     PrometheusExporter,
+    PrometheusExporterError,
     PushError,
     metric_name,
 )
@@ -76,31 +77,32 @@ def test_exposition_names_labels_and_values():
         name = metric_name(key)
         assert fams[name].type == "gauge", name
         for hook in (H1, H2):
-            value(text, name, run="sft-lora", hook=hook)
+            value(text, name, hook=hook)
     assert metric_name("n_emerging_refusal_features") == "drift_monitor_emerging_refusal_features"
     assert metric_name("n_tokens") == "drift_monitor_probe_tokens"
-    assert value(text, "drift_monitor_explained_variance", run="sft-lora", hook=H1) == pytest.approx(0.8)
-    assert value(text, "drift_monitor_explained_variance", run="sft-lora", hook=H2) == pytest.approx(0.7)
-    assert value(text, "drift_monitor_emerging_refusal_features", run="sft-lora", hook=H2) == 3
-    assert value(text, "drift_monitor_probe_tokens", run="sft-lora", hook=H1) == 128
-    assert value(text, "drift_monitor_brand_new_metric", run="sft-lora", hook=H2) == 1.5
+    assert value(text, "drift_monitor_explained_variance", hook=H1) == pytest.approx(0.8)
+    assert value(text, "drift_monitor_explained_variance", hook=H2) == pytest.approx(0.7)
+    assert value(text, "drift_monitor_emerging_refusal_features", hook=H2) == 3
+    assert value(text, "drift_monitor_probe_tokens", hook=H1) == 128
+    assert value(text, "drift_monitor_brand_new_metric", hook=H2) == 1.5
     # non-finite and missing values are NaN, never dropped or raised
     for name in ("drift_monitor_mse", "drift_monitor_cosine", "drift_monitor_l0"):
-        assert math.isnan(value(text, name, run="sft-lora", hook=H2)), name
-    assert value(text, "drift_monitor_mse", run="sft-lora", hook=H1) == 0.5
+        assert math.isnan(value(text, name, hook=H2)), name
+    assert value(text, "drift_monitor_mse", hook=H1) == 0.5
 
-    assert value(text, "drift_monitor_last_step", run="sft-lora") == 100
-    assert value(text, "drift_monitor_snapshots_total", run="sft-lora") == 1
-    assert value(text, "drift_monitor_errors_total", run="sft-lora") == 1
-    assert abs(value(text, "drift_monitor_last_snapshot_timestamp_seconds", run="sft-lora") - time.time()) < 60
-    assert value(text, "drift_monitor_probe_duration_seconds_count", run="sft-lora") == 2  # snapshot + explicit
-    assert value(text, "drift_monitor_probe_duration_seconds_sum", run="sft-lora") == pytest.approx(2.25)
-    assert value(text, "drift_monitor_last_probe_duration_seconds", run="sft-lora") == 2.0
-    info = [s for s in fams["drift_monitor_run_info"].samples][0]
+    assert value(text, "drift_monitor_last_step") == 100
+    assert value(text, "drift_monitor_snapshots_total") == 1
+    assert value(text, "drift_monitor_errors_total") == 1
+    assert abs(value(text, "drift_monitor_last_snapshot_timestamp_seconds") - time.time()) < 60
+    assert value(text, "drift_monitor_probe_duration_seconds_count") == 2  # snapshot + explicit
+    assert value(text, "drift_monitor_probe_duration_seconds_sum") == pytest.approx(2.25)
+    assert value(text, "drift_monitor_last_probe_duration_seconds") == 2.0
+    (info,) = fams["drift_monitor_run_info"].samples
     assert info.labels["run"] == "sft-lora" and info.labels["model"] == "tiny-llama"
     assert info.labels["probe_hash"] == "abc123" and info.labels["version"]
 
-    # bounded labels only: the five allowed (+ `le` on histogram buckets; _info carries metadata)
+    # bounded labels only: the five allowed (+ `le` on histogram buckets; _info carries metadata),
+    # so no `run` either: drift_monitor_run_info alone names the run
     for fam in fams.values():
         assert fam.name.startswith("drift_monitor_"), fam.name
         if fam.name.endswith("_info"):
@@ -119,7 +121,7 @@ def test_alert_counters_and_active_gauge_raise_then_resolve():
     exp = PrometheusExporter("r", registry=CollectorRegistry())
 
     def read(name: str, rule: str, severity: str) -> float:
-        return value(generate_latest(exp.registry).decode(), name, run="r", rule=rule, severity=severity)
+        return value(generate_latest(exp.registry).decode(), name, rule=rule, severity=severity)
 
     ev1 = Alert("ev_drop", "warning", 10, H1, "EV fell", value=-0.2, threshold=-0.1)
     ev2 = Alert("ev_drop", "warning", 10, H2, "EV fell", value=-0.3, threshold=-0.1)
@@ -160,15 +162,18 @@ def test_exporters_coexist_and_bad_input_is_named():
     a, b = PrometheusExporter("a"), PrometheusExporter("b")
     a.update(snapshot(1, {H1: {"explained_variance": 0.1}}))
     b.update(snapshot(2, {H1: {"explained_variance": 0.2}}))
-    assert 'run="b"' not in generate_latest(a.registry).decode()
-    # exporters of different runs may also share one registry (one /metrics for several runs)
+    text_a, text_b = generate_latest(a.registry).decode(), generate_latest(b.registry).decode()
+    assert value(text_a, "drift_monitor_explained_variance", hook=H1) == 0.1
+    assert value(text_b, "drift_monitor_explained_variance", hook=H1) == 0.2
+    assert value(text_a, "drift_monitor_run_info", run="a") == 1 and 'run="b"' not in text_a
+    assert value(text_b, "drift_monitor_run_info", run="b") == 1 and 'run="a"' not in text_b
+    # one run per registry: without a run label a second run's series would be indistinguishable
     shared = CollectorRegistry()
-    c, d = PrometheusExporter("c", registry=shared), PrometheusExporter("d", registry=shared)
+    c = PrometheusExporter("c", registry=shared)
+    with pytest.raises(PrometheusExporterError, match="already exports run 'c'.*its own registry"):
+        PrometheusExporter("d", registry=shared)
     c.update(snapshot(1, {H1: {"explained_variance": 0.3}}))
-    d.update(snapshot(1, {H1: {"explained_variance": 0.4}}))
-    text = generate_latest(shared).decode()
-    assert value(text, "drift_monitor_explained_variance", run="c") == 0.3
-    assert value(text, "drift_monitor_explained_variance", run="d") == 0.4
+    assert 'run="d"' not in generate_latest(shared).decode()  # the refused run left nothing behind
     with pytest.raises(ValueError, match="reserved"):
         a.set_info(run="other")
     with pytest.raises(ValueError, match="non-empty run"):
@@ -184,8 +189,8 @@ def test_serve_ephemeral_port_and_port_in_use():
         assert port > 0 and exp.port == port
         exp.update(snapshot(7, {H1: {"explained_variance": 0.625}}))
         text = http_get(f"http://127.0.0.1:{port}/metrics")
-        assert value(text, "drift_monitor_explained_variance", run="served", hook=H1) == 0.625
-        assert value(text, "drift_monitor_last_step", run="served") == 7
+        assert value(text, "drift_monitor_explained_variance", hook=H1) == 0.625
+        assert value(text, "drift_monitor_last_step") == 7
 
         with pytest.raises(PortInUseError) as info:
             other.serve(port=port)
@@ -200,6 +205,41 @@ def test_serve_ephemeral_port_and_port_in_use():
         http_get(f"http://127.0.0.1:{port}/metrics", timeout=1)
 
 
+@pytest.mark.parametrize("job_id", ["31337", None], ids=["slurm", "no-scheduler"])
+def test_a_served_run_names_itself_in_run_info_only(monkeypatch, job_id):
+    import socket
+
+    from drift_monitor.config import MonitorConfig
+    from drift_monitor.recorder import RunRecorder
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    if job_id:
+        monkeypatch.setenv("SLURM_JOB_ID", job_id)
+    else:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cfg = MonitorConfig(saes={H1: "x"}, outputs={"db_path": None, "prometheus_port": 0})
+    rec = RunRecorder.open(cfg, probe_hash="probe-7", run_id="identity-run", model_name="tiny-llama", watch=False)
+    try:
+        rec.exporter.update(snapshot(5, {H1: full_metrics(0.5)}, duration_s=0.5, probe_hash="probe-7"),
+                            alerts=[Alert("ev_drop", "warning", 5, H1, "EV fell", value=-0.4, threshold=-0.1)])
+        rec.exporter.record_error()
+        text = http_get(f"http://127.0.0.1:{rec.prometheus_port}/metrics")
+    finally:
+        rec.exporter.close()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    with_run = {s.name for s in samples if "run" in s.labels}
+    assert with_run == {"drift_monitor_run_info"}, with_run
+    # every kind of series was served: per-hook gauges, counters, the histogram, alert series
+    names = {s.name for s in samples}
+    assert {"drift_monitor_explained_variance", "drift_monitor_errors_total", "drift_monitor_alerts_active",
+            "drift_monitor_alerts_raised_total", "drift_monitor_probe_duration_seconds_bucket"} <= names
+    (info,) = [s for s in samples if s.name == "drift_monitor_run_info"]
+    assert info.value == 1
+    assert {k: info.labels.get(k) for k in ("run", "model", "probe_hash", "hostname", "job_id")} == {
+        "run": "identity-run", "model": "tiny-llama", "probe_hash": "probe-7", "hostname": socket.gethostname(),
+        "job_id": job_id}
+
+
 # ---------------------------------------------------------------------------- 3. Prometheus
 def test_real_prometheus_scrapes_the_exporter(tmp_path):
     exp = PrometheusExporter("scraped-run")
@@ -208,10 +248,13 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path):
     proc, base, log = start_prometheus(tmp_path, "  - job_name: drift_monitor_train\n    static_configs:\n"
                                                  f"      - targets: ['127.0.0.1:{target}']\n")
     try:
-        result = prom_query(base, 'drift_monitor_explained_variance{run="scraped-run"}', want=2)
+        # the run comes from drift_monitor_run_info, joined on the target's instance (README)
+        result = prom_query(base, 'drift_monitor_explained_variance * on(instance) group_left(run) '
+                                  'drift_monitor_run_info{run="scraped-run"}', want=2)
         got = {r["metric"]["hook"]: float(r["value"][1]) for r in result}
         assert got == {H1: 0.8125, H2: 0.5}, f"Prometheus returned {result}; log:\n{log.read_text()[-2000:]}"
-        assert all(r["metric"]["job"] == "drift_monitor_train" for r in result)
+        assert all(r["metric"]["job"] == "drift_monitor_train" and r["metric"]["run"] == "scraped-run"
+                   for r in result)
     finally:
         stop(proc)
         exp.close()
@@ -230,6 +273,9 @@ def test_real_pushgateway_receives_a_push(tmp_path):
         exp.update(snapshot(300, {H1: full_metrics(0.375)}))
         exp.push(f"127.0.0.1:{port}")
         text = http_get(f"http://127.0.0.1:{port}/metrics")
+        # the exporter's series have no run label: the gateway wrote the grouping key {run} onto them
+        own = text_string_to_metric_families(generate_latest(exp.registry).decode())
+        assert {s.name for f in own for s in f.samples if "run" in s.labels} == {"drift_monitor_run_info"}
         assert value(text, "drift_monitor_explained_variance", run="batch-scan", hook=H1,
                      job="drift_monitor") == 0.375
         assert value(text, "drift_monitor_last_step", run="batch-scan", job="drift_monitor") == 300
@@ -242,7 +288,7 @@ def test_real_pushgateway_receives_a_push(tmp_path):
     # the gateway is gone: a clear error, and the failure is counted
     with pytest.raises(PushError, match="Pushgateway at"):
         exp.push(f"127.0.0.1:{port}", timeout=2)
-    assert value(generate_latest(exp.registry).decode(), "drift_monitor_errors_total", run="batch-scan") == 1
+    assert value(generate_latest(exp.registry).decode(), "drift_monitor_errors_total") == 1
 
 
 # ---------------------------------------------------------------------------- 5. promtool

@@ -3,7 +3,12 @@
 Why: on a cluster, rank 0 serves ``/metrics`` on whichever node the scheduler picked, and no
 static scrape config can name it. Prometheus's ``file_sd_configs`` watches a directory of JSON
 files; a run that serves writes one file there naming its ``host:port`` and labels (the job id
-from ``SLURM_JOB_ID`` / ``TORCHELASTIC_RUN_ID``, the host, the run), and removes it when it ends.
+from ``SLURM_JOB_ID`` / ``TORCHELASTIC_RUN_ID``, the host), and removes it when it ends. The run
+is not a target label: ``drift_monitor_run_info`` carries it, and the ``instance`` label that
+Prometheus gives every series of the target (its ``host:port``) is the join key::
+
+    drift_monitor_explained_variance * on(instance) group_left(run) drift_monitor_run_info
+
 The directory is usually on a shared file system the Prometheus server also mounts::
 
     scrape_configs:
@@ -33,23 +38,25 @@ def advertised_host(bound: str) -> str:
     return socket.getfqdn() if bound in ("0.0.0.0", "::", "") else bound
 
 
-def target_labels(run: str) -> dict[str, str]:
-    """The labels of this process's target: the run, the host and the cluster job id when set."""
-    labels = {"run": run, "hostname": socket.gethostname()}
+def target_labels() -> dict[str, str]:
+    """Where this process runs: the host and the cluster job id when set. The labels of the
+    file_sd target, and part of ``drift_monitor_run_info`` (the exporter sets them there too, so a
+    static scrape or a push has them as well)."""
+    labels = {"hostname": socket.gethostname()}
     job = next((os.environ[v] for v in JOB_ID_VARIABLES if os.environ.get(v)), None)
     if job:
         labels["job_id"] = job
     return labels
 
 
-def write_target(sd_dir: str | os.PathLike[str], host: str, port: int, run: str) -> Path:
+def write_target(sd_dir: str | os.PathLike[str], host: str, port: int) -> Path:
     """Write ``<sd_dir>/drift_monitor-<host>-<port>.json`` for ``file_sd_configs`` and return its path."""
     directory = Path(sd_dir)
     directory.mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"drift_monitor-{socket.gethostname()}-{port}")
     path = directory / f"{name}.json"
     tmp = directory / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps([{"targets": [f"{advertised_host(host)}:{port}"], "labels": target_labels(run)}]))
+    tmp.write_text(json.dumps([{"targets": [f"{advertised_host(host)}:{port}"], "labels": target_labels()}]))
     os.replace(tmp, path)
     return path
 

@@ -14,18 +14,29 @@ text come from the metric catalog (:mod:`drift_monitor.catalog`), the one list o
 engine emits.
 
 Conventions: prefix ``drift_monitor_``, base units (seconds), ``_total`` on counters, ``_info``
-for run metadata. The only labels are ``run``, ``hook``, ``category``, ``severity``, ``rule`` and
+for run metadata. The only labels are ``hook``, ``category``, ``severity``, ``rule`` and
 ``direction`` (``category`` and ``direction`` label the direction monitors'
 ``drift_monitor_direction_projection{,_delta}``: user-supplied directions x probe categories). No
-per-feature label, ever: per-feature data lives in the DuckDB store. The one exception to the
-label rule is ``drift_monitor_run_info``, whose metadata values are labels by the ``_info``
-convention (one series per run, so still bounded).
+per-feature label, ever: per-feature data lives in the DuckDB store.
 
-Each scalar in ``HookResult.metrics`` becomes a gauge ``drift_monitor_<name>{run, hook}``
+Run identity is one series, ``drift_monitor_run_info{run, model, probe_hash, version, hostname,
+job_id} 1``, whose metadata values are labels by the ``_info`` convention; no other series
+carries the run. Why: identity is stated once, next to its metadata (model, probe hash, host,
+cluster job), instead of as one more label on every series; and the scrape target already tells
+exporters apart: Prometheus puts ``instance`` (and ``job``) on every series it scrapes, so a query
+that wants the run joins::
+
+    drift_monitor_explained_variance * on(instance) group_left(run) drift_monitor_run_info
+
+Hence one run per registry (a second run in the same registry is refused). A push is the one
+place the run lands on every series: the Pushgateway keeps groups apart by their grouping key
+(``{"run": run}`` by default), and it writes the key's labels onto every series of the group.
+
+Each scalar in ``HookResult.metrics`` becomes a gauge ``drift_monitor_<name>{hook}``
 (:data:`METRIC_NAMES` holds the renamed ones, e.g. ``n_emerging_refusal_features`` ->
 ``drift_monitor_emerging_refusal_features``), except the catalog's patterns: every
 ``direction_projection[_delta]:<direction>:<category>`` key goes to the one labelled family
-``drift_monitor_direction_projection[_delta]{run, hook, direction, category}``. A metric unknown
+``drift_monitor_direction_projection[_delta]{hook, direction, category}``. A metric unknown
 to the catalog is exported under its sanitised name. Non-finite values (NaN, ±inf, None) are exported as NaN: Prometheus
 stores NaN, and a comparison with NaN is false, so no alert rule fires on it by accident.
 
@@ -64,6 +75,7 @@ from drift_monitor.errors import DriftMonitorError
 
 from .. import catalog
 from ..records import ADAPTER_HOOK_PREFIX, Alert, Snapshot
+from .discovery import target_labels
 
 if TYPE_CHECKING:
     from typing import Self
@@ -79,7 +91,7 @@ log = logging.getLogger(__name__)
 PREFIX = "drift_monitor_"
 
 #: The only label names any drift-monitor series carries (``drift_monitor_run_info`` aside).
-ALLOWED_LABELS = ("run", "hook", "category", "severity", "rule", "direction")
+ALLOWED_LABELS = ("hook", "category", "severity", "rule", "direction")
 
 #: Suggested ``prometheus_port`` (examples/prometheus/prometheus.yml scrapes it).
 DEFAULT_PORT = 9464
@@ -131,16 +143,18 @@ def _as_float(value: Any) -> float:
 class PrometheusExporter:
     """Turns Snapshot/Alert records of one run into Prometheus metrics.
 
-    ``run`` is the value of the ``run`` label on every series. ``registry`` defaults to a new,
-    private :class:`CollectorRegistry` (not the process-global one), so many exporters coexist.
-    Exporters of different runs may also share one registry (one ``/metrics`` for all runs);
-    use one exporter per run and registry.
+    ``run`` is the ``run`` label of ``drift_monitor_run_info``, the one series that names the run
+    (the module docstring says why). ``registry`` defaults to a new, private
+    :class:`CollectorRegistry` (not the process-global one), so many exporters coexist in one
+    process, each serving or pushing its own. A registry holds one run: the series of two runs
+    would be indistinguishable without a run label, so a second run's exporter in the same
+    registry raises :class:`PrometheusExporterError`.
     Thread-safe: ``update`` may run in the training thread while the HTTP server scrapes.
     """
 
     def __init__(self, run: str, registry: CollectorRegistry | None = None, *, adapter_modules: bool = False) -> None:
         if not isinstance(run, str) or not run:
-            raise ValueError(f"PrometheusExporter needs a non-empty run name (the `run` label), got {run!r}")
+            raise ValueError(f"PrometheusExporter needs a non-empty run name (run_info's `run` label), got {run!r}")
         self.run = run
         #: export the per-LoRA-module hooks (``adapter:<module>``) too: ~900 series per run on a 7B
         #: model, so opt-in; the aggregate hook ``adapter`` is always exported
@@ -156,14 +170,16 @@ class PrometheusExporter:
         self.collector = _collector(self.registry)
         # The run's own series exist from the start (0), so rate()/increase() see the first event.
         self._state = self.collector.run_state(run)
-        self.set_info()
+        self.set_info(**target_labels())  # hostname, and job_id under a cluster scheduler
 
     # ------------------------------------------------------------------ recording
     def set_info(self, **metadata: Any) -> None:
         """Set (merge) run metadata: ``drift_monitor_run_info{run, model=..., probe_hash=..., version=...}``.
 
-        ``version`` defaults to drift-monitor's version. Keys are sanitised to label names;
-        values are turned into strings (None drops the key).
+        ``version`` defaults to drift-monitor's version; ``hostname`` and (when ``SLURM_JOB_ID`` /
+        ``TORCHELASTIC_RUN_ID`` is set) ``job_id`` are set from the start
+        (:func:`~drift_monitor.exporters.discovery.target_labels`). Keys are sanitised to label
+        names; values are turned into strings (None drops the key).
         """
         from .. import __version__
 
@@ -184,10 +200,10 @@ class PrometheusExporter:
     def update(self, snapshot: Snapshot, alerts: Iterable[Alert] = (), active: Iterable[Alert] | None = None) -> None:
         """Export one snapshot and the alerts raised/resolved with it.
 
-        Sets ``drift_monitor_<metric>{run, hook}`` for every scalar of every hook, the last
+        Sets ``drift_monitor_<metric>{hook}`` for every scalar of every hook, the last
         step and snapshot time, counts the snapshot, and observes ``snapshot.duration_s`` (when
         > 0) as a probe duration. Each ``alerts`` record with status ``active`` increments
-        ``drift_monitor_alerts_raised_total{run, rule, severity}``. ``drift_monitor_alerts_active``
+        ``drift_monitor_alerts_raised_total{rule, severity}``. ``drift_monitor_alerts_active``
         counts the active alerts per (rule, severity): taken from ``active`` when given (the
         complete list of alerts active now), else maintained from the records received, an
         active record of (rule, hook) replacing the previous one and a resolved record removing it.
@@ -284,6 +300,9 @@ class PrometheusExporter:
              timeout: float | None = 30) -> None:
         """Push this registry to a Pushgateway (PUT: replaces the group), grouping key ``{"run": run}`` by default.
 
+        The grouping key is how the gateway keeps the groups of different runs apart, and the
+        gateway writes its labels onto every series of the group: pushed series do carry ``run``.
+
         ``gateway`` is ``host:port`` or a URL (``pushgateway_url``). A failure is counted in
         ``drift_monitor_errors_total`` (visible at the next successful push) and raised as
         :class:`PushError`.
@@ -343,7 +362,7 @@ class _RunState:
     store_pending: float = 0.0
     raised: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (rule, severity) -> [n, created]
     active: dict[tuple[str, str], float] = field(default_factory=dict)  # (rule, severity) -> alerts active now
-    #: family (without the prefix) -> label values after ``run`` (hook, then a pattern's fields) -> value
+    #: family (without the prefix) -> label values (hook, then a pattern's fields) -> value
     values: dict[str, dict[tuple[str, ...], float]] = field(default_factory=dict)
     buckets: list[float] | None = None  # probe-duration observations per bucket (None: none yet)
     duration_sum: float = 0.0
@@ -358,9 +377,10 @@ class _RunState:
         self.last_duration = seconds
 
 
-# The families the collector always describes: name -> (type, help, labels after `run`).
+# The families the collector always describes: name -> (type, help, labels).
 _FIXED: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "run": ("info", "Run metadata (model, probe_hash, version, ...) as labels.", ()),
+    "run": ("info", "The run's identity and metadata (run, model, probe_hash, version, hostname, job_id, ...) as "
+            "labels; the one series that carries the run.", ("run",)),
     "last_step": ("gauge", "Training step of the last snapshot.", ()),
     "last_snapshot_timestamp_seconds": ("gauge", "Unix time at which the last snapshot was computed.", ()),
     "snapshots": ("counter", "Snapshots exported.", ()),
@@ -383,21 +403,31 @@ _RESERVED = frozenset(PREFIX + n + sfx for n, (kind, _, _) in _FIXED.items() for
 class DriftMonitorCollector(Collector):
     """The drift-monitor series of one registry, built at each scrape from the recorded values.
 
-    A custom collector (prometheus_client's pattern for state kept elsewhere): the exporters of
-    the registry's runs record plain values in a :class:`_RunState` each, under :attr:`lock`,
-    and :meth:`collect` yields the families from them. One per registry (:func:`_collector`),
-    so exporters of several runs share one ``/metrics``.
+    A custom collector (prometheus_client's pattern for state kept elsewhere): the exporter of
+    the registry's run records plain values in a :class:`_RunState`, under :attr:`lock`, and
+    :meth:`collect` yields the families from them. One per registry (:func:`_collector`), and one
+    run per registry: no series but ``drift_monitor_run_info`` says which run it belongs to.
     """
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self._runs: dict[str, _RunState] = {}
+        self.run: str | None = None
+        self._state: _RunState | None = None
         self._extra: dict[str, str] = {}  # family of a metric unknown to the catalog -> its key
         self._skipped: set[str] = set()  # keys not exported (a name clash), warned about once
 
     def run_state(self, run: str) -> _RunState:
+        """The recorded values of ``run`` (exporters of the same run share them); another run raises."""
         with self.lock:
-            return self._runs.setdefault(run, _RunState())
+            if self._state is None:
+                self.run, self._state = run, _RunState()
+            elif run != self.run:
+                raise PrometheusExporterError(
+                    f"this registry already exports run {self.run!r}, and its series carry no run label "
+                    f"(drift_monitor_run_info names the run), so it cannot hold run {run!r} too. "
+                    f"Give each run's PrometheusExporter its own registry (the default)."
+                )
+            return self._state
 
     def family_of(self, key: str) -> tuple[str, tuple[str, ...]] | None:
         """(family without the prefix, label values a pattern adds) of a metrics key; None when
@@ -424,45 +454,44 @@ class DriftMonitorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:
-            runs = list(self._runs.items())
             fams = {name: _family(kind, name, doc, labels) for name, (kind, doc, labels) in _FIXED.items()}
-            created = getattr(_pm, "_use_created", True)
-            for run, st in runs:
-                fams["run"].add_metric([run], st.info)
+            st, created = self._state, getattr(_pm, "_use_created", True)
+            if st is not None:
+                fams["run"].add_metric([self.run], st.info)
                 if st.last_step is not None:
-                    fams["last_step"].add_metric([run], st.last_step)
+                    fams["last_step"].add_metric([], st.last_step)
                 if st.last_ts is not None:
-                    fams["last_snapshot_timestamp_seconds"].add_metric([run], st.last_ts)
-                fams["snapshots"].add_metric([run], st.snapshots, created=st.created if created else None)
-                fams["errors"].add_metric([run], st.errors, created=st.created if created else None)
-                fams["store_pending"].add_metric([run], st.store_pending)
+                    fams["last_snapshot_timestamp_seconds"].add_metric([], st.last_ts)
+                fams["snapshots"].add_metric([], st.snapshots, created=st.created if created else None)
+                fams["errors"].add_metric([], st.errors, created=st.created if created else None)
+                fams["store_pending"].add_metric([], st.store_pending)
                 if st.buckets is not None:
                     h, acc, cum = fams["probe_duration_seconds"], 0.0, []
                     for b, n in zip(DURATION_BUCKETS, st.buckets):
                         acc += n
                         cum.append((floatToGoString(b), acc))
-                    h.add_metric([run], cum, st.duration_sum)
+                    h.add_metric([], cum, st.duration_sum)
                     if created:
-                        h.samples.append(Sample(h.name + "_created", {"run": run}, st.duration_created))
+                        h.samples.append(Sample(h.name + "_created", {}, st.duration_created))
                 if st.last_duration is not None:
-                    fams["last_probe_duration_seconds"].add_metric([run], st.last_duration)
+                    fams["last_probe_duration_seconds"].add_metric([], st.last_duration)
                 for (rule, severity), (n, t0) in st.raised.items():
-                    fams["alerts_raised"].add_metric([run, rule, severity], n, created=t0 if created else None)
+                    fams["alerts_raised"].add_metric([rule, severity], n, created=t0 if created else None)
                 for (rule, severity), n in st.active.items():
-                    fams["alerts_active"].add_metric([run, rule, severity], n)
+                    fams["alerts_active"].add_metric([rule, severity], n)
                 for name, series in st.values.items():
                     if name not in fams:  # a metric unknown to the catalog
                         fams[name] = _family("gauge", name, f"drift-monitor metric {self._extra[name]!r} per hook.",
                                              ("hook",))
                     for labels, v in series.items():
-                        fams[name].add_metric([run, *labels], v)
+                        fams[name].add_metric(list(labels), v)
         yield from fams.values()
 
 
 def _family(kind: str, name: str, doc: str, labels: tuple[str, ...]) -> Metric:
     cls = {"info": InfoMetricFamily, "gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
            "histogram": HistogramMetricFamily}[kind]
-    return cls(PREFIX + name, doc, labels=["run", *labels])
+    return cls(PREFIX + name, doc, labels=list(labels))
 
 
 _COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, DriftMonitorCollector] = weakref.WeakKeyDictionary()
