@@ -48,7 +48,7 @@ def body(ctx: PageContext) -> None:
         aid = st.selectbox("Alert", list(labels), format_func=labels.get, key="al_ack_id")
         if st.button("Acknowledge", key="al_ack"):
             rid = str(open_.loc[open_["alert_id"] == aid, "run_id"].iloc[0])
-            outcome = acknowledge(ctx.write_path(rid), aid)
+            outcome = acknowledge(*r.alert_file(aid, rid))  # over many files: the file holding the alert
             if outcome == "committed":
                 st.success(f"Acknowledged {labels[aid]}.")
             else:

@@ -3,6 +3,8 @@
 Why every call opens and closes the file: DuckDB admits one read-write process *or* many
 read-only ones, so a reader that kept the file open would lock the training run's writer out.
 Each query opens read-only (retrying briefly while a write is in progress), runs, and closes.
+Over many files (a store directory or glob) a query about some runs opens only their files, and
+what each file holds is kept between calls by its stat, not by an open file (:mod:`.routing`).
 
 Why readers accept older schema versions: opened read-only they cannot migrate a file, so they
 read every version from :data:`~.schema.OLDEST_VERSION` on and treat a table added by a later
@@ -26,9 +28,10 @@ import pandas as pd
 
 from drift_monitor.records import ALL, FEATURE_COLUMNS, PROJECTION, PROJECTION_DELTA
 
-from .connection import _connect, retry_locked
+from . import dataset, routing
+from .connection import _connect
 from .errors import StoreEmpty, StoreError, StoreNotFound
-from .many import attach_all, is_many, store_files
+from .many import is_many
 from .schema import (
     RESIDUAL_COLUMNS,
     VERIFICATION_COLUMNS,
@@ -66,14 +69,18 @@ class StoreReader:
         self.retry_timeout_s = float(retry_timeout_s)
 
     @contextlib.contextmanager
-    def _connection(self, check_version: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
-        if is_many(self.path):  # a directory or a glob: every store file in it, as one (store.many)
-            con = retry_locked(lambda: _attached(self.path, check_version), f"a store file of {self.path}",
-                               self.retry_timeout_s, self.retries)
-            try:
+    def _connection(self, check_version: bool = True,
+                    run_ids: Sequence[str] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection for one call. ``run_ids``: the query reads only these runs (and
+        labels), so over many files only their files are attached (store.routing); None: all."""
+        if dataset.is_dataset(self.path):  # an exported Parquet dataset, local or remote (store.dataset)
+            with contextlib.closing(dataset.connect(self.path, check_version)) as con:
                 yield con
-            finally:
-                con.close()
+            return
+        if is_many(self.path):  # a directory or a glob: its store files as one (store.many, store.routing)
+            with contextlib.closing(routing.connect(self.path, check_version, run_ids, self.retry_timeout_s,
+                                                    self.retries)) as con:
+                yield con
             return
         if not self.path.exists():
             raise StoreNotFound(f"no drift-monitor store at {self.path} (the file does not exist)")
@@ -88,28 +95,34 @@ class StoreReader:
         finally:
             con.close()
 
-    def _df(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
-        with self._connection() as con:
+    def _df(self, sql: str, params: Sequence[Any] = (), run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+        with self._connection(run_ids=run_ids) as con:
             return con.execute(sql, list(params)).df()
+
+    def _every_run(self, sql: str, params: Sequence[Any], combine: str) -> pd.DataFrame:
+        """A query about every run whose answer over many files is ``combine`` (SQL over ``u``,
+        the union of its answers per file): over many files the settled files' answers are kept
+        between calls (store.routing.union_query)."""
+        if self._many():
+            return routing.union_query(self.path, sql, params, combine, self.retry_timeout_s, self.retries)
+        return self._df(sql, params)
 
     def schema_version(self) -> int:
         """The schema version recorded in the file (not checked against this code's)."""
-        with self._connection(check_version=False) as con:
+        with self._connection(check_version=False, run_ids=()) as con:  # many files: meta is every file's
             return _as_int(_stored_schema_version(con), -1)
 
     def spool_state(self) -> SpoolState:
         """Writes that wait outside the database (spool, dump files beside it) and quarantined
         spool files: read from the folder, not the database (they are not in it). For many
         files, theirs together."""
-        if not is_many(self.path):
-            return spool_state(self.path)
-        states = [spool_state(f) for f in store_files(self.path)]
-        total = SpoolState(self.path, quarantined=[q for s in states for q in s.quarantined],
-                           dumps=[d for s in states for d in s.dumps])
-        for s in states:
-            for run, n in s.pending.items():
-                total.pending[run] = total.pending.get(run, 0) + n
-        return total
+        if self._many():
+            return routing.spool_state_of(self.path)
+        return spool_state(self.path)
+
+    def _many(self) -> bool:
+        """Whether the store is many DuckDB files (a directory or glob; not a Parquet dataset)."""
+        return is_many(self.path) and not dataset.is_dataset(self.path)
 
     def runs(self) -> pd.DataFrame:
         """Every run with its last step, number of snapshots (steps) and open alert counts, newest first.
@@ -127,6 +140,8 @@ class StoreReader:
         return df
 
     def _runs_rows(self) -> pd.DataFrame:
+        if self._many():  # from what each file holds, kept between calls: unchanged files stay shut
+            return routing.runs_rows(self.path, self.retry_timeout_s, self.retries)
         return self._df(
             f"""SELECT r.run_id, r.name, r.status, r.model, r.probe_hash, r.created_at, r.updated_at,
                       coalesce(s.last_step, r.last_step) AS last_step,
@@ -145,18 +160,18 @@ class StoreReader:
         )
 
     def hooks(self, run_id: str) -> list[str]:
-        df = self._df("SELECT DISTINCT hook FROM snapshots WHERE run_id = ? ORDER BY hook", [run_id])
+        df = self._df("SELECT DISTINCT hook FROM snapshots WHERE run_id = ? ORDER BY hook", [run_id], [run_id])
         return df["hook"].tolist()
 
     def steps(self, run_id: str, hook: str | None = None) -> list[int]:
         sql, params = "SELECT DISTINCT step FROM snapshots WHERE run_id = ?", [run_id]
         if hook is not None:
             sql, params = sql + " AND hook = ?", params + [hook]
-        return [int(s) for s in self._df(sql + " ORDER BY step", params)["step"]]
+        return [int(s) for s in self._df(sql + " ORDER BY step", params, [run_id])["step"]]
 
     def snapshots(self, run_id: str) -> pd.DataFrame:
         """The ``snapshots`` rows of a run (one per step and hook)."""
-        return self._df("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, hook", [run_id])
+        return self._df("SELECT * FROM snapshots WHERE run_id = ? ORDER BY step, hook", [run_id], [run_id])
 
     def metric_series(
         self, run_id: str, hook: str | None = None, names: Sequence[str] | None = None,
@@ -173,7 +188,7 @@ class StoreReader:
             sql, params = sql + " AND starts_with(hook, ?)", params + [hook_prefix]
         if names is not None:
             sql, params = sql + " AND list_contains(?, name)", params + [list(names)]
-        return self._df(sql + " ORDER BY hook, name, step", params)
+        return self._df(sql + " ORDER BY hook, name, step", params, [run_id])
 
     def feature_table(self, run_id: str, step: int, hook: str, category: str | None = ALL) -> pd.DataFrame:
         """Per-feature statistics at one step (``category=None``: every category), with labels.
@@ -188,7 +203,7 @@ class StoreReader:
         params: list[Any] = [run_id, int(step), hook]
         if category is not None:
             sql, params = sql + " AND f.category = ?", params + [category]
-        return self._df(sql + " ORDER BY f.category, f.feature", params)
+        return self._df(sql + " ORDER BY f.category, f.feature", params, [run_id])
 
     def top_features(
         self, run_id: str, step: int, hook: str, by: str = "abs_drift", k: int = 20, category: str = ALL
@@ -209,7 +224,7 @@ class StoreReader:
                    LEFT JOIN feature_labels l ON l.hook = r.hook AND l.feature = r.feature
                    WHERE r.run_id = ? AND r.step = ? AND r.hook = ? AND NOT isnan(r.refusal_score)
                    ORDER BY score DESC, r.feature LIMIT ?""",
-                [run_id, int(step), hook, k],
+                [run_id, int(step), hook, k], [run_id],
             )
         if by not in TOP_BY_SQL:
             raise ValueError(f"unknown ranking {by!r}; use one of {sorted([*TOP_BY_SQL, 'refusal_score'])}")
@@ -220,7 +235,7 @@ class StoreReader:
                 LEFT JOIN feature_labels l ON l.hook = f.hook AND l.feature = f.feature
                 WHERE f.run_id = ? AND f.step = ? AND f.hook = ? AND f.category = ? AND NOT isnan({score})
                 ORDER BY score DESC, f.feature LIMIT ?""",
-            [run_id, int(step), hook, category, k],
+            [run_id, int(step), hook, category, k], [run_id],
         )
 
     def feature_trajectory(self, run_id: str, hook: str, feature: int, category: str = ALL) -> pd.DataFrame:
@@ -228,7 +243,7 @@ class StoreReader:
         return self._df(
             f"""SELECT f.step, {_FEATURE_SELECT} FROM feature_stats f
                 WHERE f.run_id = ? AND f.hook = ? AND f.feature = ? AND f.category = ? ORDER BY f.step""",
-            [run_id, hook, int(feature), category],
+            [run_id, hook, int(feature), category], [run_id],
         )
 
     def refusal_features(
@@ -246,7 +261,7 @@ class StoreReader:
             sql, params = sql + " AND list_contains(?, r.step)", params + [[int(s) for s in steps]]
         if k is not None:
             sql, params = sql + ' AND (r."rank" <= ? OR r.emerging)', params + [int(k)]
-        return self._df(sql + ' ORDER BY r.step, r."rank" NULLS LAST, r.feature', params)
+        return self._df(sql + ' ORDER BY r.step, r."rank" NULLS LAST, r.feature', params, [run_id])
 
     def alerts(
         self,
@@ -262,11 +277,22 @@ class StoreReader:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        return self._df(f"SELECT * FROM alerts {where} ORDER BY step DESC, created_at DESC, alert_id", params)
+        sql = f"SELECT * FROM alerts {where} ORDER BY step DESC, created_at DESC, alert_id"
+        if run_id is None:
+            return self._every_run(sql, params, "SELECT * FROM u ORDER BY step DESC, created_at DESC, alert_id")
+        return self._df(sql, params, [run_id])
+
+    def alert_file(self, alert_id: str, run_id: str) -> tuple[str, str]:
+        """(store file, alert id inside it): where acknowledging alert ``alert_id`` of run ``run_id``
+        (both as listed here) writes. Over many files the file that holds the alert (a sharded
+        run's alerts may be in any shard), under the id that file knows."""
+        if self._many():
+            return routing.alert_file(self.path, run_id, alert_id, self.retry_timeout_s, self.retries)
+        return str(self.path), alert_id
 
     def resolve_run(self, run: str) -> str:
         """The id of the run whose id or name is ``run``; a clear error if none or several match."""
-        runs = self._df("SELECT run_id, name FROM runs ORDER BY created_at DESC")
+        runs = self._runs_rows()  # newest first
         match = runs[(runs.run_id == run) | (runs.name == run)]
         if match.empty:
             known = ", ".join(f"{r.run_id} ({r.name})" for r in runs.head(10).itertuples()) or "none"
@@ -278,7 +304,7 @@ class StoreReader:
     def verifications(self, run_id: str | None = None, hook: str | None = None) -> pd.DataFrame:
         """``drift-monitor verify`` results, newest first (empty when there are none, also in a
         version-1 file no writer has migrated yet: the table comes with migration 2)."""
-        with self._connection() as con:
+        with self._connection(run_ids=None if run_id is None else [run_id]) as con:
             have = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'verifications'"
                                ).fetchall()[0][0]
             if not have:
@@ -300,7 +326,7 @@ class StoreReader:
         ``bottom_tokens``). Empty in a file written before migration 3."""
         cols = [c for c in RESIDUAL_COLUMNS if not c.endswith("_json")] + ["projections", "top_tokens",
                                                                            "bottom_tokens"]
-        with self._connection() as con:
+        with self._connection(run_ids=[run_id]) as con:
             have = con.execute("SELECT count(*) FROM information_schema.tables "
                                "WHERE table_name = 'residual_directions'").fetchall()[0][0]
             if not have:
@@ -319,31 +345,34 @@ class StoreReader:
         return df[cols]
 
     def labels(self, hook: str) -> pd.DataFrame:
-        return self._df("SELECT feature, label, source FROM feature_labels WHERE hook = ? ORDER BY feature", [hook])
+        return self._df("SELECT feature, label, source FROM feature_labels WHERE hook = ? ORDER BY feature", [hook],
+                        run_ids=[])
 
     # -- dashboard helpers: small, parameterised, aggregated in SQL ------------------------------
 
     def metric_sparklines(self, names: Sequence[str], last_n: int = 50) -> pd.DataFrame:
         """Per run and metric, the last ``last_n`` values over steps (mean over hooks, NaN skipped),
         as lists: ``run_id, name, steps, values`` (for a runs table with sparklines)."""
-        return self._df(
+        return self._every_run(
             """WITH m AS (SELECT run_id, name, step, avg(value) AS value FROM metrics
                           WHERE list_contains(?, name) AND NOT isnan(value) GROUP BY run_id, name, step),
                     r AS (SELECT *, row_number() OVER (PARTITION BY run_id, name ORDER BY step DESC) AS rn FROM m)
                SELECT run_id, name, list(step ORDER BY step) AS steps, list(value ORDER BY step) AS "values"
                FROM r WHERE rn <= ? GROUP BY run_id, name ORDER BY run_id, name""",
-            [list(names), int(last_n)],
+            [list(names), int(last_n)], "SELECT * FROM u ORDER BY run_id, name",
         )
 
     def metric_names(self, run_id: str | None = None) -> list[str]:
         """Distinct metric names (of one run, or of every run)."""
-        sql, params = "SELECT DISTINCT name FROM metrics", []
-        if run_id is not None:
-            sql, params = sql + " WHERE run_id = ?", [run_id]
-        return self._df(sql + " ORDER BY name", params)["name"].tolist()
+        if run_id is None:
+            return self._every_run("SELECT DISTINCT name FROM metrics ORDER BY name", [],
+                                   "SELECT DISTINCT name FROM u ORDER BY name")["name"].tolist()
+        return self._df("SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", [run_id],
+                        [run_id])["name"].tolist()
 
     def all_hooks(self) -> list[str]:
-        return self._df("SELECT DISTINCT hook FROM snapshots ORDER BY hook")["hook"].tolist()
+        return self._every_run("SELECT DISTINCT hook FROM snapshots ORDER BY hook", [],
+                               "SELECT DISTINCT hook FROM u ORDER BY hook")["hook"].tolist()
 
     def metric_compare(self, run_ids: Sequence[str], name: str, hook: str | None = None) -> pd.DataFrame:
         """One metric over steps for several runs: ``run_id, run_name, step, hook, value``."""
@@ -352,7 +381,7 @@ class StoreReader:
         params: list[Any] = [list(run_ids), name]
         if hook is not None:
             sql, params = sql + " AND m.hook = ?", params + [hook]
-        return self._df(sql + " ORDER BY m.run_id, m.hook, m.step", params)
+        return self._df(sql + " ORDER BY m.run_id, m.hook, m.step", params, list(run_ids))
 
     def direction_projections(self, run_id: str, hook: str) -> pd.DataFrame:
         """The direction monitors of one run and hook over steps: ``step, direction, category,
@@ -369,7 +398,7 @@ class StoreReader:
                       first(value) FILTER (WHERE kind = ?) AS delta
                FROM p WHERE direction <> '' AND category <> ''
                GROUP BY step, direction, category ORDER BY direction, category, step""",
-            [run_id, hook, PROJECTION + ":", PROJECTION_DELTA + ":", PROJECTION, PROJECTION_DELTA],
+            [run_id, hook, PROJECTION + ":", PROJECTION_DELTA + ":", PROJECTION, PROJECTION_DELTA], [run_id],
         )
 
     def density_scatter(
@@ -391,22 +420,12 @@ class StoreReader:
                ORDER BY CASE WHEN isnan(f.log_density_ratio) THEN -1 ELSE abs(f.log_density_ratio) END DESC,
                         f.feature
                LIMIT ?""",
-            [run_id, int(step), hook, category, int(limit)],
+            [run_id, int(step), hook, category, int(limit)], [run_id],
         )
 
     def categories(self, run_id: str, step: int, hook: str) -> list[str]:
         return self._df(
             "SELECT DISTINCT category FROM feature_stats WHERE run_id = ? AND step = ? AND hook = ? ORDER BY category",
-            [run_id, int(step), hook],
+            [run_id, int(step), hook], [run_id],
         )["category"].tolist()
 
-
-def _attached(path: Path, check_version: bool) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with every store file of ``path`` attached read-only (store.many)."""
-    con = duckdb.connect(":memory:")
-    try:
-        attach_all(con, path, check_version)
-    except BaseException:
-        con.close()
-        raise
-    return con

@@ -1,11 +1,12 @@
 """Dashboard queries on a large store: every page's reader calls, timed, against a 1 s budget.
 
     python tests/bench/bench_dashboard.py [--runs 20] [--snapshots 100] [--d-sae 16384]
-                                          [--categories 4] [--db PATH] [--repeats 3]
+                                          [--categories 4] [--files N] [--db PATH] [--repeats 3]
 
 Builds (once; reused if ``--db`` exists) a store of ``runs`` × ``snapshots`` × ``d_sae`` features
 (× ``categories``: all, harmful, harmless, general, as a monitor with the default probe set
-writes) with metrics, the top-200 refusal features per step, alerts and a label per feature.
+writes) with metrics, the top-200 refusal features per step, alerts and a label per feature;
+``--files N``: a store directory of N files holding the runs between them.
 The rows are generated in SQL straight into the store's schema (``create_schema``): writing
 them through :class:`Store` is benchmarked by ``bench_store.py``; here only the reads matter.
 
@@ -32,39 +33,61 @@ CATS = ("all", "harmful", "harmless", "general")
 BUDGET_S = 1.0
 
 
-def build(db: Path, runs: int, snaps: int, d_sae: int, n_cats: int) -> float:
+def build(db: Path, runs: int, snaps: int, d_sae: int, n_cats: int, first: int = 0, labels: bool = True) -> float:
+    """Runs ``first`` .. ``first + runs - 1`` into the new file ``db`` (``labels``: a label per feature)."""
     t0 = time.perf_counter()
     con = duckdb.connect(str(db))
+    con.execute("SET enable_progress_bar = false")
     create_schema(con)
     cats = ", ".join(f"('{c}')" for c in CATS[:n_cats])
-    con.execute("""INSERT INTO runs SELECT 'run-' || lpad(r::VARCHAR, 2, '0'), 'run ' || r,
-                   now()::TIMESTAMP - to_minutes(r), now()::TIMESTAMP, 'tiny', '{}', 'probe', 'running', ?
-                   FROM range(?) t(r)""", [(snaps - 1) * 10, runs])
-    con.execute("""INSERT INTO snapshots SELECT 'run-' || lpad(r::VARCHAR, 2, '0'), s * 10, ?, now(), 4000, 1.5,
-                   'probe', s = 0, ?, ?, 24, 200 FROM range(?) a(r), range(?) b(s)""",
-                [HOOK, d_sae, d_sae * n_cats, runs, snaps])
-    con.execute("""INSERT INTO metrics SELECT 'run-' || lpad(r::VARCHAR, 2, '0'), s * 10, ?, m.name, random()
-                   FROM range(?) a(r), range(?) b(s), (SELECT unnest(?) AS name) m""",
-                [HOOK, runs, snaps, list(KNOWN_METRICS)])
-    for r in range(runs):  # one run per statement: bounded memory
+    rid = "'run-' || lpad(r::VARCHAR, 3, '0')"
+    con.execute(f"""INSERT INTO runs SELECT {rid}, 'run ' || r,
+                   now()::TIMESTAMP - to_minutes(r), now()::TIMESTAMP, 'tiny', '{{}}', 'probe', 'running', ?
+                   FROM range(?, ?) t(r)""", [(snaps - 1) * 10, first, first + runs])
+    con.execute(f"""INSERT INTO snapshots SELECT {rid}, s * 10, ?, now(), 4000, 1.5,
+                   'probe', s = 0, ?, ?, 24, 200 FROM range(?, ?) a(r), range(?) b(s)""",
+                [HOOK, d_sae, d_sae * n_cats, first, first + runs, snaps])
+    con.execute(f"""INSERT INTO metrics SELECT {rid}, s * 10, ?, m.name, random()
+                   FROM range(?, ?) a(r), range(?) b(s), (SELECT unnest(?) AS name) m""",
+                [HOOK, first, first + runs, snaps, list(KNOWN_METRICS)])
+    for r in range(first, first + runs):  # one run per statement: bounded memory
         con.execute(f"""INSERT INTO feature_stats
-            SELECT 'run-' || lpad(?::VARCHAR, 2, '0'), s * 10, ?, c.cat, f,
+            SELECT 'run-' || lpad(?::VARCHAR, 3, '0'), s * 10, ?, c.cat, f,
                    cnt / 1000.0, random(), random() * 5, CASE WHEN random() < 0.02 THEN 'nan'::DOUBLE
                    ELSE (random() - 0.5) * 4 END, (random() - 0.5) * 6, cnt, base
             FROM (SELECT s, f, (random() * 50)::BIGINT AS cnt, (random() * 50)::BIGINT AS base
                   FROM range(?) b(s), range(?) d(f)), (VALUES {cats}) c(cat)""", [r, HOOK, snaps, d_sae])
-    con.execute("""INSERT INTO refusal_features SELECT 'run-' || lpad(r::VARCHAR, 2, '0'), s * 10, ?,
+    con.execute(f"""INSERT INTO refusal_features SELECT {rid}, s * 10, ?,
                    (hash(r, s, k) % ?)::INTEGER, random(), random(), 1.0 - k / 200.0, random() * 3, k + 1, k < 3
-                   FROM range(?) a(r), range(?) b(s), range(200) c(k)""", [HOOK, d_sae, runs, snaps])
-    con.execute("""INSERT INTO alerts SELECT 'a-' || r || '-' || s, 'run-' || lpad(r::VARCHAR, 2, '0'), s * 10, ?,
+                   FROM range(?, ?) a(r), range(?) b(s), range(200) c(k)""", [HOOK, d_sae, first, first + runs, snaps])
+    con.execute(f"""INSERT INTO alerts SELECT 'a-' || r || '-' || s, {rid}, s * 10, ?,
                    'ev_drop', CASE WHEN s % 2 = 0 THEN 'warning' ELSE 'critical' END, 'ev dropped', 0.5, 0.1,
                    CASE WHEN s > ? THEN 'active' ELSE 'resolved' END, now(), false, NULL, NULL, NULL
-                   FROM range(?) a(r), range(0, ?, 10) b(s)""", [HOOK, snaps - 20, runs, snaps])
-    con.execute("INSERT INTO feature_labels SELECT ?, f, 'feature ' || f || ' explanation', 'bench' FROM range(?) t(f)",
-                [HOOK, d_sae])
+                   FROM range(?, ?) a(r), range(0, ?, 10) b(s)""", [HOOK, snaps - 20, first, first + runs, snaps])
+    if labels:
+        con.execute("INSERT INTO feature_labels SELECT ?, f, 'feature ' || f || ' explanation', 'bench' "
+                    "FROM range(?) t(f)", [HOOK, d_sae])
     n = con.execute("SELECT count(*) FROM feature_stats").fetchone()[0]
     con.close()
     print(f"built {db}: {n:,} feature_stats rows in {time.perf_counter() - t0:.1f}s", flush=True)
+    return time.perf_counter() - t0
+
+
+def build_files(directory: Path, files: int, runs: int, snaps: int, d_sae: int, n_cats: int) -> float:
+    """:func:`build` with the ``runs`` spread over ``files`` store files of ``directory`` (as a store
+    directory holds them: ``<run>.duckdb`` when a file holds one run); the labels in the first file
+    (where the dashboard's label import for its run puts them)."""
+    from drift_monitor.store.many import run_file
+
+    t0 = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    per, extra = divmod(runs, files)
+    first = 0
+    for i in range(files):
+        n = per + (i < extra)
+        path = run_file(directory, f"run-{first:03d}") if n == 1 else directory / f"part-{i:03d}.duckdb"
+        build(path, n, snaps, d_sae, n_cats, first=first, labels=i == 0)
+        first += n
     return time.perf_counter() - t0
 
 
@@ -101,25 +124,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--snapshots", type=int, default=100)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--categories", type=int, default=4, choices=[1, 2, 3, 4])
-    ap.add_argument("--db", default=None, help="reuse (or build) this file")
+    ap.add_argument("--files", type=int, default=0,
+                    help="spread the runs over this many store files of a directory (0: one file)")
+    ap.add_argument("--db", default=None, help="reuse (or build) this file (with --files: this directory)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-apptest", action="store_true", help="time the queries only")
     args = ap.parse_args(argv)
-    db = Path(args.db) if args.db else Path(tempfile.mkdtemp(prefix="dm-bench-")) / "bench.duckdb"
+    name = f"bench-{args.files}-files" if args.files else "bench.duckdb"
+    db = Path(args.db) if args.db else Path(tempfile.mkdtemp(prefix="dm-bench-")) / name
     if not db.exists():
-        build(db, args.runs, args.snapshots, args.d_sae, args.categories)
-    print(f"{db}: {db.stat().st_size / 2**30:.2f} GiB", flush=True)
+        if args.files:
+            build_files(db, args.files, args.runs, args.snapshots, args.d_sae, args.categories)
+        else:
+            build(db, args.runs, args.snapshots, args.d_sae, args.categories)
+    size = sum(f.stat().st_size for f in (db.glob("*.duckdb") if db.is_dir() else [db]))
+    print(f"{db}: {size / 2**30:.2f} GiB", flush=True)
     r = StoreReader(db)
     results: dict[str, float] = {}
-    print(f"{'page':<12} {'queries s':>10} {'AppTest s':>10}  (best of {args.repeats}; budget {BUDGET_S:.1f}s)")
+    print(f"{'page':<12} {'first s':>8} {'queries s':>10} {'AppTest s':>10}  (best of {args.repeats}; "
+          f"budget {BUDGET_S:.1f}s; first: the page's first call in this process)")
     for page, fn in page_queries(r).items():
-        best = min(_timed(fn) for _ in range(args.repeats))
+        first = _timed(fn)
+        best = min([first, *(_timed(fn) for _ in range(args.repeats - 1))])
         results[page] = best
         app_s = float("nan")
         if not args.no_apptest:
             app_s = min(_apptest(db, page) for _ in range(args.repeats))
         flag = "ok" if best < BUDGET_S else "OVER BUDGET"
-        print(f"{page:<12} {best:>10.3f} {app_s:>10.3f}  {flag}", flush=True)
+        print(f"{page:<12} {first:>8.3f} {best:>10.3f} {app_s:>10.3f}  {flag}", flush=True)
     return results
 
 
