@@ -36,6 +36,7 @@ from drift_monitor.store import (
     StoreNotFound,
     StoreReader,
 )
+from drift_monitor.store.dataset import is_dataset
 
 DB_ENV = "DRIFT_MONITOR_DB"
 
@@ -63,7 +64,11 @@ def db_path() -> str | None:
 
 def read_only() -> bool:
     """``--read-only`` on the command line (or the session's ``read_only``, as tests set it): the
-    controls that write to the DB are not offered."""
+    controls that write to the DB are not offered. Always for an exported Parquet dataset
+    (store.dataset): an archive takes no writes, whatever the flags say."""
+    path = db_path()
+    if path and is_dataset(path):
+        return True
     if "read_only" in st.session_state:
         return bool(st.session_state["read_only"])
     return bool(_cli_args().read_only)
@@ -135,7 +140,9 @@ class PageContext:
         """Whether the page may show the control that does ``action``; a caption says either way
         what it writes where (the DB file and table), or that ``--read-only`` turned it off."""
         if self.read_only:
-            st.caption(f"{action} is off: this dashboard was started with --read-only.")
+            why = "a Parquet dataset is read-only" if is_dataset(self.db) else \
+                "this dashboard was started with --read-only"
+            st.caption(f"{action} is off: {why}.")
             return False
         st.caption(f"{action} writes to {self.db} (table {table}).")
         return True

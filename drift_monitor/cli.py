@@ -102,7 +102,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
                          models=args.model, config=args.config,
                          overrides={k: v for k, v in flags.items() if v is not None})
     result = scan(args.base_model, cfg, checkpoints=args.checkpoints, models=args.model, dtype=args.dtype,
-                  force=args.force, trust_remote_code=args.trust_remote_code)
+                  force=args.force, trust_remote_code=args.trust_remote_code, shard=args.shard)
     print(format_summary(result, result.hooks))
     for r in result.failed:
         print(f"drift-monitor: checkpoint {r.checkpoint.path} (step {r.checkpoint.step}) failed: {r.error}",
@@ -209,9 +209,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .store import export_run
+    from .store.dataset import is_dataset
     from .store.merge import export_dataset
 
     if args.run is None:
+        if is_dataset(args.db):
+            raise ConfigError(f"--db {args.db} is a Parquet dataset already: give --run to export one run's tables")
         if args.format != "parquet":
             raise ConfigError("export without --run writes a Parquet dataset of every run: use --format parquet, "
                               "or give --run for one run's CSV files")
@@ -262,12 +265,15 @@ def dashboard_command(args: argparse.Namespace) -> list[str]:
 
     import drift_monitor.dashboard as dash
 
+    from .store.dataset import is_remote
+
     app = Path(dash.__file__).resolve().parent / "app.py"
+    db = args.db if is_remote(args.db) else str(Path(args.db).expanduser().resolve())  # s3://... stays a URL
     cmd = [sys.executable, "-m", "streamlit", "run", str(app),
            "--server.address", args.host, "--server.port", str(args.port),
            "--server.headless", "false" if args.open else "true", "--server.showEmailPrompt", "false",
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-           "--", "--db", str(Path(args.db).expanduser().resolve()), "--refresh", str(args.refresh)]
+           "--", "--db", db, "--refresh", str(args.refresh)]
     return cmd + (["--read-only"] if args.read_only else [])
 
 
@@ -292,6 +298,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
+    from .store.dataset import is_dataset
+
+    args.read_only = args.read_only or is_dataset(args.db)  # an exported dataset takes no writes
     cmd = dashboard_command(args)
     if args.headless:
         print("drift-monitor dashboard: note: --headless is the default now and is ignored (--open opens a "
@@ -375,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     sc.add_argument("--batch-size", type=int, default=None, help="probes per forward (default: the config's, 16)")
     sc.add_argument("--force", action="store_true", help="re-scan steps already in the DB")
+    sc.add_argument("--shard", default=None, metavar="K/N",
+                    help="scan every N-th checkpoint from the K-th into DIR/<run>.shard-K-of-N.duckdb (--db a "
+                         "directory); N shards read as one run. Default under torchrun: RANK+1/WORLD_SIZE")
     sc.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint folders")
     sc.add_argument("--no-progress", action="store_true")
     sc.set_defaults(func=_cmd_scan)
@@ -468,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "refusal_features, alerts, residual_directions) to --out as Parquet or CSV files, one per "
                     "table. Without --run: every run of --db as a hive-partitioned Parquet dataset, "
                     "OUT/table=<table>/run=<run id>/*.parquet, that DuckDB, pandas or Spark read directly.")
-    ex.add_argument("--db", required=True, help="a DuckDB file, a store directory or a glob of files")
+    ex.add_argument("--db", required=True, help="a DuckDB file, a store directory or a glob of files (or, with "
+                                                "--run, an exported Parquet dataset)")
     ex.add_argument("--run", default=None, help="a run id or name (omit: every run, as a dataset)")
     ex.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     ex.add_argument("--out", default=".", help="output folder (for a dataset: a new or empty one)")
@@ -490,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Two controls write to the file (acknowledging an alert, importing feature labels); "
                     "--read-only turns them off.")
     d.add_argument("--db", required=True, help="the DuckDB file (it may not exist yet: the page says so), a store "
-                                               "directory or a glob: every run of every file")
+                                               "directory or a glob: every run of every file; or an exported "
+                                               "Parquet dataset (a folder, s3://...), read-only")
     d.add_argument("--port", type=int, default=8501)
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                                                        "any other address serves without authentication)")
@@ -514,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list the runs in a drift-monitor DuckDB file",
                        description="List the runs in a drift-monitor DuckDB file: status, model, last step, "
                                    "snapshots and active alerts.")
-    r.add_argument("--db", required=True, help="a DuckDB file, a store directory or a glob of files")
+    r.add_argument("--db", required=True, help="a DuckDB file, a store directory, a glob of files, or an exported "
+                                               "Parquet dataset (a folder, s3://..., gs://..., https://...)")
     r.set_defaults(func=_cmd_runs)
 
     rp = sub.add_parser("replay", help="load writes a run could not store (a dump file, or the spool) into its DB",

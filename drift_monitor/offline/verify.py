@@ -406,6 +406,9 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
         if run is None:
             raise VerifyError("--db needs --run: the run whose features are checked and to which results belong")
         from ..store import StoreReader
+        from ..store.dataset import refuse_write
+
+        refuse_write(db, "verify --db stores its result in the run's store")  # before any model is loaded
 
         reader = StoreReader(db)
         run_id = reader.resolve_run(run)

@@ -42,7 +42,8 @@ The modules, one job each: :mod:`.errors` (what can go wrong), :mod:`.schema` (t
 migrations), :mod:`.connection` (opening, locks, transactions), :mod:`.tables` (Arrow tables
 from records), :mod:`.ops` (a write as data, and how it is applied), :mod:`.spool` (writes that
 found the file busy), :mod:`.writer` (:class:`Store`), :mod:`.reader` (:class:`StoreReader`),
-:mod:`.export` (:func:`export_run`), :mod:`.replay` (loading what a run could not store).
+:mod:`.export` (:func:`export_run`), :mod:`.replay` (loading what a run could not store),
+:mod:`.dataset` (an exported Parquet dataset, local or on object storage, read as a store).
 
 The package imports only the standard library, NumPy, pandas, pyarrow, DuckDB and
 :mod:`drift_monitor.records`: the dashboard imports it and must never pull in torch.

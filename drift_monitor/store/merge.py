@@ -9,7 +9,9 @@ holds exactly what a reader of the sources showed.
   into a directory, one file per run (``<dir>/<run>.duckdb``, as a run writes there).
 * :func:`export_dataset` writes every run as a hive-partitioned Parquet dataset,
   ``<out>/table=<table>/run=<run id>/*.parquet``, which DuckDB (``read_parquet(...,
-  hive_partitioning = true)``), pandas/pyarrow and Spark read directly.
+  hive_partitioning = true)``), pandas/pyarrow and Spark read directly, and so does
+  :class:`~.reader.StoreReader` (:mod:`.dataset`; with the labels and the layout's version, in
+  ``table=feature_labels/`` and ``table=meta/``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import duckdb
 
 from .errors import StoreError
 from .many import _quoted, attach_files, is_many, run_file, store_files
-from .schema import COLUMNS, create_schema
+from .schema import COLUMNS, SCHEMA_VERSION, create_schema
 
 #: The tables a merge and a dataset carry (all but the labels, which are per hook, not per run).
 RUN_TABLES = tuple(t for t in COLUMNS if t != "feature_labels")
@@ -105,6 +107,14 @@ def export_dataset(sources: Sequence[str | os.PathLike[str]], out: str | os.Path
             cols = ", ".join(f'"{c}"' for c in COLUMNS[table])
             con.execute(f"COPY (SELECT {cols}, run_id AS run FROM {table}) TO {_quoted(target)} "
                         "(FORMAT PARQUET, PARTITION_BY (run))")
+            written.append(target)
+        # labels (per hook) and the layout's version, unpartitioned: a reader of the dataset
+        # (store.dataset) shows labels and checks the version as it does for a store file
+        for table, select in (("feature_labels", "SELECT * FROM feature_labels"),
+                              ("meta", f"SELECT 'schema_version' AS key, '{SCHEMA_VERSION}' AS value")):
+            target = out / f"table={table}"
+            target.mkdir()
+            con.execute(f"COPY ({select}) TO {_quoted(target / 'data_0.parquet')} (FORMAT PARQUET)")
             written.append(target)
     finally:
         con.close()

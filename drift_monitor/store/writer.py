@@ -34,6 +34,7 @@ from drift_monitor.errors import first_line
 from drift_monitor.records import Alert, Snapshot, VerifyResult
 
 from .connection import _connect, _path_lock, _transaction
+from .dataset import refuse_write
 from .errors import StoreLocked, StoreUnwritable, is_transient
 from .ops import _APPLY, _apply_once, _Op
 from .schema import _upgrade_schema
@@ -154,6 +155,7 @@ class Store:
         max_queue_bytes: int = MAX_QUEUE_BYTES,
         fallback_dirs: Sequence[str | os.PathLike[str]] = (),
     ):
+        refuse_write(path, "this would write to it")  # an archive (store.dataset), never a write target
         self.path = Path(path)
         self.run_id = run_id
         self.run_name = run_name
