@@ -14,6 +14,7 @@ only, and streaming sums (``stats.HookStats``) instead of stored feature matrice
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from torch import nn
 
 from .config import PLAIN_CATEGORIES, MetricSettings, MonitorConfig
 from .errors import ConfigError
+from .filelock import file_lock
 from .probe import metrics as M
 from .probe.capture import (
     ActivationCapture,
@@ -152,19 +154,24 @@ class DriftMonitor:
         self.base_fingerprint = model_fingerprint(base_model)
         modules = self._bind(base_model)
         path = self._cache_path(self.base_fingerprint) if use_cache else None
-        base = self._load_cache(path) if path is not None else None
-        device = torch.device(self.config.device) if self.config.device else model_device(base_model)
-        if path is not None and not on_every_rank(base is not None, device):
-            # A hit here but a miss (missing or unreadable file) on another rank: that rank's
-            # probe pass has collectives, so every rank must run it, or they pair up wrongly.
-            base = None
-        if base is None:
-            stats, pairs, refusal = self._probe_pass(base_model, modules, base=None, desc="baseline")
-            base = {h: _HookBase(stats[h], pairs[h], refusal.get(h)) for h in stats}
-            if path is not None:
-                self._save_cache(path, base)
-        else:
-            log.info("baseline loaded from cache %s", path)
+        # Under a file lock: two processes measuring one base (the shards of a scan, two runs
+        # of one base) take turns, and the second loads what the first saved.
+        with (file_lock(path.with_suffix(".lock"), on_wait=lambda: log.info(
+                "baseline: another process is measuring this base; waiting for it (%s)", path))
+              if path is not None else contextlib.nullcontext()):
+            base = self._load_cache(path) if path is not None else None
+            device = torch.device(self.config.device) if self.config.device else model_device(base_model)
+            if path is not None and not on_every_rank(base is not None, device):
+                # A hit here but a miss (missing or unreadable file) on another rank: that rank's
+                # probe pass has collectives, so every rank must run it, or they pair up wrongly.
+                base = None
+            if base is None:
+                stats, pairs, refusal = self._probe_pass(base_model, modules, base=None, desc="baseline")
+                base = {h: _HookBase(stats[h], pairs[h], refusal.get(h)) for h in stats}
+                if path is not None:
+                    self._save_cache(path, base)
+            else:
+                log.info("baseline loaded from cache %s", path)
         return self._with_ce(self._set_base(base, t0), base_model)
 
     def load_baseline(self, fingerprint: str) -> Snapshot:

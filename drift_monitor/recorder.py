@@ -87,6 +87,8 @@ class RunRecorder:
     status: RunStatus = "running"
     unsaved: list[Path] = field(default_factory=list)
     sd_target: Path | None = None  #: the Prometheus file_sd target file, while serving (outputs.prometheus_sd_dir)
+    #: the Pushgateway grouping key (None: the exporter's ``{"run": run}``); a scan shard adds ``shard``
+    push_key: dict[str, str] | None = None
     _finished: bool = field(default=False, repr=False)
     _store_alert: Alert | None = field(default=None, repr=False)  # the active store_write_failed alert
     _busy: int = field(default=0, repr=False)
@@ -97,7 +99,7 @@ class RunRecorder:
     def open(cls, config: MonitorConfig, *, probe_hash: str, run_id: str | None = None,
              run_name: str | None = None, model_name: str | None = None, alert_state: dict | None = None,
              push_job: str = "drift_monitor", fallback_dirs: Sequence[str | os.PathLike[str]] = (),
-             watch: bool = True) -> RunRecorder:
+             watch: bool = True, shard: tuple[int, int] | None = None, alerts: bool = True) -> RunRecorder:
         """Open the store run (when ``config.db_path``), the alert engine (resumed from
         ``alert_state``) and the Prometheus exporter (when a port or a Pushgateway is set).
 
@@ -105,6 +107,9 @@ class RunRecorder:
         before any work. ``fallback_dirs``: where a dump goes when the database's folder cannot
         take it (the callback passes the training output folder). ``watch``: record how the run
         ends even if the caller never gets to :meth:`finish` (:class:`RunEndWatch`).
+        ``shard=(k, n)``: shard k of n of a sharded scan, which writes its own file of the store
+        directory and pushes its own group. ``alerts=False``: no alert engine (a shard sees only
+        some steps; :mod:`drift_monitor.offline.shards` evaluates the run's alerts at the end).
         """
         from .alerts import AlertEngine, load_rules
 
@@ -122,16 +127,18 @@ class RunRecorder:
                                       "file or to a store directory")
                 run_id = run_id or uuid.uuid4().hex
                 Path(db).mkdir(parents=True, exist_ok=True)
-                db = str(run_file(db, run_id))
+                db = str(run_file(db, run_id, shard))
             store = Store(db, run_id=run_id, run_name=name, fallback_dirs=fallback_dirs)
             run_id = store.start_run(name=name, model=model_name, config=config.to_dict(),
                                      probe_hash=probe_hash)
         run_id = run_id or uuid.uuid4().hex
         rules = load_rules(outputs.alert_rules)
         confirm = store is not None  # an alert counts once the write that carries it is durable
-        engine = (AlertEngine.from_state(alert_state, rules=rules, confirm_writes=confirm) if alert_state
+        engine = (None if not alerts
+                  else AlertEngine.from_state(alert_state, rules=rules, confirm_writes=confirm) if alert_state
                   else AlertEngine(rules, run=run_id, confirm_writes=confirm))
-        rec = cls(run_id=run_id, config=config, store=store, alerts=engine, push_job=push_job)
+        rec = cls(run_id=run_id, config=config, store=store, alerts=engine, push_job=push_job,
+                  push_key={"run": run_id, "shard": f"{shard[0]}-of-{shard[1]}"} if shard else None)
         if outputs.prometheus_port is not None or outputs.pushgateway_url:
             rec._guard("prometheus", rec._open_exporter, model_name, probe_hash)
         if watch:
@@ -154,7 +161,7 @@ class RunRecorder:
                 from .exporters.discovery import write_target
 
                 self.sd_target = write_target(outputs.prometheus_sd_dir, outputs.prometheus_host,
-                                              self.prometheus_port, self.run_id)
+                                              self.prometheus_port)
                 log.info("drift-monitor: Prometheus file_sd target %s", self.sd_target)
 
     # ------------------------------------------------------------------ per snapshot
@@ -248,7 +255,8 @@ class RunRecorder:
     def push(self) -> None:
         """Push to the Pushgateway when one is configured; a failure is logged and counted."""
         if self.exporter is not None and self.config.outputs.pushgateway_url:
-            self._guard("push", self.exporter.push, self.config.outputs.pushgateway_url, self.push_job)
+            self._guard("push", self.exporter.push, self.config.outputs.pushgateway_url, self.push_job,
+                        self.push_key)
 
     # ------------------------------------------------------------------ errors and status
     def record_error(self, what: str, e: BaseException, step: int | None = None) -> None:
@@ -299,7 +307,7 @@ class RunRecorder:
             if self.exporter is not None and out.pushgateway_url and not out.keep_pushed:
                 # the run is over: its last values must not be scraped as current forever
                 self._guard("delete the Pushgateway group", self.exporter.delete_pushed, out.pushgateway_url,
-                            self.push_job)
+                            self.push_job, self.push_key)
             else:
                 self.push()
 

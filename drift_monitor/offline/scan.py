@@ -27,7 +27,10 @@ from typing import Any
 from ..errors import DriftMonitorError, first_line
 from ..progress import bar
 from ..store.many import exists as store_exists
+from ..store.many import run_file
+from . import shards
 from .loading import load_errors, load_model
+from .shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,10 @@ class ScanResult:
     hooks: list[str] = field(default_factory=list)
     #: files of writes the store could not take by the end (load them with ``drift-monitor replay``)
     unsaved: list[str] = field(default_factory=list)
+    #: a sharded scan's shard (``"K/N"``), else None
+    shard: str | None = None
+    #: the last shard to finish: the run's alert events over every shard's steps (``rule:status``)
+    run_alerts: list[str] | None = None
 
     @property
     def failed(self) -> list[CheckpointResult]:
@@ -219,6 +226,7 @@ def scan(
     dtype: str | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
+    shard: Shard | str | None = None,
 ) -> ScanResult:
     """Scan ``checkpoints`` (and ``STEP=PATH`` ``models``) against ``base_model``; see the module docstring.
 
@@ -230,6 +238,9 @@ def scan(
     A rerun into a run already in the store resumes it, and is refused when its probes, SAEs or
     settings differ from the stored ones: mixing them would store steps that do not compare.
     ``force`` rescans every step instead (the stored settings are then replaced).
+
+    ``shard`` (``"K/N"``; by default RANK+1/WORLD_SIZE under ``torchrun``): scan every N-th
+    checkpoint into this shard's own file of the store directory (:mod:`.shards`).
     """
     from transformers import AutoTokenizer
 
@@ -244,22 +255,33 @@ def scan(
     device = cfg.device or "cpu"
     base_path, ckpts = _inputs(base_model, checkpoints, models)
     run_id = _existing_run_id(db_path, run_name) or run_id_for(run_name, base_model, ckpts)
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard or Shard.from_env()
+    own = db_path  # what this process reads back: its own shard file in a sharded scan
+    if shard is not None:
+        shards.prepare_store(db_path)
+        ckpts = shard.select(ckpts)
+        own = str(run_file(db_path, run_id, shard.key))
+        shards.begin(db_path, run_id, shard)
+        log.info("scan: shard %s of run %s: %d checkpoints into %s", shard, run_id, len(ckpts), own)
     with load_errors("--base-model", base_path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
     mon = DriftMonitor(cfg, tok)
     if not force:
-        _check_resumable(db_path, run_id, cfg, mon.probe_hash)
+        _check_resumable(own, run_id, cfg, mon.probe_hash)
     # the store first: a bad --db fails in a second, before the base model loads
     rec = RunRecorder.open(cfg, probe_hash=mon.probe_hash, run_id=run_id, run_name=run_name or run_id,
-                           model_name=str(base_path), push_job="drift_monitor_scan")
+                           model_name=str(base_path), push_job="drift_monitor_scan",
+                           shard=shard.key if shard else None, alerts=shard is None)
     results: list[CheckpointResult] = []
     hooks = mon.hooks
     try:
         base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                           what="--base-model")
-        base_snap = mon.baseline(base)
-        done = _stored_steps(db_path, run_id)
-        if force or not all((0, h) in done for h in hooks):
+        base_snap = mon.baseline(base)  # once per base: a second shard waits for the cache and loads it
+        done = _stored_steps(own, run_id)
+        if shard is not None and not shard.first:
+            pass  # shard 1 stores the base
+        elif force or not all((0, h) in done for h in hooks):
             rec.record(base_snap)
         else:
             rec.observe(base_snap)
@@ -269,7 +291,7 @@ def scan(
             from ..probe.adapters import AdapterTracker
 
             tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
-        history = _stored_points(db_path, run_id, hooks)
+        history = shards.stored_points([own], run_id, hooks) if shard is None and store_exists(own) else {}
         for ckpt in bar(ckpts, desc="scan", unit="ckpt", enabled=progress):
             if not force and all((ckpt.step, h) in done for h in hooks):
                 if ckpt.step in history:
@@ -286,7 +308,12 @@ def scan(
         rec.finish(status_for(e))
         raise
     rec.finish("failed" if any(r.status == "failed" for r in results) else "finished")
-    return ScanResult(run_id, results, hooks, unsaved=[str(p) for p in rec.unsaved])
+    result = ScanResult(run_id, results, hooks, unsaved=[str(p) for p in rec.unsaved],
+                        shard=str(shard) if shard else None)
+    if shard is not None:  # the last shard to finish evaluates the run's alerts over every shard's steps
+        alerts = shards.finish(db_path, run_id, shard, cfg, hooks)
+        result.run_alerts = None if alerts is None else [f"{a.step}:{a.rule}:{a.status}" for a in alerts]
+    return result
 
 
 def _inputs(base_model: str, checkpoints: Sequence[str], models: Sequence[str]) -> tuple[Path, list[Checkpoint]]:
@@ -429,22 +456,6 @@ def _scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker
         alerts=[f"{a.rule}:{a.status}" for a in alerts])
 
 
-def _stored_points(db_path: str, run_id: str, hooks: list[str]) -> dict[int, Any]:
-    """Metric points of steps already in the DB, so a resumed scan's alert history is whole."""
-    from ..alerts import MetricPoint
-    from ..store import StoreNotFound, StoreReader
-
-    try:
-        series = StoreReader(db_path).metric_series(run_id)
-    except StoreNotFound:
-        return {}
-    points: dict[int, Any] = {}
-    for step, grp in series.groupby("step"):
-        metrics = {h: dict(zip(g.name, g.value)) for h, g in grp.groupby("hook") if h in hooks}
-        points[int(step)] = MetricPoint(step=int(step), metrics=metrics)
-    return points
-
-
 def format_summary(result: ScanResult, hooks: Sequence[str]) -> str:
     """The end-of-scan table: step, status, EV, drifted share, top refusal features, alerts."""
     lines = [f"{'step':>7} {'kind':<8} {'status':<8} {'hook':<22} {'expl.var':>9} {'drifted':>8} "
@@ -464,6 +475,11 @@ def format_summary(result: ScanResult, hooks: Sequence[str]) -> str:
                          f"{m.get('explained_variance', float('nan')):>9.3f} "
                          f"{m.get('features_drifted_ratio', float('nan')):>8.1%} {r.seconds:>7.1f}  {extra}")
     n_failed = len(result.failed)
-    lines.append(f"run {result.run_id}: {sum(r.status == 'scanned' for r in result.results)} scanned, "
+    lines.append(f"run {result.run_id}{f' shard {result.shard}' if result.shard else ''}: "
+                 f"{sum(r.status == 'scanned' for r in result.results)} scanned, "
                  f"{sum(r.status == 'skipped' for r in result.results)} already stored, {n_failed} failed")
+    if result.shard:
+        lines.append("alerts of the run over every shard: " + (", ".join(result.run_alerts) or "none")
+                     if result.run_alerts is not None else
+                     "alerts: evaluated over every shard's steps by the shard that finishes last")
     return "\n".join(lines)
