@@ -22,7 +22,9 @@ Modelled on TRL's ``LogCompletionsCallback`` and transformers' tracker integrati
 * **Resumable.** ``on_save`` writes ``drift_monitor.json`` into the checkpoint (run id, base
   fingerprint, alert state); resuming reloads the baseline from the on-disk cache by that
   fingerprint and keeps the run id, and the store's replace semantics mean no step is stored
-  twice.
+  twice. A job requeued before its first checkpoint (same output folder, training from step 0
+  again) keeps its run id too: ``drift_monitor_run.json`` in the output folder names the run
+  until it finishes, and the run's steps are measured again over the stored ones.
 * **Adapter signals (LoRA).** With ``adapter_signals`` on ("auto": when the model has LoRA
   modules), rank 0 records the A/B norms, ‖scaling·BA‖ and the local cosine of the B trajectory
   (:mod:`drift_monitor.probe.adapters`) at the base and every ``adapter_every_n_steps`` steps. At a step
@@ -53,6 +55,8 @@ from drift_monitor.records import ADAPTER_HOOK_PREFIX, Snapshot, is_adapter_hook
 log = logging.getLogger("drift_monitor.callback")
 
 STATE_FILE = "drift_monitor.json"
+#: In the output folder while a run is unfinished: a requeued job that starts over continues it.
+RUN_FILE = "drift_monitor_run.json"
 LOG_PREFIX = "drift_monitor"
 
 
@@ -123,7 +127,7 @@ class DriftMonitorCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.monitor is not None:
             self._guard("snapshot", self._snapshot, args, state, model)
-        self._guard("finish", self._finish, state)
+        self._guard("finish", self._finish, state, args.output_dir)
 
     # ------------------------------------------------------------------ work
     def _start(self, args, state, model, processing_class) -> None:
@@ -151,10 +155,13 @@ class DriftMonitorCallback(TrainerCallback):
             base = self.monitor.baseline(model)
             self.probe_seconds += time.perf_counter() - t0  # the baseline is part of the monitor's cost
             self.base_fingerprint = self.monitor.base_fingerprint
+            if self.run_id is None and state.global_step == 0:
+                self.run_id = self._requeued_run(args)
         self.done_steps.add(0)
         if not self._is_zero:
             return
         self._open_outputs(args, model, resumed)
+        self._guard("run file", self._write_run_file, args)
         self._guard("adapter signals", self._start_adapters, model)
         if resumed is None:
             self._record(self._with_adapters(base, model), state)
@@ -272,6 +279,30 @@ class DriftMonitorCallback(TrainerCallback):
         tmp.write_text(json.dumps(data))
         os.replace(tmp, ckpt / STATE_FILE)
 
+    def _requeued_run(self, args) -> str | None:
+        """The unfinished run this output folder names, when this job starts it over from the same
+        base with the same probes (a requeued job); None otherwise (a new run)."""
+        path = Path(args.output_dir) / RUN_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if (data.get("probe_hash"), data.get("base_fingerprint")) != (self.monitor.probe_hash, self.base_fingerprint):
+            log.info("drift-monitor: %s names run %s of another base or probe set; starting a new run",
+                     path, data.get("run_id"))
+            return None
+        log.info("drift-monitor: continuing the unfinished run %s named by %s (a requeued job starting over)",
+                 data.get("run_id"), path)
+        return str(data["run_id"]) if data.get("run_id") else None
+
+    def _write_run_file(self, args) -> None:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        data = {"run_id": self.run_id, "probe_hash": self.monitor.probe_hash, "base_fingerprint": self.base_fingerprint}
+        tmp = out / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, out / RUN_FILE)
+
     def _resume_state(self, args, state) -> dict | None:
         if state.global_step == 0:
             return None
@@ -285,7 +316,7 @@ class DriftMonitorCallback(TrainerCallback):
             return None
         return data
 
-    def _finish(self, state) -> None:
+    def _finish(self, state, output_dir: str | None = None) -> None:
         if not self._is_zero:
             return
         wall = time.perf_counter() - self._t_start
@@ -294,6 +325,8 @@ class DriftMonitorCallback(TrainerCallback):
                      self.probe_seconds, wall, 100 * self.probe_seconds / wall)
         if self.recorder is not None:
             self.recorder.finish("finished")
+        if output_dir is not None:  # finished: the next training in this folder is a new run
+            (Path(output_dir) / RUN_FILE).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ never break training
     def _guard(self, what: str, fn, *args) -> None:

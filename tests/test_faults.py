@@ -132,7 +132,7 @@ def test_disk_full_under_the_callback_loses_nothing(tmp_path, disk, caplog):
             elif state.global_step == 3:
                 metrics = urllib.request.urlopen(f"http://127.0.0.1:{cb.prometheus_port}/metrics").read().decode()
                 seen["gauge"] = next(float(line.split()[-1]) for line in metrics.splitlines()
-                                     if line.startswith("drift_monitor_store_pending{"))
+                                     if line.split()[0] == "drift_monitor_store_pending")
                 seen["pending"] = cb.store.pending()
                 seen["active"] = [a.rule for a in cb.alerts.active()]
                 disk.free()
@@ -378,7 +378,7 @@ cfg = tf.config(tmp, sae_dir, ps, every_n_steps=1)
 
 class Fault(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == 2:
+        if state.global_step == 2 and mode != "ok":
             if mode == "raise":
                 raise RuntimeError("boom in training")
             print("waiting", flush=True)  # the test sends SIGTERM or SIGINT now
@@ -393,7 +393,8 @@ print("trained", flush=True)
 def test_run_states_failed_interrupted_preempted(tmp_path):
     """Three real training processes: one raises, one gets SIGINT (Ctrl-C), one SIGTERM (a
     scheduler's preemption). Each run's stored status says so, steps 0-2 are stored, and the
-    SIGTERM one still dies by SIGTERM."""
+    SIGTERM one still dies by SIGTERM. Requeued in its output folder (no checkpoint yet), the
+    preempted job continues its run under the same id."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = {}
     for mode in ("raise", "int", "term"):
@@ -418,3 +419,14 @@ def test_run_states_failed_interrupted_preempted(tmp_path):
         assert steps_once(db, runs.run_id.iloc[0], tf.HOOK) == [0, 1, 2]
     assert out["term"][2] == -signal.SIGTERM, "the process must still end by SIGTERM"
     assert "boom in training" in out["raise"][1]  # the previous excepthook still prints the traceback
+
+    # the scheduler requeues the preempted job (same output folder, no checkpoint): it keeps its run
+    db = tmp_path / "term" / "drift.duckdb"
+    preempted = StoreReader(db).runs().run_id.iloc[0]
+    done = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "term"), "ok", str(TESTS)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-2000:]
+    runs = StoreReader(db).runs()
+    assert list(runs.run_id) == [preempted] and runs.status.iloc[0] == "finished"
+    assert steps_once(db, preempted, tf.HOOK) == [0, 1, 2, 3]
+    assert not (tmp_path / "term" / "out" / "drift_monitor_run.json").exists()  # finished: the next is a new run
