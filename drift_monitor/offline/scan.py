@@ -72,7 +72,7 @@ class ScanResult:
     unsaved: list[str] = field(default_factory=list)
     #: a sharded scan's shard (``"K/N"``), else None
     shard: str | None = None
-    #: the last shard to finish: the run's alert events over every shard's steps (``rule:status``)
+    #: the last shard to finish: the run's alert events over every shard's steps (``step:rule:status``)
     run_alerts: list[str] | None = None
 
     @property
@@ -279,12 +279,11 @@ def scan(
                           what="--base-model")
         base_snap = mon.baseline(base)  # once per base: a second shard waits for the cache and loads it
         done = _stored_steps(own, run_id)
-        if shard is not None and not shard.first:
-            pass  # shard 1 stores the base
-        elif force or not all((0, h) in done for h in hooks):
-            rec.record(base_snap)
-        else:
-            rec.observe(base_snap)
+        if shard is None or shard.first:  # of a sharded scan's files, shard 1's holds the base
+            if force or not all((0, h) in done for h in hooks):
+                rec.record(base_snap)
+            else:
+                rec.observe(base_snap)
         swapper = _AdapterSwapper(base)
         tracker = None
         if cfg.cadence.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):

@@ -298,7 +298,6 @@ def spool_state_of(path: str | os.PathLike[str]) -> SpoolState:
     return total
 
 
-
 def alert_file(path: str | os.PathLike[str], run_id: str, alert_id: str, timeout_s: float = 5.0,
                retries: int | None = None) -> tuple[str, str]:
     """(store file, alert id inside it) of an alert of ``run_id`` as the reader shows both: the
