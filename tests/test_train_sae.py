@@ -83,7 +83,9 @@ def test_interrupted_run_resumes(org, tmp_path):
     ckpts = out / ".partial" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 40 for p in ckpts.iterdir()):
+        # a checkpoint is complete once its curve.json is written (what resuming looks for)
+        if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 40 and (p / "curve.json").is_file()
+                                  for p in ckpts.iterdir()):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0].decode()[-2000:]
