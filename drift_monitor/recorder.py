@@ -236,7 +236,7 @@ class RunRecorder:
         """Apply waiting writes now, at a step without a snapshot. Brief (0.1 s for a busy file):
         a training step must not wait on a dashboard. The alerts they carry are confirmed by the
         next :meth:`record`, which carries them again (same ids)."""
-        if self.store is None or not self.store.pending():
+        if self.store is None or not self.store.may_wait():
             return
         with self._busy_section():
             self.store.flush_spool(timeout_s=0.1)

@@ -40,7 +40,7 @@ def test_prometheus_scrapes_a_training_run(tmp_path):
                           callbacks=[cb])
         trainer.train()
         assert cb.prometheus_port == target
-        stored = StoreReader(cfg.db_path).metric_series(cb.run_id, names=["explained_variance"])
+        stored = StoreReader(cfg.outputs.db_path).metric_series(cb.run_id, names=["explained_variance"])
         last = float(stored[stored.step == 4].value.iloc[0])
         query = urllib.parse.urlencode({"query": "drift_monitor_explained_variance * on(instance) group_left(run) "
                                                  f'drift_monitor_run_info{{run="{cb.run_id}"}}'})
@@ -83,7 +83,7 @@ def test_db_held_by_another_process_loses_no_snapshot(tmp_path):
     class GrabAfterStep1(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 1:
-                holder.append(subprocess.Popen([sys.executable, "-c", HOLDER, cfg.db_path, str(marker), "15"]))
+                holder.append(subprocess.Popen([sys.executable, "-c", HOLDER, cfg.outputs.db_path, str(marker), "15"]))
                 while not marker.exists():
                     time.sleep(0.05)
 
@@ -97,8 +97,8 @@ def test_db_held_by_another_process_loses_no_snapshot(tmp_path):
     assert trainer.state.global_step == 4
     from drift_monitor.store import Store
 
-    Store(cfg.db_path).flush_spool(timeout_s=10)
-    assert tf.snapshot_steps(cfg.db_path) == [0, 1, 2, 3, 4]
+    Store(cfg.outputs.db_path).flush_spool(timeout_s=10)
+    assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 1, 2, 3, 4]
     assert spooled_during >= 4, "the snapshots at steps 1-4 and the run's end went to the spool"
 
 
@@ -120,7 +120,7 @@ def test_sae_file_removed_after_start_changes_nothing(tmp_path):
                       callbacks=[DeleteSae(), cb])
     trainer.train()
     assert not any(sae_dir.iterdir())
-    assert tf.snapshot_steps(cfg.db_path) == [0, 2, 4] and cb.errors == 0
+    assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 2, 4] and cb.errors == 0
 
 
 def test_dpo_trainer(tmp_path):
@@ -142,7 +142,7 @@ def test_dpo_trainer(tmp_path):
                          processing_class=tok, callbacks=[cb])
     cb.attach(trainer)
     trainer.train()
-    assert tf.snapshot_steps(cfg.db_path) == [0, 2, 4]
+    assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 2, 4]
     logged = [h for h in trainer.state.log_history if f"drift_monitor/{tf.HOOK}/act_cosine" in h]
     assert [h["step"] for h in logged] == [2, 4] and logged[-1][f"drift_monitor/{tf.HOOK}/act_cosine"] < 1.0
 
@@ -164,6 +164,6 @@ def test_bf16_training(tmp_path):
     assert any(train and auto for train, auto in seen), "the trainer's own steps ran under bf16 autocast"
     assert [auto for train, auto in seen if not train] and not any(auto for train, auto in seen if not train), \
         "the probe pass (eval mode) never runs under the trainer's autocast"
-    series = StoreReader(cfg.db_path).metric_series(cb.run_id, names=["explained_variance", "act_cosine"])
+    series = StoreReader(cfg.outputs.db_path).metric_series(cb.run_id, names=["explained_variance", "act_cosine"])
     assert sorted(set(series.step)) == [0, 2]
     assert series.value.notna().all() and (series[series.name == "act_cosine"].value > 0.5).all()

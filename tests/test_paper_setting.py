@@ -84,11 +84,11 @@ def _reference(ps, tok, base, chat, sae, k_max=100):
             "n": len(rows["cos"])}
 
 
-def _config(ps, sae, tmp_path, **kw):
+def _config(ps, sae, tmp_path, **probes):
     return MonitorConfig(saes={HOOK: sae}, baseline_cache_dir=str(tmp_path),
                          probes={"source": ps, "positions": "response", "formats": "chat", "outlier_factor": None,
-                                 "batch_size": 3},
-                         outputs={"show_progress": False}, **kw)
+                                 "batch_size": 3, **probes},
+                         outputs={"show_progress": False})
 
 
 def test_paper_setting_equals_a_per_token_reference(pair, tmp_path):
@@ -165,7 +165,7 @@ def test_scan_cli_runs_the_paper_setting(pair, tmp_path):
     sae.save_model(str(tmp_path / "sae"))
     probes = tmp_path / "probes.jsonl"
     probes.write_text("".join(json.dumps(r.__dict__) + "\n" for r in ps.records))
-    (tmp_path / "monitor.json").write_text(json.dumps({"positions": "response", "outlier_factor": None}))
+    (tmp_path / "monitor.json").write_text(json.dumps({"probes": {"positions": "response", "outlier_factor": None}}))
     db = tmp_path / "scan.duckdb"
     rc = main(["scan", "--base-model", str(tmp_path / "base"), "--model", f"1={tmp_path / 'chat'}",
                "--sae", f"{HOOK}={tmp_path / 'sae'}", "--db", str(db), "--probes", str(probes),

@@ -122,6 +122,20 @@ def test_shard_flag_reruns_one_shard_and_the_last_one_stores_the_alerts(world, t
     assert main(_argv(world, store, cache, "--shard", "1/2")[0]) == 0
     assert "0 scanned, 2 already stored" in capsys.readouterr().out
     assert _alerts(store) == _alerts(world.single)
+    # split another way over the 2-way files, the steps would be stored twice: refused, naming both fixes
+    assert main(_argv(world, store, cache, "--shard", "1/3")[0]) == 2
+    err = capsys.readouterr().err
+    assert "split another way" in err and "--shard K/2" in err and "--force" in err and "Traceback" not in err
+    # --force rescans split 3 ways and removes the 2-way files: still one run, the same numbers and alerts
+    for k in (1, 2, 3):
+        assert main(_argv(world, store, cache, "--shard", f"{k}/3", "--force")[0]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in store.glob("*.duckdb")) == [f"run.shard-{k}-of-3.duckdb" for k in (1, 2, 3)]
+    assert [p.name for p in store.glob(".run.shards-of-*")] == [".run.shards-of-3"]
+    assert StoreReader(store).runs().status.tolist() == ["finished"]
+    assert_close_frames(metrics_of(world.single, "run"), metrics_of(store, "run"), ["step", "hook", "name"],
+                        "metrics")
+    assert _alerts(store) == _alerts(world.single)
 
 
 @pytest.mark.parametrize("text, needle", [("3/2", "K must lie in 1..N"), ("0/2", "K must lie in 1..N"),

@@ -351,6 +351,30 @@ def test_writer_spools_while_rw_holder_and_applies_in_order(tmp_path):
     assert r.runs().iloc[0].status == "finished"
 
 
+def test_per_step_check_lists_the_spool_only_while_writes_may_wait(tmp_path, monkeypatch):
+    """The callback asks ``may_wait()`` at every training step: once the spool was seen empty it
+    answers without listing the folder (a network round trip on NFS); a spooled write, or a
+    Store opened where an earlier one left writes, makes it list again."""
+    s, r, run_id = _start(tmp_path, retry_timeout_s=0.3)
+    s.write(make_snapshot(1, seed=1))
+    listings = []
+    real = s.spool.pending
+    monkeypatch.setattr(s.spool, "pending", lambda: listings.append(1) or real())
+    assert not s.may_wait() and not listings
+    proc = _hold(s.path, None, "rw")
+    try:
+        assert s.write(make_snapshot(2, seed=2)) == "spooled"
+    finally:
+        _release(proc)
+    assert s.may_wait()
+    later = st.Store(s.path, retry_timeout_s=0.3)  # a new process on the same file: unknown until listed
+    assert later.may_wait() and later.pending() == 1
+    assert s.flush_spool(timeout_s=5) == 1 and s.pending() == 0
+    assert not s.may_wait() and later.may_wait()  # each process knows only its own last listing
+    assert later.pending() == 0 and not later.may_wait()
+    assert r.steps(run_id) == [1, 2]
+
+
 def test_spool_flushed_after_long_read_only_hold(tmp_path):
     s, r, run_id = _start(tmp_path, retry_timeout_s=0.5)
     s.write(make_snapshot(1, seed=1))

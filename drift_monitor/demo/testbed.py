@@ -261,7 +261,9 @@ def finetune(tb: TestBed, kind: str, out_dir: str | Path, *, callbacks: list | N
 
 
 # ----------------------------------------------------------------------------------- monitored runs
-RUNS_VERSION = "4"
+#: Bump when what a monitored run stores changes (v5: config_json in sections), so that the cached
+#: runs are made again by the current callback rather than read from an older one.
+RUNS_VERSION = "5"
 KINDS = ("refusal", "control")
 
 

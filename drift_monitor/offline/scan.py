@@ -259,10 +259,13 @@ def scan(
     own = db_path  # what this process reads back: its own shard file in a sharded scan
     if shard is not None:
         shards.prepare_store(db_path)
+        shards.check_split(db_path, run_id, shard.n, force)
         ckpts = shard.select(ckpts)
         own = str(run_file(db_path, run_id, shard.key))
         shards.begin(db_path, run_id, shard)
         log.info("scan: shard %s of run %s: %d checkpoints into %s", shard, run_id, len(ckpts), own)
+    elif force and Path(db_path).is_dir():  # an unsharded rescan replaces a sharded one's files
+        shards.check_split(db_path, run_id, 1, force)
     with load_errors("--base-model", base_path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(str(base_path), trust_remote_code=trust_remote_code)
     mon = DriftMonitor(cfg, tok)

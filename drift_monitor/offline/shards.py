@@ -109,6 +109,43 @@ def shard_files(db_dir: str | os.PathLike[str], run_id: str, n: int) -> list[Pat
     return [run_file(db_dir, run_id, (k, n)) for k in range(1, n + 1)]
 
 
+def other_splits(db_dir: str | os.PathLike[str], run_id: str, n: int) -> list[Path]:
+    """The files ``run_id`` has in ``db_dir`` from a scan split other than ``n`` ways (1: an
+    unsharded scan, whose file is ``<run>.duckdb``). Two splits of one run would hold the same
+    steps twice, so a scan does not add a second one (:func:`check_split`)."""
+    from ..store.many import run_file, shard_count, shard_of, store_files
+
+    stem = run_file(db_dir, run_id).stem
+    return [f for f in store_files(db_dir)
+            if shard_count(f) != n and (f.stem == stem if shard_of(f) is None else shard_of(f)[0] == stem)]
+
+
+def check_split(db_dir: str, run_id: str, n: int, force: bool) -> None:
+    """Refuse to scan ``run_id`` split ``n`` ways over files of another split, naming both fixes;
+    with ``force`` (rescan every step) remove those files, with their write-ahead logs, spools
+    and done markers, instead."""
+    import shutil
+
+    from ..store.many import run_file, shard_count
+
+    stale = other_splits(db_dir, run_id, n)
+    if stale and not force:
+        how = " or ".join(f"--shard K/{m}" if m > 1 else "no --shard" for m in sorted({shard_count(f) for f in stale}))
+        raise ShardError(f"run {run_id} already has files of a scan split another way in {db_dir} "
+                         f"({', '.join(f.name for f in stale)}): resume it split as before ({how}), or give "
+                         "--force to remove them and rescan every step")
+    for f in stale:
+        log.warning("scan --force: removing %s (run %s, scanned split another way)", f, run_id)
+        f.unlink(missing_ok=True)
+        Path(f"{f}.wal").unlink(missing_ok=True)
+        shutil.rmtree(f"{f}.spool", ignore_errors=True)
+    if force:
+        keep = _markers(db_dir, run_id, n).name
+        for folder in Path(db_dir).glob(f".{run_file(db_dir, run_id).stem}.shards-of-*"):
+            if folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 def _markers(db_dir: str | os.PathLike[str], run_id: str, n: int) -> Path:
     """Where shards leave their done markers (hidden: not a store file)."""
     from ..store.many import run_file

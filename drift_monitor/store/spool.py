@@ -46,11 +46,20 @@ class _Spool:
     def __init__(self, directory: Path):
         self.dir = directory
         self._seq = 0
+        # What the last listing (or put) of this process saw; True until the first listing, which
+        # finds what an earlier process left.
+        self._seen_waiting = True
 
     def pending(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.glob("*.zip") if not p.name.startswith("."))
+        found = sorted(p for p in self.dir.glob("*.zip") if not p.name.startswith(".")) if self.dir.is_dir() else []
+        self._seen_waiting = bool(found)
+        return found
+
+    def may_wait(self) -> bool:
+        """Whether a file may be waiting, as this process last saw it, without touching the
+        file system: asked at every training step, where a listing on NFS is a network round
+        trip. Files another process spools later are found by the next write's listing."""
+        return self._seen_waiting
 
     def put(self, op: _Op) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +67,7 @@ class _Spool:
         name = f"{time.time_ns():020d}-{os.getpid():07d}-{self._seq:06d}-{op.op_id[:8]}.zip"
         final = self.dir / name
         _write_atomic(final, op_bytes(op))
+        self._seen_waiting = True
         return final
 
     @staticmethod

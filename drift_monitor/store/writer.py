@@ -265,6 +265,11 @@ class Store:
         """Number of writes not yet in the database: spooled (on disk) plus queued (in memory)."""
         return len(self.spool.pending()) + len(self._queue)
 
+    def may_wait(self) -> bool:
+        """Whether writes of this process may wait, without a listing when none do (the
+        callback asks at every step; :meth:`pending` lists the spool folder)."""
+        return bool(self._queue) or self.spool.may_wait()
+
     def flush_spool(self, timeout_s: float | None = None) -> int:
         """Apply waiting writes (spooled, then queued) now; returns how many were applied (0 if
         the file is still busy or failing: they keep waiting)."""
