@@ -24,7 +24,10 @@ def test_a_real_prometheus_discovers_two_live_exporters_through_file_sd(tmp_path
         port = exp.serve(port=0)
         write_target(sd, "127.0.0.1", port)
         exporters.append(exp)
-    proc, base, log = start_prometheus(tmp_path, "  - job_name: drift_monitor\n    file_sd_configs:\n"
+    # README's scrape config: honor_labels keeps run_info's own hostname/job_id (the same values as
+    # the target's) instead of renaming them to exported_hostname/exported_job_id
+    proc, base, log = start_prometheus(tmp_path, "  - job_name: drift_monitor\n    honor_labels: true\n"
+                                                 "    file_sd_configs:\n"
                                                  f"      - files: ['{sd}/*.json']\n        refresh_interval: 1s\n")
     try:
         result = prom_query(base, "drift_monitor_explained_variance", want=2, timeout=40)
@@ -40,6 +43,9 @@ def test_a_real_prometheus_discovers_two_live_exporters_through_file_sd(tmp_path
         assert got == {"run-a": (f"127.0.0.1:{exporters[0].port}", 0.75),
                        "run-b": (f"127.0.0.1:{exporters[1].port}", 0.5)}, joined
         assert {r["metric"]["hook"] for r in joined} == {H1}
+        info = prom_query(base, "drift_monitor_run_info", want=2)
+        assert {r["metric"]["job_id"] for r in info} == {"4242"}
+        assert not [k for r in info for k in r["metric"] if k.startswith("exported_")], info
     finally:
         stop(proc)
         for exp in exporters:
