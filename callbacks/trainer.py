@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +50,7 @@ from transformers import TrainerCallback
 from drift_monitor.config import MonitorConfig
 from drift_monitor.recorder import guarded
 from drift_monitor.records import ADAPTER_HOOK_PREFIX, Snapshot, is_adapter_hook
+from drift_monitor.textfiles import write_json_atomic
 
 log = logging.getLogger("drift_monitor.callback")
 
@@ -275,9 +275,7 @@ class DriftMonitorCallback(TrainerCallback):
         data = {"run_id": self.run_id, "base_fingerprint": self.base_fingerprint,
                 "probe_hash": self.monitor.probe_hash, "done_steps": sorted(self.done_steps),
                 "alerts": self.recorder.alert_state() if self.recorder is not None else None}
-        tmp = ckpt / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, ckpt / STATE_FILE)
+        write_json_atomic(ckpt / STATE_FILE, data)
 
     def _requeued_run(self, args) -> str | None:
         """The unfinished run this output folder names, when this job starts it over from the same
@@ -298,10 +296,8 @@ class DriftMonitorCallback(TrainerCallback):
     def _write_run_file(self, args) -> None:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        data = {"run_id": self.run_id, "probe_hash": self.monitor.probe_hash, "base_fingerprint": self.base_fingerprint}
-        tmp = out / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, out / RUN_FILE)
+        write_json_atomic(out / RUN_FILE, {"run_id": self.run_id, "probe_hash": self.monitor.probe_hash,
+                                           "base_fingerprint": self.base_fingerprint})
 
     def _resume_state(self, args, state) -> dict | None:
         if state.global_step == 0:

@@ -1,4 +1,5 @@
-"""Reading the text files users give (configs, rules, probes, SAE training data), with one error line.
+"""Reading the text files users give (configs, rules, probes, SAE training data), with one error
+line; writing the small JSON files the tool leaves for others to read, whole or not at all.
 
 Why one place: every file a user names can be in the wrong encoding or hold a broken line, and
 the message must say which file (and line) and how to fix it, the same way everywhere. Each
@@ -39,3 +40,14 @@ def jsonl(path: str | os.PathLike[str], error: type[Exception], utf8_fix: str) -
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` through a hidden temporary file and a rename: a reader
+    (a resumed job, a Prometheus server watching the folder) sees the old file or the new one,
+    never half of one, even when the writer is killed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+    return path

@@ -23,10 +23,11 @@ half a file. Torch-free, like the rest of the exporters.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
+
+from ..textfiles import write_json_atomic
 
 #: Environment variables that name the cluster job, first found wins.
 JOB_ID_VARIABLES = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
@@ -54,11 +55,8 @@ def write_target(sd_dir: str | os.PathLike[str], host: str, port: int) -> Path:
     directory = Path(sd_dir)
     directory.mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"drift_monitor-{socket.gethostname()}-{port}")
-    path = directory / f"{name}.json"
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps([{"targets": [f"{advertised_host(host)}:{port}"], "labels": target_labels()}]))
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(directory / f"{name}.json",
+                             [{"targets": [f"{advertised_host(host)}:{port}"], "labels": target_labels()}])
 
 
 def remove_target(path: str | os.PathLike[str]) -> None:

@@ -113,11 +113,10 @@ def other_splits(db_dir: str | os.PathLike[str], run_id: str, n: int) -> list[Pa
     """The files ``run_id`` has in ``db_dir`` from a scan split other than ``n`` ways (1: an
     unsharded scan, whose file is ``<run>.duckdb``). Two splits of one run would hold the same
     steps twice, so a scan does not add a second one (:func:`check_split`)."""
-    from ..store.many import run_file, shard_count, shard_of, store_files
+    from ..store.many import run_stem, shard_count, store_files
 
-    stem = run_file(db_dir, run_id).stem
-    return [f for f in store_files(db_dir)
-            if shard_count(f) != n and (f.stem == stem if shard_of(f) is None else shard_of(f)[0] == stem)]
+    stem = _stem(db_dir, run_id)
+    return [f for f in store_files(db_dir) if run_stem(f) == stem and shard_count(f) != n]
 
 
 def check_split(db_dir: str, run_id: str, n: int, force: bool) -> None:
@@ -126,7 +125,8 @@ def check_split(db_dir: str, run_id: str, n: int, force: bool) -> None:
     and done markers, instead."""
     import shutil
 
-    from ..store.many import run_file, shard_count
+    from ..store.many import shard_count
+    from ..store.spool import spool_dir_of
 
     stale = other_splits(db_dir, run_id, n)
     if stale and not force:
@@ -138,19 +138,24 @@ def check_split(db_dir: str, run_id: str, n: int, force: bool) -> None:
         log.warning("scan --force: removing %s (run %s, scanned split another way)", f, run_id)
         f.unlink(missing_ok=True)
         Path(f"{f}.wal").unlink(missing_ok=True)
-        shutil.rmtree(f"{f}.spool", ignore_errors=True)
+        shutil.rmtree(spool_dir_of(f), ignore_errors=True)
     if force:
-        keep = _markers(db_dir, run_id, n).name
-        for folder in Path(db_dir).glob(f".{run_file(db_dir, run_id).stem}.shards-of-*"):
-            if folder.name != keep:
+        keep = _markers(db_dir, run_id, n)
+        for folder in Path(db_dir).glob(f".{_stem(db_dir, run_id)}.shards-of-*"):
+            if folder != keep:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stem(db_dir: str | os.PathLike[str], run_id: str) -> str:
+    """The file-name stem of ``run_id``'s files in ``db_dir`` (``<stem>[.shard-K-of-N].duckdb``)."""
+    from ..store.many import run_file
+
+    return run_file(db_dir, run_id).stem
 
 
 def _markers(db_dir: str | os.PathLike[str], run_id: str, n: int) -> Path:
     """Where shards leave their done markers (hidden: not a store file)."""
-    from ..store.many import run_file
-
-    return Path(db_dir) / f".{run_file(db_dir, run_id).stem}.shards-of-{n}"
+    return Path(db_dir) / f".{_stem(db_dir, run_id)}.shards-of-{n}"
 
 
 def begin(db_dir: str, run_id: str, shard: Shard) -> None:

@@ -96,6 +96,13 @@ def shard_number(path: str | os.PathLike[str]) -> int:
     return sh[1] if sh else 1
 
 
+def run_stem(path: str | os.PathLike[str]) -> str:
+    """The run part of a store file's name: ``<stem>`` of ``<stem>.shard-K-of-N.duckdb`` and of
+    ``<stem>.duckdb`` alike (what :func:`run_file` made of the run id)."""
+    sh = shard_of(path)
+    return sh[0] if sh else Path(path).stem
+
+
 def shard_count(path: str | os.PathLike[str]) -> int:
     """N of a shard file; 1 for a file that is no shard."""
     sh = shard_of(path)
@@ -116,8 +123,12 @@ def locate(runs: Any, run_id: str) -> tuple[str, str]:
 def unprefixed(store_file: str | os.PathLike[str], run_or_alert_id: str) -> str:
     """An id (run or alert) as the unit whose ``store_file`` this is knows it: without the
     ``<file stem>/`` a colliding unit's ids read with."""
-    prefix = f"{Path(store_file).stem}/"
-    return run_or_alert_id[len(prefix):] if run_or_alert_id.startswith(prefix) else run_or_alert_id
+    return strip_prefix(f"{Path(store_file).stem}/", run_or_alert_id)
+
+
+def strip_prefix(prefix: str, run_or_alert_id: str) -> str:
+    """An id without ``prefix`` (a colliding unit's ``<stem>/``, :func:`prefixes`), where it has it."""
+    return run_or_alert_id[len(prefix):] if prefix and run_or_alert_id.startswith(prefix) else run_or_alert_id
 
 
 def no_files(path: str | os.PathLike[str]) -> StoreNotFound:
@@ -202,7 +213,8 @@ def scan(con: duckdb.DuckDBPyConnection, attached: Sequence[tuple[str, Path]]) -
     if summary is not None:
         summary = summary.sort_by("_a")
         for i, a in enumerate(summary["_a"].to_pylist()):
-            rows[a] = (rows.get(a, (i, 0))[0], rows.get(a, (i, 0))[1] + 1)
+            first, n = rows.get(a, (i, 0))
+            rows[a] = (first, n + 1)
     out = []
     for alias, f in attached:
         mine = None

@@ -46,9 +46,10 @@ from .many import (
     shard_count,
     shard_number,
     store_files,
+    strip_prefix,
     unit_of,
 )
-from .spool import DUMP_SUFFIX, SpoolState, spool_state
+from .spool import DUMP_SUFFIX, SPOOL_SUFFIX, SpoolState, spool_state
 
 #: A file modified this recently (ns) when read is read again on the next call (module docstring).
 RACY_NS = 2_000_000_000
@@ -282,7 +283,7 @@ def spool_state_of(path: str | os.PathLike[str]) -> SpoolState:
             listing[f.parent] = os.listdir(f.parent)
     busy = set()
     for folder, names in listing.items():
-        spools = {n[: -len(".spool")] for n in names if n.endswith(".spool")}
+        spools = {n[: -len(SPOOL_SUFFIX)] for n in names if n.endswith(SPOOL_SUFFIX)}
         dumps = [n for n in names if n.endswith(DUMP_SUFFIX)]
         busy |= {f for f in files if f.parent == folder and (f.name in spools or any(d.startswith(f.name)
                                                                                       for d in dumps))}
@@ -309,8 +310,7 @@ def alert_file(path: str | os.PathLike[str], run_id: str, alert_id: str, timeout
     con = duckdb.connect(":memory:")
     try:
         for alias, f in attach(con, [i.path for i in mine], timeout_s, retries):
-            p = prefix[f]
-            raw = alert_id[len(p):] if p and alert_id.startswith(p) else alert_id
+            raw = strip_prefix(prefix[f], alert_id)
             if con.execute(f"SELECT count(*) FROM {alias}.alerts WHERE alert_id = ?", [raw]).fetchall()[0][0]:
                 return str(f), raw
     finally:

@@ -168,9 +168,18 @@ class SpoolState:
         return sum(self.pending.values())
 
 
+#: A store file's spool folder is the file's name plus this (:func:`spool_dir_of`).
+SPOOL_SUFFIX = ".spool"
+
+
+def spool_dir_of(db: str | os.PathLike[str]) -> Path:
+    """The spool folder of the store file ``db``: ``<db>.spool``, beside it."""
+    return Path(f"{db}{SPOOL_SUFFIX}")
+
+
 def spool_state(db: str | os.PathLike[str], spool_dir: str | os.PathLike[str] | None = None) -> SpoolState:
-    """Read the spool of ``db`` (default ``<db>.spool``) and the dump files beside ``db``."""
-    spool = _Spool(Path(spool_dir) if spool_dir is not None else Path(f"{db}.spool"))
+    """Read the spool of ``db`` (default :func:`spool_dir_of`) and the dump files beside ``db``."""
+    spool = _Spool(Path(spool_dir) if spool_dir is not None else spool_dir_of(db))
     state = SpoolState(spool.dir, quarantined=spool.quarantined())
     dumps = sorted(Path(db).parent.glob(f"{Path(db).name}*{DUMP_SUFFIX}"))
     state.dumps = dumps

@@ -38,7 +38,7 @@ from .dataset import refuse_write
 from .errors import StoreLocked, StoreUnwritable, is_transient
 from .ops import _APPLY, _apply_once, _Op
 from .schema import _upgrade_schema
-from .spool import DUMP_SUFFIX, CorruptSpoolFile, _Spool, write_dump
+from .spool import DUMP_SUFFIX, CorruptSpoolFile, _Spool, spool_dir_of, write_dump
 from .tables import (
     _alert_payload,
     _labels_table,
@@ -162,7 +162,7 @@ class Store:
         self.retry_timeout_s = float(retry_timeout_s)
         self.store_dead_features = store_dead_features
         self.refusal_top_n = int(refusal_top_n)
-        self.spool = _Spool(Path(spool_dir) if spool_dir is not None else Path(f"{self.path}.spool"))
+        self.spool = _Spool(Path(spool_dir) if spool_dir is not None else spool_dir_of(self.path))
         self._lock = _path_lock(self.path)
         self.max_queue_bytes = int(max_queue_bytes)
         self.fallback_dirs = [Path(d) for d in fallback_dirs]
