@@ -204,6 +204,26 @@ CATALOG: tuple[MetricSpec, ...] = (
     _m("refusal_direction_norm",
        "Norm of the current refusal direction (mean harmful - mean harmless activation at the refusal "
        "tokens).", "activation", _NEU),
+    # --- refusal gained and lost: the start model's refusal machinery at the post-instruction tokens
+    _m("refusal_retention",
+       "How much of the start model's refusal direction remains: (mean harmful - mean harmless activation "
+       "at the post-instruction tokens) projected on the start's, over the start's length. 1 at the start; "
+       "below 1 refusal is eroding, above 1 it is growing.", "ratio", _NEU, default_alert="refusal_erosion"),
+    _m("refusal_harmful_shift",
+       "How far the harmful probes' mean activation at the post-instruction tokens moved along the start's "
+       "refusal direction, in units of the start's harmful - harmless separation (0 at the start).",
+       "ratio", _NEU),
+    _m("refusal_post_cosine",
+       "Cosine between the current and the start's refusal directions at the post-instruction tokens.",
+       "cosine", _HI),
+    _m("refusal_feature_retention",
+       "Share of the start's refusal-feature contrast that remains: over the refusal_top_k base SAE features "
+       "with the largest harmful - harmless mean code at the post-instruction tokens in the start model, "
+       "the current contrast summed over the start's.", "ratio", _NEU),
+    _m("max_post_refusal_score",
+       "Largest new harmful-specific activity of a base SAE feature at the post-instruction tokens: its "
+       "harmful drift minus its harmless drift, in units of its strength floored at the SAE's typical "
+       "strength.", "score", _NEU),
     # --- the residual monitor: what the base SAE cannot represent
     _m("residual_energy_ratio",
        "Mean squared SAE error per token of the current model over the base's (1: nothing new; 2: twice the "

@@ -55,7 +55,7 @@ from .records import Snapshot
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "3"  # bump when what the cache holds changes (HookStats' states are keyed by STATE_LAYOUT)
+CACHE_VERSION = "4"  # bump when what the cache holds changes (HookStats' states are keyed by STATE_LAYOUT)
 
 
 @dataclass
@@ -65,6 +65,7 @@ class _HookBase:
     stats: HookStats
     pairs: dict[int, PairedBatch]  # batch index -> base tensors at that batch's selected tokens
     refusal: HookStats | None = None  # the base at the refusal tokens (ProbeBatch.refusal)
+    post: HookStats | None = None  # the base at the post-instruction tokens (ProbeBatch.post)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -166,8 +167,8 @@ class DriftMonitor:
                 # probe pass has collectives, so every rank must run it, or they pair up wrongly.
                 base = None
             if base is None:
-                stats, pairs, refusal = self._probe_pass(base_model, modules, base=None, desc="baseline")
-                base = {h: _HookBase(stats[h], pairs[h], refusal.get(h)) for h in stats}
+                stats, pairs, refusal, post = self._probe_pass(base_model, modules, base=None, desc="baseline")
+                base = {h: _HookBase(stats[h], pairs[h], refusal.get(h), post.get(h)) for h in stats}
                 if path is not None:
                     self._save_cache(path, base)
             else:
@@ -194,7 +195,8 @@ class DriftMonitor:
     def _set_base(self, base: dict[str, _HookBase], t0: float) -> Snapshot:
         self._base = base
         hooks = {h: b.stats.compute(b.stats, h, self.settings, self.directions.get(h),
-                                    refusal=_pair(b.refusal, b.refusal)) for h, b in base.items()}
+                                    refusal=_pair(b.refusal, b.refusal), post=_pair(b.post, b.post))
+                 for h, b in base.items()}
         self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
                                       n_tokens=self._n_tokens(base), duration_s=time.perf_counter() - t0,
                                       is_base=True)
@@ -206,10 +208,11 @@ class DriftMonitor:
             raise RuntimeError("call DriftMonitor.baseline(base_model) before snapshot(); the base is step 0")
         t0 = time.perf_counter()
         modules = self._bind(model)
-        stats, _, refusal = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
+        stats, _, refusal, post = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
         readers = self._residual_readers(model) if self.settings.residual_directions else {}
         hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings, self.directions.get(h),
-                                     refusal=_pair(refusal.get(h), self._base[h].refusal), reader=readers.get(h))
+                                     refusal=_pair(refusal.get(h), self._base[h].refusal),
+                                     post=_pair(post.get(h), self._base[h].post), reader=readers.get(h))
                  for h in stats}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -280,7 +283,8 @@ class DriftMonitor:
 
     @torch.no_grad()
     def _probe_pass(self, model: nn.Module, modules: dict[str, nn.Module], base: dict[str, _HookBase] | None,
-                    desc: str) -> tuple[dict[str, HookStats], dict[str, dict[int, PairedBatch]], dict[str, HookStats]]:
+                    desc: str) -> tuple[dict[str, HookStats], dict[str, dict[int, PairedBatch]], dict[str, HookStats],
+                                        dict[str, HookStats]]:
         device = torch.device(self.config.device) if self.config.device else model_device(model)
         for s in self.saes:
             s.sae.to(device)
@@ -290,6 +294,8 @@ class DriftMonitor:
         stats = {s.hook: HookStats(cats, s.d_in, s.d_sae, device, keep_residual) for s in self.saes}
         scored = self._scores_refusal()
         refusal = {s.hook: HookStats(cats, s.d_in, s.d_sae, device, False) for s in self.saes} if scored else {}
+        has_post = self._has_post()
+        post = {s.hook: HookStats(cats, s.d_in, s.d_sae, device, False) for s in self.saes} if has_post else {}
         pairs: dict[str, dict[int, PairedBatch]] = {s.hook: {} for s in self.saes}
         forward = _forward_fn(model)
         batches = self._my_batches()
@@ -332,11 +338,32 @@ class DriftMonitor:
                         rkeep = self._refusal_pass(s, acts[s.hook], batch, pair, limit, refusal[s.hook])
                         if pair is None:
                             kept.refusal_keep = rkeep.cpu()
+                    if has_post:
+                        self._token_pass(s, acts[s.hook], batch.post, batch.category, limit, post[s.hook])
                     if pair is None:
                         pairs[s.hook][bi] = kept
-        for st in list(stats.values()) + list(refusal.values()):
+        for st in list(stats.values()) + list(refusal.values()) + list(post.values()):
             st.all_reduce()
-        return stats, pairs, refusal
+        return stats, pairs, refusal, post
+
+    def _has_post(self) -> bool:
+        """Whether any probe has post-instruction tokens (harmful and harmless probes both present)."""
+        return any(bool(b.post.any()) for b in self.probes.batches)
+
+    @staticmethod
+    def _token_pass(s: HookedSAE, acts: torch.Tensor, mask: torch.Tensor, category: torch.Tensor, limit: float,
+                    stats: HookStats) -> None:
+        """A few tokens per probe (``mask``, e.g. the post-instruction tokens) into their own
+        statistics, densely encoded. Tokens above the base's massive-norm limit are left out (these
+        positions are never the attention sink, so in practice none are)."""
+        x = acts[mask]
+        cat = category[:, None].expand_as(mask)[mask]
+        keep = ~above_limit(x, limit)
+        x, cat = x[keep], cat[keep]
+        if x.shape[0]:
+            x_in = x.to(s.sae.dtype)
+            codes = s.sae.encode(x_in)
+            stats.update(x_in, s.sae.decode(codes), codes, cat)
 
     def _refusal_pass(self, s: HookedSAE, acts: torch.Tensor, batch: ProbeBatch, pair: PairedBatch | None,
                       limit: float, stats: HookStats) -> torch.Tensor:
@@ -427,6 +454,9 @@ class DriftMonitor:
             if b.refusal is not None:
                 for name, t in b.refusal.state_dict().items():
                     tensors[f"{i}/refusal/{name}"] = t.contiguous()
+            if b.post is not None:
+                for name, t in b.post.state_dict().items():
+                    tensors[f"{i}/post/{name}"] = t.contiguous()
             for bi, p in b.pairs.items():
                 tensors[f"{i}/pair/{bi}/x"] = p.x.cpu().contiguous()
                 tensors[f"{i}/pair/{bi}/top"] = p.top_idx.cpu().contiguous()
@@ -464,7 +494,12 @@ class DriftMonitor:
                     dec = HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, dstate) if dstate else None
                     if (dec is None) == self._scores_refusal():
                         raise ValueError("the cache was written with other refusal positions")
-                    out[s.hook] = _HookBase(st, pairs, dec)
+                    pstate = {k.split("/")[-1]: fh.get_tensor(k) for k in keys if k.startswith(f"{i}/post/")}
+                    post = (HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, pstate)
+                            if pstate else None)
+                    if (post is None) == self._has_post():
+                        raise ValueError("the cache was written without post-instruction statistics")
+                    out[s.hook] = _HookBase(st, pairs, dec, post)
             return out
         except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed, never fatal
             log.warning("ignoring unreadable baseline cache %s (%s)", path, e)

@@ -149,7 +149,10 @@ def reference(x, xhat, f, x0, xhat0, f0, cats, categories, *, k_max=100, dense=0
         hd, hld = drift("harmful"), drift("harmless")
         if not contrast:
             hld = np.zeros(S)
-        score = np.array([(hd[i] - hld[i]) / scale[i] if density0[i] < refusal_max_base and np.isfinite(scale[i])
+        # each strength floored at the base's typical one (the median strength of the features it fires)
+        typical = np.median([v for v in (strength(f0_all, i) for i in range(S)) if np.isfinite(v)])
+        score = np.array([(hd[i] - hld[i]) / max(scale[i], typical)
+                          if density0[i] < refusal_max_base and np.isfinite(scale[i])
                           else np.nan for i in range(S)])
         z = _robust_z(score)
         order = [i for i in np.argsort(-np.where(np.isnan(score), -np.inf, score), kind="stable")

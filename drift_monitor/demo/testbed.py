@@ -25,7 +25,6 @@ Everything is cached under ``~/.cache/drift_monitor/testbed/<key>``
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.util
 import json
 import os
@@ -261,32 +260,33 @@ def finetune(tb: TestBed, kind: str, out_dir: str | Path, *, callbacks: list | N
 
 
 # ----------------------------------------------------------------------------------- monitored runs
-#: Bump when what a monitored run stores changes (v5: config_json in sections), so that the cached
-#: runs are made again by the current callback rather than read from an older one.
-RUNS_VERSION = "5"
 KINDS = ("refusal", "control")
+#: The detection suite's scenarios that are the test bed's two runs (drift_monitor/demo/suite.py).
+SUITE_NAMES = {"refusal": "gain-A-50", "control": "control-chat"}
 
 
 @dataclass
 class TestBedRuns:
-    """Both fine-tunes, monitored live by the callback into one DuckDB file, with their adapter
-    checkpoints (what ``drift-monitor scan`` reads) and the measured behaviour."""
+    """Both fine-tunes, monitored live by the callback into one store directory, with their
+    adapter checkpoints (what ``drift-monitor scan`` reads) and the measured behaviour. They are
+    the detection suite's ``gain-A-50`` and ``control-chat`` runs (``suite.run_scenario``)."""
 
     path: Path
     every_n_steps: int
     run_ids: dict[str, str]
     timings: dict[str, float]
     behaviour: dict[str, dict[str, float]]
+    run_paths: dict[str, Path] = field(default_factory=dict)
 
     @property
     def db(self) -> Path:
-        return self.path / "drift.duckdb"
+        return self.path
 
     def checkpoints(self, kind: str) -> Path:
-        return self.path / kind
+        return self.run_paths[kind] / "checkpoints"
 
     def adapter(self, kind: str) -> Path:
-        return self.path / kind / "adapter"
+        return self.run_paths[kind] / "adapter"
 
 
 def monitor_config(tb: TestBed, db: str | Path, run_name: str, **sections: Any):
@@ -314,34 +314,19 @@ def refusal_rates(model: Any, tok: Any, max_new_tokens: int = 16) -> dict[str, f
 
 def build_runs(tb: TestBed, *, every_n_steps: int = 10, quiet: bool = False) -> TestBedRuns:
     """Run (or reuse from the cache) both monitored fine-tunes and measure their behaviour."""
-    from ..callbacks import DriftMonitorCallback
+    from .suite import run_scenario, scenario, store_dir
 
-    s = tb.settings
-    key = hashlib.sha256(json.dumps({"v": RUNS_VERSION, "every": every_n_steps, **asdict(s)},
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    path = tb.path / "runs" / key
-    done = path / "done.json"
-    if done.is_file():
-        d = json.loads(done.read_text())
-        return TestBedRuns(path, every_n_steps, d["run_ids"], d["timings"], d["behaviour"])
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)  # a half-built set of runs is rebuilt whole
-    path.mkdir(parents=True)
-    run_ids, timings, behaviour = {}, {}, {}
-    tok = tb.tokenizer()
-    for kind in KINDS:
-        cfg = monitor_config(tb, path / "drift.duckdb", f"testbed-{kind}", cadence={"every_n_steps": every_n_steps},
-                             baseline_cache_dir=str(path / "baseline_cache"))
-        cb = DriftMonitorCallback(cfg)
-        t0 = time.perf_counter()
-        model = finetune(tb, kind, path / kind, callbacks=[cb], save_steps=every_n_steps, quiet=quiet)
-        timings[f"{kind}_s"] = time.perf_counter() - t0
-        timings[f"{kind}_probe_s"] = cb.probe_seconds
-        model.save_pretrained(path / kind / "adapter")
-        run_ids[kind] = cb.run_id
-        behaviour[kind] = refusal_rates(model, tok)
-        _log(f"{kind}: {behaviour[kind]}", quiet)
-    behaviour["base"] = refusal_rates(tb.load_model(), tok)
-    done.write_text(json.dumps({"run_ids": run_ids, "timings": timings, "behaviour": behaviour}, indent=1))
-    return TestBedRuns(path, every_n_steps, run_ids, timings, behaviour)
+    if every_n_steps != 10:
+        raise ValueError("the test bed's runs are the detection suite's, monitored every 10 steps")
+    runs = {kind: run_scenario(tb, scenario(name), every_n_steps=every_n_steps, quiet=quiet)
+            for kind, name in SUITE_NAMES.items()}
+    last = {kind: r.behaviour[max(r.behaviour)] for kind, r in runs.items()}
+    behaviour = {kind: {k: v for k, v in b.items() if k.endswith("_rate")} for kind, b in last.items()}
+    base = runs["control"].behaviour[0]
+    behaviour["base"] = {k: v for k, v in base.items() if k.endswith("_rate")}
+    timings = {}
+    for kind, r in runs.items():
+        timings[f"{kind}_s"] = r.timings["train_s"]
+        timings[f"{kind}_probe_s"] = r.timings["probe_s"]
+    return TestBedRuns(store_dir(tb), every_n_steps, {k: r.run_id for k, r in runs.items()}, timings, behaviour,
+                       {k: r.path for k, r in runs.items()})

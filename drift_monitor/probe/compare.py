@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings,
             directions: Mapping[str, torch.Tensor] | None = None,
             refusal: tuple[HookStats, HookStats] | None = None,
-            reader: ResidualReader | None = None) -> HookResult:
+            reader: ResidualReader | None = None,
+            post: tuple[HookStats, HookStats] | None = None) -> HookResult:
     """The metrics of ``cur`` (the current model's statistics) against ``base`` (the base model's).
 
     ``directions`` ({name: [d] vector}, see ``drift_monitor.probe.directions``) adds the mean
@@ -49,6 +50,9 @@ def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings
     without it they are scored on the categories' selected tokens.
     ``reader`` reads the directions of new SAE error (the decoder's nearest feature, the logit
     lens); without it they are not computed.
+    ``post`` (current, base): statistics of the post-instruction tokens of the harmful and
+    harmless probes, where the start model's refusal machinery is read and its retention
+    measured (``_erosion``); without it those metrics are not computed.
     """
     s = settings
     n = cur.n.sum()
@@ -95,6 +99,8 @@ def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings
     if s.harmful_category in cats and s.harmless_category in cats:
         scores, refusal_metrics = _refusal(cur, base, base_density, s, refusal or (cur, base))
         metrics.update(refusal_metrics)
+        if post is not None:
+            metrics.update(_erosion(post[0], post[1], s))
     metrics.update(_direction_metrics(cur, base, directions or {}, s))
     residual = _residual(cur, base, s, reader)
     metrics["residual_energy_ratio"] = _energy_ratio(cur, base)
@@ -164,7 +170,11 @@ def _refusal(cur_sel: HookStats, base: HookStats, base_density: torch.Tensor, s:
         base_act, base_cnt = base_act + cur0.act_sum.sum(0), base_cnt + cur0.fire_count.sum(0)
     scale = M.firing_scale([(base_act, base_cnt), (cur_sel.act_sum.sum(0), cur_sel.fire_count.sum(0)),
                             (cur.act_sum.sum(0), cur.fire_count.sum(0))]).cpu()
-    score = M.refusal_scores(hd, contrast, scale, base_density.cpu(), s.refusal_max_base_density)
+    # floored at the SAE's typical strength: a feature that barely fires in the base must not score
+    # hundreds for a tiny drift (docs/metrics.md, "Refusal features")
+    typical = M.typical_firing_strength(base_act, base_cnt)
+    score = M.refusal_scores(hd, contrast, M.floored_scale(scale, typical), base_density.cpu(),
+                             s.refusal_max_base_density)
     fold = M.refusal_fold(cur.act_sum[h] / max(float(cur.n[h]), 1.0), cur0.act_sum[h] / max(float(cur0.n[h]), 1.0),
                           scale).cpu()
     z = M.robust_z(score)
@@ -179,6 +189,39 @@ def _refusal(cur_sel: HookStats, base: HookStats, base_density: torch.Tensor, s:
     metrics["refusal_direction_cosine"] = M.direction_cosine(r, M.difference_of_means(cur0.x_sum, cur0.n, h, hl))
     metrics["refusal_direction_norm"] = float(r.norm())
     return RefusalFeatures(hd.numpy(), hld.numpy(), score.numpy(), z.numpy(), emerging), metrics
+
+
+def _erosion(cur: HookStats, base: HookStats, s: MetricSettings) -> dict[str, float]:
+    """How much of the start model's refusal machinery remains, read at the post-instruction tokens
+    (docs/metrics.md, "Refusal gained and lost"). Both directions: above 1 refusal grew, below 1 it
+    faded. No SAE is needed for the direction signals; the feature signals read the base SAE."""
+    h = cur.categories.index(s.harmful_category)
+    hl = cur.categories.index(s.harmless_category)
+    nan = math.nan
+    if min(float(cur.n[h]), float(cur.n[hl]), float(base.n[h]), float(base.n[hl])) <= 0:
+        return {}
+    r0 = M.difference_of_means(base.x_sum, base.n, h, hl)
+    r = M.difference_of_means(cur.x_sum, cur.n, h, hl)
+    shift_h = M.mean_drift(cur.x_sum[h], cur.n[h], base.x_sum[h], base.n[h])
+    out = {
+        "refusal_retention": M.projection_ratio(r, r0),
+        "refusal_harmful_shift": M.projection_ratio(shift_h, r0),
+        "refusal_post_cosine": M.direction_cosine(r, r0),
+    }
+    # the start's own refusal features: the top ones by (harmful − harmless) mean code at these tokens
+    m = cur.act_sum / cur.n.clamp_min(1)[:, None]
+    m0 = base.act_sum / base.n.clamp_min(1)[:, None]
+    out["refusal_feature_retention"] = M.feature_retention(m[h] - m[hl], m0[h] - m0[hl], s.refusal_top_k) \
+        if s.refusal_top_k else nan
+    # new harmful-specific activity at these tokens, in units of a feature's strength (floored at the SAE's
+    # typical strength, so a feature that barely fires in the base cannot divide by a vanishing number)
+    scale = M.firing_scale([(base.act_sum.sum(0), base.fire_count.sum(0)), (cur.act_sum.sum(0), cur.fire_count.sum(0))])
+    typical = M.typical_firing_strength(base.act_sum.sum(0), base.fire_count.sum(0))
+    drift = (m[h] - m0[h]) - (m[hl] - m0[hl])
+    score = drift.double() / M.floored_scale(scale, typical)
+    finite = score[torch.isfinite(score)]
+    out["max_post_refusal_score"] = float(finite.max()) if finite.numel() else nan
+    return out
 
 
 def _direction_metrics(cur: HookStats, base: HookStats, directions: Mapping[str, torch.Tensor],

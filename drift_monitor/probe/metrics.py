@@ -292,6 +292,37 @@ def difference_of_means(x_sum: torch.Tensor, n: torch.Tensor, a: int, b: int) ->
     return x_sum[a] / n[a].clamp_min(1) - x_sum[b] / n[b].clamp_min(1)
 
 
+def projection_ratio(v: torch.Tensor, r0: torch.Tensor) -> float:
+    """(v · r̂⁰) / ‖r⁰‖: how much of the reference vector ``r0`` the vector ``v`` carries along it
+    (1 when v = r0, 0 when orthogonal, negative when opposed); NaN for a zero reference."""
+    r0 = r0.double()
+    den = float((r0 * r0).sum())
+    if not math.isfinite(den) or den == 0:
+        return math.nan
+    return float((v.double() * r0).sum()) / den
+
+
+def feature_retention(diff: torch.Tensor, diff0: torch.Tensor, top_k: int) -> float:
+    """Σ_F diff / Σ_F diff⁰ over F, the ``top_k`` features with the largest positive ``diff0``
+    (the start's harmful − harmless mean code): the share of the start's refusal-feature
+    contrast that remains. NaN when the start has no feature with a positive contrast."""
+    d0 = diff0.double()
+    k = min(int(top_k), int((d0 > 0).sum()))
+    if k == 0:
+        return math.nan
+    top = torch.topk(d0, k).indices
+    den = float(d0[top].sum())
+    return float(diff.double()[top].sum()) / den if den > 0 else math.nan
+
+
+def floored_scale(scale: torch.Tensor, typical: float) -> torch.Tensor:
+    """Each feature's strength, floored at the SAE's typical strength (NaN stays NaN): a score
+    divided by it reads in units of a feature's own strength, or of a typical feature's when the
+    feature's own is smaller, so no score can explode on a feature that barely fires."""
+    sc = scale.double()
+    return torch.where(torch.isfinite(sc), sc.clamp_min(max(float(typical), _EPS)), sc)
+
+
 def unit_rows(v: torch.Tensor) -> torch.Tensor:
     """Each row of ``v`` [D, d] scaled to unit length (float64); a zero row is an error, since a
     projection onto it would silently read 0 and hide any change."""

@@ -341,11 +341,15 @@ class ProbeBatch:
     #: [B, T] the tokens the refusal-feature scores read (docs/metrics.md, "Refusal features"):
     #: by default the teacher-forced refusal response of each harmful/harmless probe
     refusal: torch.Tensor
+    #: [B, T] the post-instruction tokens of each harmful/harmless probe (the end of the user's words
+    #: through the assistant header), where the model decides whether to refuse, whatever words it
+    #: then uses (Arditi et al.): the refusal-erosion and post-instruction signals read these
+    post: torch.Tensor
 
     def to(self, device: torch.device | str) -> ProbeBatch:
         return ProbeBatch(*(t.to(device, non_blocking=True) for t in
                             (self.input_ids, self.attention_mask, self.select, self.category, self.index,
-                             self.refusal)))
+                             self.refusal, self.post)))
 
     @property
     def n_selected(self) -> int:
@@ -436,18 +440,20 @@ def prepare_probes(
     order = list(order)
     sel = [_positions(it, selector_for(it.record.category), prompt_end_tokens, conv, special) for it in items]
     ref = [refusal.select(it, s, conv, special) for it, s in zip(items, sel)]
+    post = [_positions(it, "prompt_end", None, conv, special) if it.record.category in refusal.categories else []
+            for it in items]
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batches.append(_make_batch([items[i] for i in idx], [sel[i] for i in idx], [ref[i] for i in idx], idx,
-                                   cats, pad_id))
+        batches.append(_make_batch([items[i] for i in idx], [sel[i] for i in idx], [ref[i] for i in idx],
+                                   [post[i] for i in idx], idx, cats, pad_id))
     empty = [it.record.id for it, s in zip(items, sel) if not s]
     if empty:
         log.warning("%d probe(s) select no token (e.g. %s); check their position selector", len(empty), empty[:3])
     settings = {"max_length": max_length, "prompt_end_tokens": prompt_end_tokens,
                 "selectors": {c: selector_for(c) for c in cats}, "formats": {c: format_for(c) for c in cats},
                 "conventions": conv.to_metadata(), "categories": cats, "refusal": refusal.describe()}
-    return PreparedProbes(probe_set, cats, items, batches, _hash(items, sel, settings, ref), settings, order)
+    return PreparedProbes(probe_set, cats, items, batches, _hash(items, sel, settings, ref, post), settings, order)
 
 
 def _check_selectors(probe_set: ProbeSet, selector_for: Any) -> None:
@@ -501,8 +507,8 @@ def _positions(item: TokenizedProbe, selector: str, k: int | None, conv: TokenCo
     return list(pos)
 
 
-def _make_batch(items: list[TokenizedProbe], sel: list[list[int]], ref: list[list[int]], idx: list[int],
-                cats: list[str], pad_id: int) -> ProbeBatch:
+def _make_batch(items: list[TokenizedProbe], sel: list[list[int]], ref: list[list[int]], post: list[list[int]],
+                idx: list[int], cats: list[str], pad_id: int) -> ProbeBatch:
     T = max(len(it.input_ids) for it in items)
     B = len(items)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -511,7 +517,8 @@ def _make_batch(items: list[TokenizedProbe], sel: list[list[int]], ref: list[lis
     cat_index = {c: i for i, c in enumerate(cats)}
     category = torch.empty(B, dtype=torch.long)
     refusal = torch.zeros((B, T), dtype=torch.bool)
-    for row, (it, pos, rpos) in enumerate(zip(items, sel, ref)):  # per sequence, never per token
+    post_mask = torch.zeros((B, T), dtype=torch.bool)
+    for row, (it, pos, rpos, ppos) in enumerate(zip(items, sel, ref, post)):  # per sequence, never per token
         n = len(it.input_ids)
         input_ids[row, :n] = torch.tensor(it.input_ids, dtype=torch.long)
         attn[row, :n] = 1
@@ -519,10 +526,12 @@ def _make_batch(items: list[TokenizedProbe], sel: list[list[int]], ref: list[lis
             select[row, torch.tensor(pos, dtype=torch.long)] = True
         if rpos:
             refusal[row, torch.tensor(rpos, dtype=torch.long)] = True
+        if ppos:
+            post_mask[row, torch.tensor(ppos, dtype=torch.long)] = True
         if it.record.category not in cat_index:
             raise ProbeError(f"probe {it.record.id!r} has category {it.record.category!r}, not in {cats}")
         category[row] = cat_index[it.record.category]
-    return ProbeBatch(input_ids, attn, select, category, torch.tensor(idx, dtype=torch.long), refusal)
+    return ProbeBatch(input_ids, attn, select, category, torch.tensor(idx, dtype=torch.long), refusal, post_mask)
 
 
 def check_paired(current: PreparedProbes, base: PreparedProbes) -> None:
@@ -550,9 +559,9 @@ def _describe_keys(keys: list) -> str:
 
 
 def _hash(items: list[TokenizedProbe], sel: list[list[int]], settings: dict[str, Any],
-          ref: list[list[int]]) -> str:
+          ref: list[list[int]], post: list[list[int]]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for it, pos, rpos in zip(items, sel, ref):
-        h.update(json.dumps([it.record.id, it.record.category, it.prompt_len, it.input_ids, pos, rpos]).encode())
+    for it, pos, rpos, ppos in zip(items, sel, ref, post):
+        h.update(json.dumps([it.record.id, it.record.category, it.prompt_len, it.input_ids, pos, rpos, ppos]).encode())
     return h.hexdigest()[:16]

@@ -326,6 +326,7 @@ class HookStats:
     def compute(self, base: HookStats, hook: str, settings: MetricSettings,
                 directions: Mapping[str, torch.Tensor] | None = None,
                 refusal: tuple[HookStats, HookStats] | None = None,
-                reader: ResidualReader | None = None) -> HookResult:
+                reader: ResidualReader | None = None,
+                post: tuple[HookStats, HookStats] | None = None) -> HookResult:
         """The metrics of this (current) model against ``base``: ``compare.compare``, which see."""
-        return compare(self, base, hook, settings, directions, refusal, reader)
+        return compare(self, base, hook, settings, directions, refusal, reader, post)

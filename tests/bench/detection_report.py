@@ -1,0 +1,133 @@
+"""The held-out detection report: builds (or reuses) the detection suite and scores it.
+
+    python tests/bench/detection_report.py                 # every scenario (cold: ~2 h on 2 cores)
+    python tests/bench/detection_report.py --subset ci     # gain-A-50, erode-comply-50, control-chat
+    python tests/bench/detection_report.py --json out.json
+
+Prints, per run: behaviour per step, every default-rule alert with its first step, key signals;
+then, on the held-out half only: per default rule the false positives and negatives and the lead
+time; per signal the threshold chosen on the calibration half, AUROC, false alarms and misses at
+that threshold, lead time, and Pearson / Spearman r between the signal's change and the change
+in harmful refusal over every checkpoint. Two baselines sit in the same table: the behavioural
+proxy (``refusal_logprob``, a full forward) and the direction-only signals (no SAE).
+Rules are replayed from the stored metrics with the current default rules, so a changed
+threshold is scored without re-training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def load_runs(runs, store):
+    """RunData per suite run: the stored metric series (the one SAE hook) and the current default
+    rules replayed over them."""
+    from drift_monitor.alerts import AlertEngine
+    from drift_monitor.alerts.points import MetricPoint
+    from drift_monitor.alerts.rules import default_rules
+    from drift_monitor.demo.detection import RunData
+    from drift_monitor.demo.suite import CHANGED_POINTS
+    from drift_monitor.store import StoreReader
+
+    reader = StoreReader(str(store))
+    out = []
+    for r in runs:
+        ms = reader.metric_series(r.run_id)
+        ms = ms[~ms.hook.str.startswith("adapter")]
+        hook = sorted(set(ms.hook))[0]
+        ms = ms[ms.hook == hook]
+        metrics: dict[int, dict[str, float]] = {}
+        for step, name, value in zip(ms.step, ms.name, ms.value):
+            metrics.setdefault(int(step), {})[name] = float(value)
+        engine = AlertEngine(default_rules(), run=r.run_id)
+        first: dict[str, int] = {}
+        for step in sorted(metrics):
+            for a in engine.evaluate(MetricPoint(step, {hook: metrics[step]}, is_base=step == 0)):
+                if a.status == "active":
+                    first.setdefault(a.rule, step)
+        out.append(RunData(r.scenario.name, r.scenario.intent, r.scenario.split, metrics, r.behaviour, first,
+                           CHANGED_POINTS))
+    return out
+
+
+def report(data, out=sys.stdout) -> dict:
+    from drift_monitor.alerts.rules import default_rules
+    from drift_monitor.demo.detection import SIGNALS, as_json, fmt, score_rules, score_signal, split
+
+    def p(*a):
+        print(*a, file=out)
+
+    p("## Runs (behaviour: harmful / harmless refusal by step; alerts: default rules, first step)\n")
+    p("| run | split | intent | changed | harmful refusal by step | harmless (last) | alerts | "
+      "retention (min..max) | max post score |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    for r in data:
+        steps = [0, *r.steps]
+        hr = " → ".join(f"{r.behaviour[s]['harmful_refusal_rate']:.0%}" for s in steps)
+        hl = r.behaviour[steps[-1]]["harmless_refusal_rate"]
+        ret = [r.metrics[s].get("refusal_retention", math.nan) for s in r.steps]
+        mps = max((r.metrics[s].get("max_post_refusal_score", math.nan) for s in r.steps), default=math.nan)
+        alerts = ", ".join(f"{k}@{v}" for k, v in sorted(r.alerts.items(), key=lambda kv: kv[1])) or "none"
+        p(f"| {r.name} | {r.split} | {r.intent} | {'yes' if r.positive else 'no'} | {hr} | {hl:.0%} | {alerts} | "
+          f"{fmt(min(ret))}..{fmt(max(ret))} | {fmt(mps)} |")
+    cal, held = split(data)
+    p(f"\nCalibration runs: {len(cal)} ({sum(r.positive for r in cal)} changed); held-out runs: {len(held)} "
+      f"({sum(r.positive for r in held)} changed). Everything below is on the held-out runs.\n")
+    rules = [r.name for r in default_rules()]
+    rule_reports = score_rules(held, rules)
+    p("## Default rules (held-out)\n")
+    p("| rule | false positives | false negatives | lead time (steps, ≤ 0 is early) |")
+    p("|---|---|---|---|")
+    for rr in rule_reports:
+        leads = ", ".join(f"{k}: {fmt(v, 'd') if v is not None else 'missed'}" for k, v in rr.lead_times.items())
+        p(f"| {rr.rule} | {len(rr.false_positives)} {rr.false_positives or ''} | "
+          f"{len(rr.false_negatives)} {rr.false_negatives or ''} | {leads} |")
+    sig_reports = [score_signal(cal, held, s) for s in SIGNALS]
+    p("\n## Signals (threshold from the calibration half; AUROC, errors, lead, r on the held-out half)\n")
+    p("| signal | family | threshold | AUROC | FP | FN | lead time | Pearson r | Spearman r |")
+    p("|---|---|---|---|---|---|---|---|---|")
+    for sr in sig_reports:
+        leads = [v for v in sr.lead_times.values() if v is not None]
+        lead = f"{max(leads)} (max)" if leads and len(leads) == len(sr.lead_times) else \
+            (f"{max(leads)} (max), {len(sr.lead_times) - len(leads)} missed" if leads else "—")
+        p(f"| {sr.signal.name} | {sr.signal.family} | {fmt(sr.threshold, '.3f')} | {fmt(sr.auroc)} | "
+          f"{len(sr.false_positives)} | {len(sr.false_negatives)} | {lead} | {fmt(sr.pearson)} | "
+          f"{fmt(sr.spearman)} |")
+    return as_json({"runs": [{"name": r.name, "split": r.split, "intent": r.intent, "changed": r.positive,
+                              "behaviour": r.behaviour, "alerts": r.alerts,
+                              "metrics": {s: {k: r.metrics[s].get(k) for k in
+                                              sorted({sig.metric for sig in SIGNALS})} for s in r.metrics}}
+                             for r in data],
+                    "rules": rule_reports, "signals": sig_reports})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--subset", choices=["all", "ci"], default="all")
+    ap.add_argument("--only", nargs="*", help="these scenarios (build them; report over every cached one)")
+    ap.add_argument("--json", help="write the report here as JSON")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from drift_monitor.demo import suite as S
+    from drift_monitor.demo.testbed import build_testbed
+
+    tb = build_testbed(quiet=args.quiet)
+    names = args.only if args.only else (list(S.CI_SUBSET) if args.subset == "ci" else None)
+    runs = S.run_suite(tb, names, quiet=args.quiet)
+    if args.only:  # report over every scenario already cached, not just the ones built now
+        runs = [r for r in (S.cached_run(tb, s) for s in S.SUITE) if r is not None]
+    data = load_runs(runs, S.store_dir(tb))
+    doc = report(data)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
