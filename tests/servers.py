@@ -113,3 +113,67 @@ def prom_query(base: str, promql: str, want: int, timeout: float = 30.0) -> list
             break
         time.sleep(0.25)
     return result
+
+
+class WebhookReceiver:
+    """A real HTTP receiver on 127.0.0.1 that records every POST (path, headers, JSON body).
+
+    ``fail``: answer this many requests with HTTP 500 first. ``hang``: an Event the handler
+    waits on before answering (set it to let requests through; ``in_flight`` counts requests
+    received and not yet answered). Use as a context manager; ``url`` is its base URL.
+    """
+
+    def __init__(self, fail: int = 0, hang: object | None = None):
+        import http.server
+        import json
+        import threading
+
+        self.received: list[dict] = []
+        self.fail = fail
+        self.hang = hang
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        me = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with me.lock:
+                    me.in_flight += 1
+                try:
+                    if me.hang is not None:
+                        me.hang.wait(60)
+                    with me.lock:
+                        failing = me.fail > 0
+                        me.fail -= failing
+                        if not failing:
+                            me.received.append({"path": self.path, "headers": dict(self.headers),
+                                                "body": json.loads(data)})
+                    self.send_response(500 if failing else 200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                finally:
+                    with me.lock:
+                        me.in_flight -= 1
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WebhookReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.hang is not None:
+            self.hang.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def bodies(self) -> list[dict]:
+        with self.lock:
+            return [r["body"] for r in self.received]

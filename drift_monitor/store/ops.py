@@ -208,6 +208,28 @@ def _apply_verification(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
     _insert_arrow(con, "verifications", op.tables["verifications"])
 
 
+def _apply_notifications(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+    """Upsert notification rows by id. A delivery is never undone by an older state written
+    later (a spooled write applied after a newer one): ``notified_at`` once set stays, and
+    ``attempts`` only grows."""
+    p = op.payload
+    _ensure_run(con, p["run_id"], p["t"])
+    for r in p["rows"]:
+        con.execute(
+            """INSERT INTO notifications (notification_id, alert_id, run_id, target, event, rule, severity, hook, step,
+                                          message, value, threshold, created_at, notified_at, attempts, last_error)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (notification_id) DO UPDATE SET
+                 notified_at = coalesce(notifications.notified_at, excluded.notified_at),
+                 attempts = greatest(notifications.attempts, excluded.attempts),
+                 last_error = CASE WHEN coalesce(notifications.notified_at, excluded.notified_at) IS NULL
+                                   THEN excluded.last_error END""",
+            [r["notification_id"], r["alert_id"], r["run_id"], r["target"], r["event"], r["rule"], r["severity"],
+             r["hook"], int(r["step"]), r["message"], r["value"], r["threshold"], _ts(r["created_at"]),
+             _ts(r["notified_at"]) if r["notified_at"] is not None else None, int(r["attempts"]), r["last_error"]],
+        ).fetchall()
+
+
 def _apply_once(con: duckdb.DuckDBPyConnection, op: _Op) -> bool:
     """Apply a write that may have been applied before (a spool or dump file: the process may
     have died between the commit and the file's delete). Its id is recorded in the same
@@ -230,4 +252,5 @@ _APPLY: dict[str, Callable[[duckdb.DuckDBPyConnection, _Op], None]] = {
     "finish_run": _apply_finish_run,
     "ack_alert": _apply_ack_alert,
     "labels": _apply_labels,
+    "notifications": _apply_notifications,
 }

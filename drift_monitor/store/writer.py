@@ -237,6 +237,12 @@ class Store:
         return self._submit(_Op("alerts", {"run_id": rid, "t": time.time(),
                                            "alerts": [_alert_payload(rid, a) for a in alerts]}))
 
+    def write_notifications(self, rows: Iterable[Mapping[str, Any]], run_id: str | None = None) -> WriteOutcome:
+        """Store the delivery state of alert notifications (``Notification.row()`` dicts), upserted
+        by id (drift_monitor.notify)."""
+        rid = self._run(run_id)
+        return self._submit(_Op("notifications", {"run_id": rid, "t": time.time(), "rows": [dict(r) for r in rows]}))
+
     def acknowledge_alert(self, alert_id: str) -> WriteOutcome:
         """Mark an alert acknowledged (it stays active until its rule resolves it).
 
