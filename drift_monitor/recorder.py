@@ -41,6 +41,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import uuid
 import weakref
@@ -190,20 +191,15 @@ class RunRecorder:
             log.info("drift-monitor: %d undelivered notifications of run %s queued again", n, self.run_id)
 
     def _notify(self, alerts: list[Alert]) -> None:
-        """Hand the stored alert events to the notifier (never blocks), retry what is still
-        undelivered, and write the delivery state that changed since the last write."""
-        if self.notifier is None:
-            return
+        """Hand the stored alert events to the notifier (never blocks) and retry what is still
+        undelivered. Their states go to the store with the next write (:meth:`record`)."""
         self.notifier.retry_pending()
         self.notifier.submit(alerts)
-        self._write_notifications()
+        self._export_notifications()
 
-    def _write_notifications(self) -> None:
-        n = self.notifier
-        changes = n.changes()
-        if changes and self.store is not None:
-            self.store.write_notifications([c.row() for c in changes])
+    def _export_notifications(self) -> None:
         if self.exporter is not None:
+            n = self.notifier
             self.exporter.set_notifications(sent=n.sent, failed=n.failed, pending=n.pending())
 
     # ------------------------------------------------------------------ per snapshot
@@ -221,10 +217,16 @@ class RunRecorder:
                                                                      a.rule, a.message)
             outcome = None
             stored = alerts
+            # delivery states changed since the last write ride along with this one
+            states = self.notifier.changes() if self.notifier is not None and self.store is not None else []
             try:
                 if self.store is not None:
                     carried = self.alerts.unstored() if self.alerts is not None else alerts
-                    outcome = self.store.write(snap, carried)
+                    outcome = self.store.write(snap, carried, notifications=[s.row() for s in states])
+            except BaseException:
+                if states:
+                    self.notifier.unwritten(states)
+                raise
             finally:
                 if self.store is not None:
                     stored = self._confirm(outcome) + self._check_store()
@@ -362,12 +364,17 @@ class RunRecorder:
         from .notify import FINISH_WAIT_S
 
         n = self.notifier
+        deadline = time.monotonic() + FINISH_WAIT_S
+        n.drain(FINISH_WAIT_S)  # what is in flight first: a notification being sent is not queued twice
         n.retry_pending()
-        if not n.drain(FINISH_WAIT_S):
+        if not n.drain(max(0.0, deadline - time.monotonic())):
             log.warning("drift-monitor: %d notifications still undelivered at the end of run %s; they are in the "
                         "store (drift-monitor runs: undelivered_notifications)", n.pending(), self.run_id)
         n.close()
-        self._write_notifications()
+        changes = n.changes()
+        if changes and self.store is not None:
+            self.store.write_notifications([c.row() for c in changes])
+        self._export_notifications()
 
     def __enter__(self) -> RunRecorder:
         return self

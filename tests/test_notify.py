@@ -33,8 +33,8 @@ DROP = {"explained_variance_delta": -0.3}  # ev_drop (warning) fires
 
 
 def config(tmp_path, targets, **outputs) -> MonitorConfig:
-    return MonitorConfig(saes={HOOK: "x"}, outputs={"db_path": str(tmp_path / "drift.duckdb"), "notify": targets,
-                                                     "show_progress": False, **outputs})
+    outputs = {"db_path": str(tmp_path / "drift.duckdb"), "notify": targets, "show_progress": False, **outputs}
+    return MonitorConfig(saes={HOOK: "x"}, outputs=outputs)
 
 
 def wait_for(cond, timeout: float = 20.0) -> None:
@@ -166,18 +166,20 @@ def test_a_full_queue_leaves_notifications_pending_instead_of_blocking():
     assert sorted(b["rule"] for b in rx.bodies()) == ["rule0", "rule1", "rule2"]
 
 
-def test_an_unreachable_receiver_at_start_up_is_a_warning_and_the_alert_waits(tmp_path, caplog):
+@pytest.mark.parametrize("db", ["drift.duckdb", "runs/"], ids=["store-file", "store-directory"])
+def test_an_unreachable_receiver_at_start_up_is_a_warning_and_the_alert_waits(tmp_path, caplog, db):
     port = free_port()  # nothing listens there
-    cfg = config(tmp_path, [{"url": f"http://127.0.0.1:{port}/hook", "retries": 0}])
+    cfg = config(tmp_path, [{"url": f"http://127.0.0.1:{port}/hook", "retries": 0}], db_path=str(tmp_path / db))
     with caplog.at_level(logging.WARNING, logger="drift_monitor.notify"):
         rec = RunRecorder.open(cfg, probe_hash="p", run_id="r6", watch=False)
         rec.record(snap(0, is_base=True))
         rec.record(snap(10, **DROP))
         rec.finish()
     assert any("not reachable now" in r.getMessage() for r in caplog.records)
-    (row,) = StoreReader(tmp_path / "drift.duckdb").notifications("r6").itertuples()
+    reader = StoreReader(tmp_path / db)
+    (row,) = reader.notifications("r6").itertuples()
     assert row.attempts >= 2 and "Connection refused" in row.last_error  # tried, then retried at the end
-    assert StoreReader(tmp_path / "drift.duckdb").runs().undelivered_notifications.tolist() == [1]
+    assert reader.runs().undelivered_notifications.tolist() == [1]
 
 
 @pytest.mark.parametrize("target, fix", [

@@ -128,6 +128,12 @@ class Notifier:
             self._dirty.clear()
         return out
 
+    def unwritten(self, notifications: Iterable[Notification]) -> None:
+        """Hand ``notifications`` (from :meth:`changes`) out again with the next changes: the
+        write that carried them failed."""
+        with self._lock:
+            self._dirty.update(n.notification_id for n in notifications if n.notification_id in self._known)
+
     def pending(self) -> int:
         """Notifications not delivered yet."""
         with self._lock:

@@ -93,6 +93,8 @@ def _apply_snapshot(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
             _insert_arrow(con, name, op.tables[name])
     for alert in p["alerts"]:
         _apply_alert(con, alert)
+    if p.get("notifications"):
+        _upsert_notifications(con, p["notifications"])
     con.execute(
         "UPDATE runs SET last_step = greatest(coalesce(last_step, ?), ?), updated_at = ?, "
         "probe_hash = coalesce(probe_hash, ?) WHERE run_id = ?",
@@ -214,20 +216,29 @@ def _apply_notifications(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
     ``attempts`` only grows."""
     p = op.payload
     _ensure_run(con, p["run_id"], p["t"])
-    for r in p["rows"]:
+    _upsert_notifications(con, p["rows"])
+
+
+def _upsert_notifications(con: duckdb.DuckDBPyConnection, rows: list[Mapping[str, Any]]) -> None:
+    """One ``INSERT ... SELECT ... ON CONFLICT`` for all ``rows`` (a statement per row cost
+    tens of milliseconds each on a busy machine, inside a training step's write)."""
+    if not rows:
+        return
+    cols = COLUMNS["notifications"]
+    times = ("created_at", "notified_at")
+    table = pa.table({c: pa.array([_ts(r[c]) if c in times else r[c] for r in rows],
+                                  type=pa.timestamp("us") if c in times else None) for c in cols})
+    con.register("_dm_in_notifications", table)
+    try:
         con.execute(
-            """INSERT INTO notifications (notification_id, alert_id, run_id, target, event, rule, severity, hook, step,
-                                          message, value, threshold, created_at, notified_at, attempts, last_error)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            f"""INSERT INTO notifications ({", ".join(cols)}) SELECT {", ".join(cols)} FROM _dm_in_notifications
                ON CONFLICT (notification_id) DO UPDATE SET
                  notified_at = coalesce(notifications.notified_at, excluded.notified_at),
                  attempts = greatest(notifications.attempts, excluded.attempts),
                  last_error = CASE WHEN coalesce(notifications.notified_at, excluded.notified_at) IS NULL
-                                   THEN excluded.last_error END""",
-            [r["notification_id"], r["alert_id"], r["run_id"], r["target"], r["event"], r["rule"], r["severity"],
-             r["hook"], int(r["step"]), r["message"], r["value"], r["threshold"], _ts(r["created_at"]),
-             _ts(r["notified_at"]) if r["notified_at"] is not None else None, int(r["attempts"]), r["last_error"]],
-        ).fetchall()
+                                   THEN excluded.last_error END""").fetchall()
+    finally:
+        con.unregister("_dm_in_notifications")
 
 
 def _apply_once(con: duckdb.DuckDBPyConnection, op: _Op) -> bool:
