@@ -18,7 +18,7 @@ def need(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:
         pytest.fail(f"`{binary}` is not on PATH: run `bash scripts/install.sh --test` "
-                    f"(installs the Debian packages prometheus and prometheus-pushgateway)")
+                    f"(installs the Debian packages prometheus, prometheus-pushgateway and prometheus-alertmanager)")
     return path
 
 

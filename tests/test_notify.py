@@ -219,3 +219,30 @@ def test_a_notification_is_one_row_of_the_store_table():
     from drift_monitor.store import NOTIFICATION_COLUMNS
 
     assert tuple(f.name for f in dataclasses.fields(Notification)) == NOTIFICATION_COLUMNS
+
+
+def test_an_undelivered_notification_shows_in_runs_and_on_the_dashboard(tmp_path, capsys):
+    from test_dashboard import app, no_errors
+
+    from drift_monitor.cli import main
+
+    cfg = config(tmp_path, [{"url": f"http://127.0.0.1:{free_port()}/hook", "retries": 0, "name": "oncall"}])
+    rec = RunRecorder.open(cfg, probe_hash="p", run_id="r7", watch=False)
+    rec.record(snap(0, is_base=True))
+    rec.record(snap(10, **DROP))
+    rec.finish()
+    db = str(tmp_path / "drift.duckdb")
+    assert main(["runs", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "undelivered_notifications" in out
+    assert "1 alert notifications are not delivered (last error, oncall: URLError" in out
+
+    at = app(db, "Alerts")
+    no_errors(at)
+    assert any("1 alert notifications not delivered" in w.value and "oncall" in w.value for w in at.warning)
+    shown = next(d.value for d in at.dataframe if "attempts" in d.value.columns)
+    assert shown[["target", "event", "rule"]].values.tolist() == [["oncall", "raised", "ev_drop"]]
+    assert not shown["delivered"].iloc[0]
+    runs = app(db, "Runs")
+    no_errors(runs)
+    assert runs.dataframe[0].value["undelivered_notifications"].tolist() == [1]
