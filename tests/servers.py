@@ -79,16 +79,39 @@ class single_thread:
         torch.set_num_threads(self.n)
 
 
-def start_prometheus(tmp_path: Path, scrape_configs: str) -> tuple[subprocess.Popen, str, Path]:
+def start_prometheus(tmp_path: Path, scrape_configs: str, extra: str = "") -> tuple[subprocess.Popen, str, Path]:
     """A real Prometheus server scraping every second with ``scrape_configs`` (YAML, indented under
-    the key), ready: (process, base URL, log). Stop it with :func:`stop`."""
+    the key), ready: (process, base URL, log). ``extra``: more top-level YAML (rule_files,
+    alerting). Stop it with :func:`stop`."""
     binary = need("prometheus")
     port = free_port()
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n" + scrape_configs)
+    cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n" + extra + "scrape_configs:\n"
+                   + scrape_configs)
     log = tmp_path / "prometheus.log"
     proc = start([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                   f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base}/-/ready", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, base, log
+
+
+def start_alertmanager(tmp_path: Path, webhook_url: str) -> tuple[subprocess.Popen, str, Path]:
+    """A real Alertmanager (Debian's prometheus-alertmanager) routing every alert, at once and
+    with resolutions, to ``webhook_url``; ready: (process, base URL, log). Stop it with :func:`stop`."""
+    binary = need("prometheus-alertmanager")
+    port = free_port()
+    cfg = tmp_path / "alertmanager.yml"
+    cfg.write_text("route:\n  receiver: hook\n  group_by: [alertname, run, hook]\n  group_wait: 1s\n"
+                   "  group_interval: 1s\n  repeat_interval: 1h\nreceivers:\n  - name: hook\n"
+                   f"    webhook_configs:\n      - url: {webhook_url}\n        send_resolved: true\n")
+    log = tmp_path / "alertmanager.log"
+    proc = start([binary, f"--config.file={cfg}", f"--storage.path={tmp_path / 'am'}",
+                  f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"], log)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{base}/-/ready", proc, log)
