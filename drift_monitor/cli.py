@@ -53,8 +53,13 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(f"{args.db}: no runs yet")
     else:
         cols = [c for c in ("run_id", "name", "status", "model", "last_step", "n_snapshots", "active_alerts",
-                            "pending_writes", "updated_at") if c in df.columns]
+                            "pending_writes", "undelivered_notifications", "updated_at") if c in df.columns]
         print(df[cols].to_string(index=False))
+        waiting = int(df["undelivered_notifications"].sum())
+        if waiting:
+            last = reader.notifications(undelivered=True).iloc[0]
+            print(f"{waiting} alert notifications are not delivered (last error, {last.target}: {last.last_error}); "
+                  "they are retried at the run's next snapshot and at its end")
     spool = reader.spool_state()
     if spool.n_pending:
         print(f"{spool.n_pending} writes are not in the database yet (in {spool.spool_dir}"

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 #: Settings that belong to one process (where it writes, what it serves, which device): a stored
 #: run's configuration is rebuilt without them (:meth:`MonitorConfig.stored_settings`).
 PER_PROCESS = ("db_path", "run_name", "device", "show_progress", "prometheus_port", "prometheus_host",
-               "pushgateway_url", "keep_pushed", "prometheus_sd_dir", "fail_fast")
+               "pushgateway_url", "keep_pushed", "prometheus_sd_dir", "fail_fast", "notify")
 
 
 class ConfigDeprecationWarning(DeprecationWarning):
@@ -287,6 +287,10 @@ def _is_description(v: Any) -> bool:
 def _jsonable(v: Any) -> Any:
     if isinstance(v, Mapping):
         return dict(v)
+    if hasattr(v, "to_dict") and not isinstance(v, type):  # e.g. a webhook target: its templates, no secret
+        return v.to_dict()
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
     return v if v is None or isinstance(v, (str, int, float, bool, list)) else _describe(v)
 
 

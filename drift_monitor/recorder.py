@@ -23,6 +23,12 @@ waiting (``drift_monitor_store_pending``), and alerts count as raised only once 
 carries them is durable (:class:`~drift_monitor.alerts.AlertEngine`, ``confirm_writes``). What
 still cannot be written when the run ends is dumped to a file and its replay command logged.
 
+Alerts reach people through ``outputs.notify`` (:mod:`drift_monitor.notify`): each alert the
+recorder stores (raised or resolved) is handed to a :class:`~drift_monitor.notify.Notifier`,
+whose own thread sends it, so no step waits on a webhook. Its delivery state goes to the store
+with the recorder's next write; undelivered notifications are retried at every snapshot and at
+the end, and a resumed run reads them back so that none is sent twice.
+
 The run's end is recorded honestly (:class:`RunEndWatch`): ``finished``, ``failed`` (an
 exception), ``interrupted`` (KeyboardInterrupt) or ``preempted`` (SIGTERM).
 """
@@ -35,6 +41,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import uuid
 import weakref
@@ -80,6 +87,7 @@ class RunRecorder:
     store: Any = None  # drift_monitor.store.Store
     alerts: Any = None  # drift_monitor.alerts.AlertEngine
     exporter: Any = None  # drift_monitor.exporters.prometheus.PrometheusExporter
+    notifier: Any = None  # drift_monitor.notify.Notifier (outputs.notify)
     push_job: str = "drift_monitor"
     prometheus_port: int | None = None
     errors: int = 0
@@ -141,6 +149,8 @@ class RunRecorder:
                   push_key={"run": run_id, "shard": f"{shard[0]}-of-{shard[1]}"} if shard else None)
         if outputs.prometheus_port is not None or outputs.pushgateway_url:
             rec._guard("prometheus", rec._open_exporter, model_name, probe_hash)
+        if outputs.notify and engine is not None:  # a shard has no alerts; the run's are notified at its end
+            rec._open_notifier(name)
         if watch:
             rec._watch = RunEndWatch(rec).install()
         return rec
@@ -164,6 +174,34 @@ class RunRecorder:
                                               self.prometheus_port)
                 log.info("drift-monitor: Prometheus file_sd target %s", self.sd_target)
 
+    def _open_notifier(self, run_name: str | None) -> None:
+        from .notify import Notifier
+        from .store import alert_id
+
+        self.notifier = Notifier(self.config.outputs.notify, self.run_id, run_name, alert_id=alert_id)
+        if self.store is not None:  # a resumed run: what was delivered is not sent again, the rest is retried
+            self._guard("read the run's notifications", self._load_notifications)
+
+    def _load_notifications(self) -> None:
+        from .store import StoreReader
+
+        rows = StoreReader(self.store.path).notifications(self.run_id).to_dict("records")
+        n = self.notifier.load(rows)
+        if n:
+            log.info("drift-monitor: %d undelivered notifications of run %s queued again", n, self.run_id)
+
+    def _notify(self, alerts: list[Alert]) -> None:
+        """Hand the stored alert events to the notifier (never blocks) and retry what is still
+        undelivered. Their states go to the store with the next write (:meth:`record`)."""
+        self.notifier.retry_pending()
+        self.notifier.submit(alerts)
+        self._export_notifications()
+
+    def _export_notifications(self) -> None:
+        if self.exporter is not None:
+            n = self.notifier
+            self.exporter.set_notifications(sent=n.sent, failed=n.failed, pending=n.pending())
+
     # ------------------------------------------------------------------ per snapshot
     def record(self, snap: Snapshot) -> list[Alert]:
         """Evaluate the rules over the run's history, write the snapshot and its alerts in one
@@ -179,13 +217,21 @@ class RunRecorder:
                                                                      a.rule, a.message)
             outcome = None
             stored = alerts
+            # delivery states changed since the last write ride along with this one
+            states = self.notifier.changes() if self.notifier is not None and self.store is not None else []
             try:
                 if self.store is not None:
                     carried = self.alerts.unstored() if self.alerts is not None else alerts
-                    outcome = self.store.write(snap, carried)
+                    outcome = self.store.write(snap, carried, notifications=[s.row() for s in states])
+            except BaseException:
+                if states:
+                    self.notifier.unwritten(states)
+                raise
             finally:
                 if self.store is not None:
                     stored = self._confirm(outcome) + self._check_store()
+                if self.notifier is not None:
+                    self._guard("notify", self._notify, stored)
                 if self.exporter is not None:
                     # update() also records snap.duration_s in drift_monitor_probe_duration_seconds
                     self.exporter.update(snap, stored, active=self._active())
@@ -290,6 +336,8 @@ class RunRecorder:
         if self._watch is not None:
             self._watch.uninstall()
         with self._busy_section():
+            if self.notifier is not None:
+                self._guard("notify", self._finish_notifications)
             if self.store is not None:
                 try:
                     self.store.finish_run(status)
@@ -310,6 +358,23 @@ class RunRecorder:
                             self.push_job, self.push_key)
             else:
                 self.push()
+
+    def _finish_notifications(self) -> None:
+        """Retry what is undelivered, wait for it (bounded: FINISH_WAIT_S), store the final state."""
+        from .notify import FINISH_WAIT_S
+
+        n = self.notifier
+        deadline = time.monotonic() + FINISH_WAIT_S
+        n.drain(FINISH_WAIT_S)  # what is in flight first: a notification being sent is not queued twice
+        n.retry_pending()
+        if not n.drain(max(0.0, deadline - time.monotonic())):
+            log.warning("drift-monitor: %d notifications still undelivered at the end of run %s; they are in the "
+                        "store (drift-monitor runs: undelivered_notifications)", n.pending(), self.run_id)
+        n.close()
+        changes = n.changes()
+        if changes and self.store is not None:
+            self.store.write_notifications([c.row() for c in changes])
+        self._export_notifications()
 
     def __enter__(self) -> RunRecorder:
         return self

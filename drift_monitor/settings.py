@@ -308,10 +308,16 @@ class OutputSettings(_Section):
     #: delete, so a finished run's values are not scraped as current forever.
     keep_pushed: bool = setting(False, boolean)
     show_progress: bool = setting(True, boolean)
+    #: Webhook targets of alert notifications (drift_monitor.notify): a list of URLs or mappings
+    #: {url, min_severity, format, headers, name, timeout_s, retries}; checked at start-up.
+    notify: list[Any] = setting(factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.db_path, Path):
             self.db_path = str(self.db_path)
+        from .notify.targets import parse_targets
+
+        self.notify = parse_targets(self.notify)
         super().__post_init__()
 
 

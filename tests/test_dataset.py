@@ -21,6 +21,7 @@ from store_fixtures import HOOK, make_snapshot
 from test_dashboard import app, no_errors
 
 from drift_monitor.cli import build_parser, dashboard_command, main
+from drift_monitor.notify import Notification
 from drift_monitor.records import (
     PROJECTION,
     PROJECTION_DELTA,
@@ -70,6 +71,12 @@ def store(tmp_path_factory):
                                       ConditionResult("ablated", [], 0.2, 0.1, 0.3, 5, 5)],
                        VerifySettings(), [1.0], run_id=NUMERIC, step=20)
     assert Store(db, run_id=NUMERIC).write_verification(res) == "committed"
+    # a delivered and an undelivered alert notification (drift_monitor.notify)
+    delivered = Notification.of(Alert("ev_drop", "warning", 10, HOOK, "m"), "a1", ODD, "team")
+    delivered.notified_at, delivered.attempts = 1.7e9, 1
+    waiting = Notification.of(Alert("ev_drop", "warning", 20, HOOK, "m"), "a2", NUMERIC, "team")
+    waiting.attempts, waiting.last_error = 2, "URLError: refused"
+    assert Store(db, run_id=ODD).write_notifications([delivered.row(), waiting.row()]) == "committed"
     return db
 
 
@@ -94,6 +101,7 @@ CALLS = {
     "resolve_run": [(ODD,), ("numeric",)],
     "verifications": [(), (NUMERIC,), (ODD, HOOK)],
     "residual_directions": [(ODD,), (NUMERIC, HOOK, [20])],
+    "notifications": [(), (ODD,), (NUMERIC, True)],
     "labels": [(HOOK,), ("no-such-hook",)],
     "metric_sparklines": [(["l0", "explained_variance"],), (["l0"], 2)],
     "metric_names": [(), (ODD,)], "all_hooks": [()],
@@ -142,6 +150,7 @@ def test_every_reader_method_reads_the_dataset_as_the_store(store, dataset):
     assert ds.schema_version() == SCHEMA_VERSION
     assert ds.alerts(run_id=ODD).acknowledged.sum() == 1 and len(ds.labels(HOOK)) == 2
     assert len(ds.verifications(NUMERIC)) == 2 and len(ds.residual_directions(ODD)) == 4
+    assert ds.runs().set_index("run_id").undelivered_notifications.to_dict() == {ODD: 0, NUMERIC: 1}
 
 
 def test_run_ids_come_back_exactly_from_escaped_folders(dataset):

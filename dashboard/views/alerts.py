@@ -1,5 +1,6 @@
 """Alerts: active and resolved, filtered by severity and rule; acknowledge (Store.acknowledge_alert),
-unless the dashboard runs with ``--read-only``."""
+unless the dashboard runs with ``--read-only``. Below them, the webhook notifications of the alerts
+(drift_monitor.notify) with their delivery state, undelivered ones first and called out."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def body(ctx: PageContext) -> None:
         cols = ["severity", "rule", "run_id", "step", "hook", "status", "acknowledged", "value", "threshold",
                 "message", "resolved_step", "alert_id"]
         st.dataframe(df[cols], hide_index=True, width="stretch")
+    notifications(r, None if run == "(all runs)" else run)
     open_ = df[(df["status"] == "active") & ~df["acknowledged"].fillna(False).astype(bool)] if not df.empty else df
     if not open_.empty:
         st.subheader("Acknowledge")
@@ -53,6 +55,22 @@ def body(ctx: PageContext) -> None:
                 st.success(f"Acknowledged {labels[aid]}.")
             else:
                 st.warning("The database was busy; the acknowledgement is queued and applied with the next write.")
+
+
+def notifications(r, run: str | None) -> None:
+    """The notifications of ``run`` (None: every run): an undelivered one is an error to see."""
+    df = r.notifications(run_id=run)
+    if df.empty:
+        return
+    st.subheader("Notifications")
+    waiting = df[df["notified_at"].isna()]
+    if len(waiting):
+        last = waiting.iloc[0]
+        st.warning(f"{len(waiting)} alert notifications not delivered (last error, {last['target']}: "
+                 f"{last['last_error']}). They are retried at every snapshot and at the end of the run.")
+    df = df.assign(delivered=df["notified_at"].notna()).sort_values(["delivered", "step"], ascending=[True, False])
+    st.dataframe(df[["delivered", "target", "event", "severity", "rule", "run_id", "step", "hook", "notified_at",
+                     "attempts", "last_error"]], hide_index=True, width="stretch", key="al_notifications")
 
 
 if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)

@@ -22,8 +22,8 @@ def runs_table(r: StoreReader) -> pd.DataFrame:
     if runs.empty:
         return runs
     spark = r.metric_sparklines(KEY_METRICS, last_n=50)
-    out = runs[["name", "run_id", "status", "last_step", "n_snapshots", "active_alerts", "pending_writes", "model",
-                "updated_at"]].copy()
+    out = runs[["name", "run_id", "status", "last_step", "n_snapshots", "active_alerts", "pending_writes",
+                "undelivered_notifications", "model", "updated_at"]].copy()
     for name in KEY_METRICS:
         sub = spark[spark["name"] == name].set_index("run_id")["values"]
         out[name] = [list(sub[rid]) if rid in sub.index else [] for rid in out["run_id"]]
@@ -54,6 +54,9 @@ def body(ctx: PageContext) -> None:
     cfg["active_alerts"] = st.column_config.NumberColumn("active alerts", format="%d")
     cfg["pending_writes"] = st.column_config.NumberColumn("pending writes", format="%d",
                                                           help="writes not in the database yet (spooled or dumped)")
+    cfg["undelivered_notifications"] = st.column_config.NumberColumn(
+        "undelivered notifications", format="%d", help="alert webhooks not delivered yet (outputs.notify); "
+                                                        "see the Alerts page for the error")
     picked = st.dataframe(df, hide_index=True, column_config=cfg, width="stretch", key="runs_table",
                           on_select="rerun", selection_mode="single-row")
     st.caption(f"{len(df)} runs; sparklines show the mean over hooks of the last 50 snapshots. "

@@ -174,10 +174,35 @@ def _eval_sudden(rule: AlertRule, hook: str, cur: MetricPoint, hist: list[Metric
     return _cond(rule, hook, top_z, firing, msg)
 
 
+def _eval_change_window(rule: AlertRule, hook: str, cur: MetricPoint, hist: list[MetricPoint],
+                        base: MetricPoint | None) -> Condition | None:
+    v = cur.value(hook, rule.metric)
+    if v is None:
+        return None
+    series = [x for p in hist if (x := p.value(hook, rule.metric)) is not None] + [v]
+    n, m = int(rule.window), int(rule.prior)
+    if len(series) < n + m:
+        return None  # not enough snapshots yet: no verdict (an active alert stays active)
+    now, before = float(np.mean(series[-n:])), float(np.mean(series[-(n + m):-n]))
+    d = now - before
+    if rule.change == "relative":
+        d = d / abs(before) if before != 0 else (0.0 if d == 0 else math.copysign(math.inf, d))
+    size = {"increase": d, "decrease": -d, "either": abs(d)}[str(rule.direction)]
+    firing = size > rule.threshold
+    unit = "%" if rule.change == "relative" else ""
+    shown = (lambda x: f"{_fmt(100.0 * x, '+.3g')}%") if unit else (lambda x: _fmt(x, "+.4g"))
+    way = {"increase": "a rise", "decrease": "a fall", "either": "a change"}[str(rule.direction)]
+    msg = (f"{rule.metric} mean of the last {n} snapshots {now:.4g} vs {before:.4g} over the {m} before: "
+           f"{shown(d)} at {hook} ({'more than' if firing else 'within'} {way} of "
+           f"{shown(rule.threshold).lstrip('+')})")
+    return _cond(rule, hook, d, firing, msg)
+
+
 _EVALUATORS: dict[str, Callable[..., Condition | None]] = {
     "threshold": _eval_threshold,
     "ev_drop": _eval_ev_drop,
     "emerging_refusal": _eval_emerging,
     "sudden_change": _eval_sudden,
     "nonfinite": _eval_nonfinite,
+    "change_window": _eval_change_window,
 }

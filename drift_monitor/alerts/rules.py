@@ -15,6 +15,11 @@ Rule kinds:
                       snapshot-to-snapshot change of each watched metric against the run's
                       earlier changes (see :func:`drift_monitor.robust.robust_change_z`).
 ``nonfinite``         a share of probe tokens with NaN/inf activations above ``threshold`` (0).
+``change_window``     W&B's "run metric change threshold": the mean of ``metric`` over the last
+                      ``window`` snapshots against its mean over the ``prior`` snapshots before
+                      them, as a ``relative`` (default) or ``absolute`` change, firing when it
+                      moves by more than ``threshold`` in ``direction`` (increase, decrease or
+                      either, the default).
 
 Imports only the stdlib, PyYAML and :mod:`drift_monitor.catalog` (no torch).
 """
@@ -37,8 +42,13 @@ from drift_monitor import catalog
 from drift_monitor.errors import DriftMonitorError, first_line, invalid_yaml
 from drift_monitor.textfiles import read_utf8
 
-Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite"]
-KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite")
+Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite", "change_window"]
+KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite", "change_window")
+#: ``change_window``: how the change is measured, and which way counts.
+CHANGES: tuple[str, ...] = ("relative", "absolute")
+DIRECTIONS: tuple[str, ...] = ("either", "increase", "decrease")
+#: ``change_window`` defaults: the last 3 snapshots against the 5 before them.
+_WINDOW_DEFAULTS: dict[str, Any] = {"window": 3, "prior": 5, "change": "relative", "direction": "either"}
 SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 
 #: Comparison operators of ``threshold`` rules, with the words used in messages.
@@ -73,6 +83,7 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "emerging_refusal": {"threshold": 0.0, "severity": "warning", "metric": "n_emerging_refusal_features"},
     "sudden_change": {"threshold": 6.0, "severity": "warning", "metric": None},
     "nonfinite": {"threshold": 0.0, "severity": "critical", "metric": "nonfinite_fraction"},
+    "change_window": {"threshold": None, "severity": "warning", "metric": None},
 }
 
 
@@ -98,7 +109,11 @@ class AlertRule:
     ``ev_drop`` – the largest allowed drop of explained variance below the base's (0.1);
     ``emerging_refusal`` – the count of emerging refusal features that is still fine (0);
     ``sudden_change`` – the |robust z| above which a change is sudden (6);
-    ``nonfinite`` – the share of non-finite tokens that is still fine (0).
+    ``nonfinite`` – the share of non-finite tokens that is still fine (0);
+    ``change_window`` – the largest allowed change of the window's mean (a fraction of the prior
+    mean when ``change`` is relative, e.g. 0.2; in the metric's units when absolute).
+    ``window``, ``prior``, ``change``, ``direction``: ``change_window`` only (defaults 3, 5,
+    relative, either).
     ``severity`` and ``threshold`` default per kind (``nonfinite`` is critical, the rest warn).
     ``min_history`` (sudden_change only) is the number of earlier non-base snapshots needed
     before the rule can fire. ``hooks`` limits the rule to those hooks (None: every hook).
@@ -114,6 +129,10 @@ class AlertRule:
     metrics: list[str] | None = None
     hooks: list[str] | None = None
     description: str = ""
+    window: int | None = None
+    prior: int | None = None
+    change: str | None = None
+    direction: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -130,7 +149,7 @@ class AlertRule:
         # threshold
         if self.threshold is None:
             if d["threshold"] is None:
-                raise AlertRuleError(f"{where}: kind 'threshold' needs a threshold (e.g. threshold: 0.25)")
+                raise AlertRuleError(f"{where}: kind {self.kind!r} needs a threshold (e.g. threshold: 0.25)")
             self.threshold = d["threshold"]
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
                 or not math.isfinite(self.threshold):
@@ -140,6 +159,10 @@ class AlertRule:
             raise AlertRuleError(f"{where}: an ev_drop threshold is the size of the drop below the base's "
                                  f"explained variance (e.g. 0.1), not the delta; got {self.threshold!r}, "
                                  f"did you mean {-self.threshold!r}?")
+        if self.kind == "change_window" and self.threshold <= 0:
+            raise AlertRuleError(f"{where}: a change_window threshold is the size of the change (e.g. 0.2 for 20%; "
+                                 f"direction says which way), got {self.threshold!r}")
+        self._check_window(where)
         if self.kind == "sudden_change" and self.threshold <= 0:
             raise AlertRuleError(f"{where}: a sudden_change threshold is a |robust z| (e.g. 6), got {self.threshold!r}")
         # op
@@ -173,9 +196,9 @@ class AlertRule:
                                      f"use metric for kind {self.kind!r}")
             if isinstance(self.min_history, bool) or not isinstance(self.min_history, int) or self.min_history < 0:
                 raise AlertRuleError(f"{where}: min_history must be a non-negative integer, got {self.min_history!r}")
-            if self.kind == "threshold":
+            if self.kind in ("threshold", "change_window"):
                 if self.metric is None:
-                    raise AlertRuleError(f"{where}: kind 'threshold' needs a metric, e.g. features_drifted_ratio")
+                    raise AlertRuleError(f"{where}: kind {self.kind!r} needs a metric, e.g. features_drifted_ratio")
                 self._check_metric(self.metric)
             else:
                 fixed = d["metric"]
@@ -186,6 +209,26 @@ class AlertRule:
                                          f"{self.metric!r} or use kind 'threshold' for it")
         if not isinstance(self.description, str):
             raise AlertRuleError(f"{where}: description must be a string")
+
+    def _check_window(self, where: str) -> None:
+        """``window``/``prior``/``change``/``direction``: change_window's, with its defaults."""
+        if self.kind != "change_window":
+            for key in _WINDOW_DEFAULTS:
+                if getattr(self, key) is not None:
+                    raise AlertRuleError(f"{where}: {key} applies to kind 'change_window' only; remove it")
+            return
+        for key, default in _WINDOW_DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, default)
+        for key in ("window", "prior"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise AlertRuleError(f"{where}: {key} must be a number of snapshots >= 1, got {v!r}")
+        for key, allowed in (("change", CHANGES), ("direction", DIRECTIONS)):
+            v = getattr(self, key)
+            if v not in allowed:
+                raise AlertRuleError(f"{where}: unknown {key} {v!r}{_suggest(str(v), allowed)}; use one of "
+                                     f"{', '.join(allowed)}")
 
     def _str_list(self, key: str, v: Any) -> list[str] | None:
         if v is None:

@@ -260,6 +260,14 @@ class PrometheusExporter:
         with self.collector.lock:
             self._state.store_pending = float(n)
 
+    def set_notifications(self, *, sent: int, failed: int, pending: int) -> None:
+        """Webhook notifications (drift_monitor.notify): delivered and failed requests so far
+        (counters) and those not delivered yet (``drift_monitor_notifications_pending``)."""
+        with self.collector.lock:
+            st = self._state
+            st.notifications_sent, st.notifications_failed = float(sent), float(failed)
+            st.notifications_pending = float(pending)
+
     # ------------------------------------------------------------------ serving / pushing
     def serve(self, port: int = 0, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` of this registry on ``host:port`` from a daemon thread; return the port.
@@ -360,6 +368,9 @@ class _RunState:
     snapshots: float = 0.0
     errors: float = 0.0
     store_pending: float = 0.0
+    notifications_sent: float = 0.0
+    notifications_failed: float = 0.0
+    notifications_pending: float = 0.0
     raised: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # (rule, severity) -> [n, created]
     active: dict[tuple[str, str], float] = field(default_factory=dict)  # (rule, severity) -> alerts active now
     #: family (without the prefix) -> label values (hook, then a pattern's fields) -> value
@@ -387,6 +398,11 @@ _FIXED: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "errors": ("counter", "Errors caught inside the monitor (training went on).", ()),
     "store_pending": ("gauge", "Writes (snapshots, alerts) computed but not yet in the store: spooled or queued after "
                       "a failed write, retried at every later write.", ()),
+    "notifications_sent": ("counter", "Alert notifications delivered to webhook targets (outputs.notify).", ()),
+    "notifications_failed": ("counter", "Failed webhook requests of alert notifications (each is retried: with "
+                             "backoff, then at every snapshot and at the end).", ()),
+    "notifications_pending": ("gauge", "Alert notifications not delivered yet (the store lists them: "
+                              "drift-monitor runs, undelivered_notifications).", ()),
     "probe_duration_seconds": ("histogram", "Duration of probe passes.", ()),
     "last_probe_duration_seconds": ("gauge", "Duration of the last probe pass.", ()),
     "alerts_raised": ("counter", "Alerts raised (Alert records received with status active).", ("rule", "severity")),
@@ -465,6 +481,9 @@ class DriftMonitorCollector(Collector):
                 fams["snapshots"].add_metric([], st.snapshots, created=st.created if created else None)
                 fams["errors"].add_metric([], st.errors, created=st.created if created else None)
                 fams["store_pending"].add_metric([], st.store_pending)
+                for name in ("notifications_sent", "notifications_failed"):
+                    fams[name].add_metric([], getattr(st, name), created=st.created if created else None)
+                fams["notifications_pending"].add_metric([], st.notifications_pending)
                 if st.buckets is not None:
                     h, acc, cum = fams["probe_duration_seconds"], 0.0, []
                     for b, n in zip(DURATION_BUCKETS, st.buckets):

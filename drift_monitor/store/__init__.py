@@ -67,6 +67,7 @@ from .reader import TOP_BY_SQL, StoreReader
 from .schema import (
     COLUMNS,
     MIGRATIONS,
+    NOTIFICATION_COLUMNS,
     OLDEST_VERSION,
     SCHEMA_VERSION,
     VERIFICATION_COLUMNS,
@@ -82,6 +83,7 @@ __all__ = [
     "EXPORT_TABLES",
     "FEATURE_COLUMNS",
     "MIGRATIONS",
+    "NOTIFICATION_COLUMNS",
     "OLDEST_VERSION",
     "QUARANTINE_HINT",
     "REFUSAL_TOP_N",

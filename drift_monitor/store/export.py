@@ -16,7 +16,7 @@ from .reader import StoreReader
 
 #: The tables exported, each restricted to the run's rows.
 EXPORT_TABLES = ("runs", "snapshots", "metrics", "feature_stats", "refusal_features", "alerts",
-                 "residual_directions")
+                 "residual_directions", "notifications")
 
 
 def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLike[str],

@@ -93,6 +93,8 @@ def _apply_snapshot(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
             _insert_arrow(con, name, op.tables[name])
     for alert in p["alerts"]:
         _apply_alert(con, alert)
+    if p.get("notifications"):
+        _upsert_notifications(con, p["notifications"])
     con.execute(
         "UPDATE runs SET last_step = greatest(coalesce(last_step, ?), ?), updated_at = ?, "
         "probe_hash = coalesce(probe_hash, ?) WHERE run_id = ?",
@@ -208,6 +210,37 @@ def _apply_verification(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
     _insert_arrow(con, "verifications", op.tables["verifications"])
 
 
+def _apply_notifications(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+    """Upsert notification rows by id. A delivery is never undone by an older state written
+    later (a spooled write applied after a newer one): ``notified_at`` once set stays, and
+    ``attempts`` only grows."""
+    p = op.payload
+    _ensure_run(con, p["run_id"], p["t"])
+    _upsert_notifications(con, p["rows"])
+
+
+def _upsert_notifications(con: duckdb.DuckDBPyConnection, rows: list[Mapping[str, Any]]) -> None:
+    """One ``INSERT ... SELECT ... ON CONFLICT`` for all ``rows`` (a statement per row cost
+    tens of milliseconds each on a busy machine, inside a training step's write)."""
+    if not rows:
+        return
+    cols = COLUMNS["notifications"]
+    times = ("created_at", "notified_at")
+    table = pa.table({c: pa.array([_ts(r[c]) if c in times else r[c] for r in rows],
+                                  type=pa.timestamp("us") if c in times else None) for c in cols})
+    con.register("_dm_in_notifications", table)
+    try:
+        con.execute(
+            f"""INSERT INTO notifications ({", ".join(cols)}) SELECT {", ".join(cols)} FROM _dm_in_notifications
+               ON CONFLICT (notification_id) DO UPDATE SET
+                 notified_at = coalesce(notifications.notified_at, excluded.notified_at),
+                 attempts = greatest(notifications.attempts, excluded.attempts),
+                 last_error = CASE WHEN coalesce(notifications.notified_at, excluded.notified_at) IS NULL
+                                   THEN excluded.last_error END""").fetchall()
+    finally:
+        con.unregister("_dm_in_notifications")
+
+
 def _apply_once(con: duckdb.DuckDBPyConnection, op: _Op) -> bool:
     """Apply a write that may have been applied before (a spool or dump file: the process may
     have died between the commit and the file's delete). Its id is recorded in the same
@@ -230,4 +263,5 @@ _APPLY: dict[str, Callable[[duckdb.DuckDBPyConnection, _Op], None]] = {
     "finish_run": _apply_finish_run,
     "ack_alert": _apply_ack_alert,
     "labels": _apply_labels,
+    "notifications": _apply_notifications,
 }

@@ -33,6 +33,7 @@ from .connection import _connect
 from .errors import StoreEmpty, StoreError, StoreNotFound
 from .many import is_many
 from .schema import (
+    NOTIFICATION_COLUMNS,
     RESIDUAL_COLUMNS,
     VERIFICATION_COLUMNS,
     _as_int,
@@ -135,9 +136,43 @@ class StoreReader:
         df = self._runs_rows()
         pending = self.spool_state().pending
         df["pending_writes"] = [int(pending.get(r, 0)) for r in df["run_id"]]
+        undelivered = self._undelivered()
+        df["undelivered_notifications"] = [int(undelivered.get(r, 0)) for r in df["run_id"]]
         if not is_many(self.path):  # many files: the runs view says which file each run lives in
             df["store_file"] = str(self.path)
         return df
+
+    def _undelivered(self) -> dict[str, int]:
+        """{run: alert notifications not delivered yet} (drift_monitor.notify); none in a file
+        written before migration 4."""
+        sql = ("SELECT run_id, count(*) FILTER (WHERE notified_at IS NULL) AS n FROM notifications "
+               "GROUP BY run_id")
+        if self._many():
+            df = routing.union_query(self.path, sql, [], "SELECT run_id, sum(n)::BIGINT AS n FROM u GROUP BY run_id",
+                                     self.retry_timeout_s, self.retries)
+        else:
+            with self._connection(run_ids=None) as con:
+                if not _has_table(con, "notifications"):
+                    return {}
+                df = con.execute(sql).df()
+        return {str(r): int(n) for r, n in zip(df["run_id"], df["n"])}
+
+    def notifications(self, run_id: str | None = None, undelivered: bool = False) -> pd.DataFrame:
+        """Alert notifications (drift_monitor.notify), newest step first, with their delivery state
+        (``notified_at`` NaT: not delivered; ``attempts``; ``last_error``). Empty in a file written
+        before migration 4. ``undelivered``: only those not delivered yet."""
+        with self._connection(run_ids=None if run_id is None else [run_id]) as con:
+            if not _has_table(con, "notifications"):
+                return pd.DataFrame(columns=list(NOTIFICATION_COLUMNS))
+            clauses, params = [], []
+            if run_id is not None:
+                clauses.append("run_id = ?")
+                params.append(run_id)
+            if undelivered:
+                clauses.append("notified_at IS NULL")
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            return con.execute(f"SELECT * FROM notifications {where} ORDER BY step DESC, created_at DESC, "
+                               "notification_id", params).df()
 
     def _runs_rows(self) -> pd.DataFrame:
         if self._many():  # from what each file holds, kept between calls: unchanged files stay shut
@@ -429,3 +464,8 @@ class StoreReader:
             [run_id, int(step), hook], [run_id],
         )["category"].tolist()
 
+
+def _has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether the open store has ``table`` (a file of an older schema, read-only, may lack it)."""
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                            [table]).fetchall()[0][0])

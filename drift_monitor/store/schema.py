@@ -48,6 +48,11 @@ VERIFICATION_COLUMNS = ("verify_id", "run_id", "step", "hook", "created_at", "co
 RESIDUAL_COLUMNS = ("run_id", "step", "hook", "rank", "share", "variance", "nearest_feature", "decoder_cos",
                     "projections_json", "top_tokens_json", "bottom_tokens_json", "vector")
 
+#: Alert notifications and their delivery state (drift_monitor.notify.messages.Notification's fields).
+NOTIFICATION_COLUMNS = ("notification_id", "alert_id", "run_id", "target", "event", "rule", "severity", "hook",
+                        "step", "message", "value", "threshold", "created_at", "notified_at", "attempts",
+                        "last_error")
+
 #: Columns of each table in store order (the Arrow tables are inserted by these names).
 COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id", "name", "created_at", "updated_at", "model", "config_json", "probe_hash", "status", "last_step"),
@@ -65,6 +70,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "feature_labels": ("hook", "feature", "label", "source"),
     "verifications": VERIFICATION_COLUMNS,
     "residual_directions": RESIDUAL_COLUMNS,
+    "notifications": NOTIFICATION_COLUMNS,
 }
 
 #: DDL of schema version 1. Only small tables carry primary keys (see the package docstring).
@@ -113,6 +119,14 @@ RESIDUAL_DDL = """CREATE TABLE IF NOT EXISTS residual_directions (
         bottom_tokens_json VARCHAR, vector FLOAT[])"""
 
 
+#: Webhook notifications of alerts, one row per (alert event, target), with the delivery state
+#: (drift_monitor.notify): migration 4. Small (a few rows per alert), so it has a primary key.
+NOTIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS notifications (
+        notification_id VARCHAR PRIMARY KEY, alert_id VARCHAR, run_id VARCHAR, target VARCHAR, event VARCHAR,
+        rule VARCHAR, severity VARCHAR, hook VARCHAR, step BIGINT, message VARCHAR, value DOUBLE,
+        threshold DOUBLE, created_at TIMESTAMP, notified_at TIMESTAMP, attempts INTEGER, last_error VARCHAR)"""
+
+
 @dataclass(frozen=True)
 class Migration:
     """The statements that turn a file of version ``version - 1`` into one of ``version``."""
@@ -126,6 +140,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "verifications table for drift-monitor verify results", (VERIFICATIONS_DDL,)),
     Migration(3, "residual_directions table for the residual monitor", (RESIDUAL_DDL,)),
+    Migration(4, "notifications table: alert webhooks and their delivery state", (NOTIFICATIONS_DDL,)),
 )
 
 #: Version of the layout this code writes: the last migration's.

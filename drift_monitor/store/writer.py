@@ -207,17 +207,23 @@ class Store:
 
     # -- snapshots and alerts ------------------------------------------------------------------
 
-    def write(self, snapshot: Snapshot, alerts: Iterable[Alert] = (), run_id: str | None = None) -> WriteOutcome:
+    def write(self, snapshot: Snapshot, alerts: Iterable[Alert] = (), run_id: str | None = None, *,
+              notifications: Iterable[Mapping[str, Any]] = ()) -> WriteOutcome:
         """Store a snapshot (all its hooks) and its alerts in one transaction.
+
+        ``notifications``: delivery states of alert notifications (``Notification.row()``) that
+        ride along, so that tracking them costs a training step no write of its own.
 
         Returns ``"committed"`` or ``"spooled"`` (the file was busy; the write is on disk and will
         be applied, in order, by the next write, :meth:`flush_spool` or :meth:`close`).
         """
         rid = self._run(run_id)
         alerts = list(alerts)
-        return self._submit(lambda: self._snapshot_op(snapshot, alerts, rid))
+        rows = [dict(r) for r in notifications]
+        return self._submit(lambda: self._snapshot_op(snapshot, alerts, rid, rows))
 
-    def _snapshot_op(self, snapshot: Snapshot, alerts: Iterable[Alert], run_id: str) -> _Op:
+    def _snapshot_op(self, snapshot: Snapshot, alerts: Iterable[Alert], run_id: str,
+                     notifications: list[dict[str, Any]] | None = None) -> _Op:
         features = build_feature_stats_table(snapshot, run_id, self.store_dead_features)
         metrics = _metrics_table(snapshot, run_id)
         refusal = _refusal_table(snapshot, run_id, self.refusal_top_n)
@@ -227,6 +233,8 @@ class Store:
             "probe_hash": snapshot.probe_hash, "t": time.time(),
             "alerts": [_alert_payload(run_id, a) for a in alerts],
         }
+        if notifications:
+            payload["notifications"] = notifications
         tables = {"feature_stats": features, "metrics": metrics, "refusal_features": refusal, "snapshots": snaps,
                   "residual_directions": _residual_table(snapshot, run_id)}
         return _Op("snapshot", payload, tables)
@@ -236,6 +244,12 @@ class Store:
         rid = self._run(run_id)
         return self._submit(_Op("alerts", {"run_id": rid, "t": time.time(),
                                            "alerts": [_alert_payload(rid, a) for a in alerts]}))
+
+    def write_notifications(self, rows: Iterable[Mapping[str, Any]], run_id: str | None = None) -> WriteOutcome:
+        """Store the delivery state of alert notifications (``Notification.row()`` dicts), upserted
+        by id (drift_monitor.notify)."""
+        rid = self._run(run_id)
+        return self._submit(_Op("notifications", {"run_id": rid, "t": time.time(), "rows": [dict(r) for r in rows]}))
 
     def acknowledge_alert(self, alert_id: str) -> WriteOutcome:
         """Mark an alert acknowledged (it stays active until its rule resolves it).
