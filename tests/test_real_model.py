@@ -66,9 +66,15 @@ def test_refusal_run_flags_emerging_features_and_control_does_not(runs):
     ctl = _series(runs, "control", ["n_emerging_refusal_features", "max_refusal_score"])
     assert ref["n_emerging_refusal_features"].iloc[-1] >= 1
     assert (ctl["n_emerging_refusal_features"] == 0).all()
-    rules = set(reader.alerts(run_id=runs.run_ids["refusal"])["rule"])
-    assert "emerging_refusal_features" in rules
-    assert len(reader.alerts(run_id=runs.run_ids["control"])) == 0, "the benign control raises no alert at all"
+    # the current default rules, replayed over the stored metrics (the run may predate a threshold change)
+    from drift_monitor.demo import suite as S
+
+    tb_ = T.build_testbed(quiet=True)
+    replayed = {d.name: d.alerts for d in S.run_data([S.cached_run(tb_, S.scenario(n)) for n in T.SUITE_NAMES.values()],
+                                                     runs.db)}
+    assert "emerging_refusal_features" in replayed[T.SUITE_NAMES["refusal"]]
+    assert replayed[T.SUITE_NAMES["control"]] == {}, "the benign control raises no alert at all"
+    assert set(reader.alerts(run_id=runs.run_ids["refusal"])["rule"]), "the callback stored the alerts it raised"
     assert ref["max_refusal_score"].iloc[-1] > ctl["max_refusal_score"].max()
 
 
@@ -80,7 +86,9 @@ def test_scan_of_the_callback_run_equals_the_callback(tb, runs, tmp_path):
     from drift_monitor.offline.scan import resolve_config, scan
 
     db = tmp_path / "scan.duckdb"
-    shutil.copy(runs.db, db)
+    from drift_monitor.store.many import run_file
+
+    shutil.copy(run_file(runs.db, runs.run_ids["refusal"]), db)  # the refusal run's own file of the store directory
     cfg_json = StoreReader(str(db)).runs().set_index("run_id").loc[runs.run_ids["refusal"], "config_json"]
     cfg = tmp_path / "monitor.json"
     cfg.write_text(cfg_json)

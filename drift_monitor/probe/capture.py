@@ -177,11 +177,31 @@ def probe_mode(model: nn.Module) -> Iterator[None]:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """FSDP or DeepSpeed ZeRO-3: every rank must run the full forward in step (no early stop)."""
-    for name, _ in model.named_modules():
-        if "_fsdp_wrapped_module" in name:
+    """FSDP (the wrapper of FSDP1, or FSDP2's ``fully_shard``, which recent accelerate and TRL
+    use: it changes the modules' classes and makes every parameter a DTensor) or DeepSpeed
+    ZeRO-3: every rank must run the full forward in step (no early stop)."""
+    fsdp2 = _fsdp2_module_type()
+    for name, m in model.named_modules():
+        if "_fsdp_wrapped_module" in name or (fsdp2 is not None and isinstance(m, fsdp2)):
             return True
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    dtensor = _dtensor_type()
+    return any(hasattr(p, "ds_id") or (dtensor is not None and isinstance(p, dtensor)) for p in model.parameters())
+
+
+def _fsdp2_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 (or without distributed)
+        return None
+    return FSDPModule
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
 
 
 def hidden_size(model: nn.Module) -> int | None:

@@ -24,37 +24,6 @@ import sys
 from pathlib import Path
 
 
-def load_runs(runs, store):
-    """RunData per suite run: the stored metric series (the one SAE hook) and the current default
-    rules replayed over them."""
-    from drift_monitor.alerts import AlertEngine
-    from drift_monitor.alerts.points import MetricPoint
-    from drift_monitor.alerts.rules import default_rules
-    from drift_monitor.demo.detection import RunData
-    from drift_monitor.demo.suite import CHANGED_POINTS
-    from drift_monitor.store import StoreReader
-
-    reader = StoreReader(str(store))
-    out = []
-    for r in runs:
-        ms = reader.metric_series(r.run_id)
-        ms = ms[~ms.hook.str.startswith("adapter")]
-        hook = sorted(set(ms.hook))[0]
-        ms = ms[ms.hook == hook]
-        metrics: dict[int, dict[str, float]] = {}
-        for step, name, value in zip(ms.step, ms.name, ms.value):
-            metrics.setdefault(int(step), {})[name] = float(value)
-        engine = AlertEngine(default_rules(), run=r.run_id)
-        first: dict[str, int] = {}
-        for step in sorted(metrics):
-            for a in engine.evaluate(MetricPoint(step, {hook: metrics[step]}, is_base=step == 0)):
-                if a.status == "active":
-                    first.setdefault(a.rule, step)
-        out.append(RunData(r.scenario.name, r.scenario.intent, r.scenario.split, metrics, r.behaviour, first,
-                           CHANGED_POINTS))
-    return out
-
-
 def report(data, out=sys.stdout) -> dict:
     from drift_monitor.alerts.rules import default_rules
     from drift_monitor.demo.detection import SIGNALS, as_json, fmt, score_rules, score_signal, split
@@ -122,7 +91,7 @@ def main(argv=None) -> int:
     runs = S.run_suite(tb, names, quiet=args.quiet)
     if args.only:  # report over every scenario already cached, not just the ones built now
         runs = [r for r in (S.cached_run(tb, s) for s in S.SUITE) if r is not None]
-    data = load_runs(runs, S.store_dir(tb))
+    data = S.run_data(runs, S.store_dir(tb))
     doc = report(data)
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
