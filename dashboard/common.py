@@ -181,9 +181,12 @@ def _frame(body: Callable[[PageContext], None], key: str | None, hook: bool) -> 
         r = reader()
         run, picked_hook = None, None
         if key is not None:
+            top = st.container()  # the run's active alerts, above its pickers: filled once the run is known
             run = pick_run(r, key=f"{key}_run")
             if run is None:
                 return
+            with top:
+                alert_banner(r, str(run["run_id"]))
             if hook:
                 picked_hook = pick_hook(r, run["run_id"], key=f"{key}_hook")
                 if picked_hook is None:
@@ -204,6 +207,41 @@ def _frame(body: Callable[[PageContext], None], key: str | None, hook: bool) -> 
         st.error(f"Cannot read the database: {exc}")
     except duckdb.Error as exc:  # e.g. a damaged file: a message, not a traceback
         st.error(f"Cannot read the database {path}: {type(exc).__name__}: {exc}")
+
+
+#: The alert banner's icon (tests tell the banner from an error message by it).
+ALERT_ICON = ":material/notifications_active:"
+#: Banner order and look: the worst active severity decides (st.error / st.warning / st.info).
+_BANNERS: tuple[tuple[str, Callable[..., object]], ...] = (
+    ("critical", st.error), ("warning", st.warning), ("info", st.info))
+
+
+def alert_banner(r: StoreReader, run_id: str, limit: int = 5) -> None:
+    """The run's active alerts, first on every run view: one box in the colour of the worst
+    severity, each alert on a line (worst first, newest first), or a calm line when none is active.
+    Why first: the dashboard is read for what is wrong now; a chart below explains it."""
+    active = r.alerts(run_id=run_id, status="active")
+    if active.empty:
+        st.success("No active alerts for this run.", icon=":material/check_circle:")
+        return
+    order = {sev: i for i, (sev, _) in enumerate(_BANNERS)}
+    active = active.assign(_o=active["severity"].map(order).fillna(len(order))).sort_values(
+        ["_o", "step"], ascending=[True, False], kind="stable")
+    counts = active["severity"].value_counts()
+    head = ", ".join(f"{int(counts[sev])} {sev}" for sev, _ in _BANNERS if sev in counts)
+    lines = [f"- **{_plain(a.rule)}** ({_plain(a.severity)}) at {_plain(a.hook or '-')}, step {int(a.step)}: "
+             f"{_plain(a.message)}" + (" (acknowledged)" if pd.notna(a.acknowledged) and bool(a.acknowledged) else "")
+             for a in active.head(limit).itertuples()]
+    if len(active) > limit:
+        lines.append(f"- and {len(active) - limit} more (Alerts page)")
+    show = next((fn for sev, fn in _BANNERS if sev in counts), st.warning)
+    show(f"**{len(active)} active alert{'s' if len(active) != 1 else ''}** ({head})\n" + "\n".join(lines),
+         icon=ALERT_ICON)
+
+
+def _plain(text: object) -> str:
+    """An alert message as plain text inside markdown: no markup, links or HTML of its own."""
+    return "".join("\\" + c if c in "\\`*_[]<>#|~$" else c for c in str(text or "")).replace("\n", " ")
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,12 +42,18 @@ DIRECTIONS: tuple[str, ...] = ("higher_is_better", "lower_is_better", "neutral")
 SCOPES: tuple[str, ...] = ("hook", "adapter", "direction")
 
 #: The Run detail page's charts, in display order; a metric joins one with ``MetricSpec.panel``.
+#: One scale per chart: explained variance (near 0.7) and a residual energy ratio (thousands on a
+#: toy run) on one axis would flatten the first, so each quantity of its own scale has its own
+#: panel (and the metrics of one panel share a unit: checked below).
 PANELS: tuple[str, ...] = (
     "Explained variance (current vs base)",
-    "Activation drift",
+    "Activation cosine to base",
+    "Activation relative MSE",
     "Features drifted ratio",
     "Top-k Jaccard",
     "Density JS distance",
+    "Residual energy ratio (current / base)",
+    "CE loss delta (SAE spliced - clean)",
 )
 
 _PLACEHOLDER = re.compile(r"<[^<>]+>")
@@ -135,7 +141,7 @@ def _m(name: str, help: str, unit: str, direction: Direction, scope: Scope = "ho
     return MetricSpec(name, help, unit, direction, scope, **kw)
 
 
-_EV, _ACT, _FEAT, _TOPK, _JS = PANELS
+_EV, _ACT, _MSE, _FEAT, _TOPK, _JS, _RES, _CE = PANELS
 _HI, _LO, _NEU = "higher_is_better", "lower_is_better", "neutral"
 
 #: Every scalar metric, grouped as in docs/metrics.md. Order is display order (README table,
@@ -167,7 +173,7 @@ CATALOG: tuple[MetricSpec, ...] = (
        "cosine", _HI, panel=_ACT, default_alert="sudden_change"),
     _m("act_relative_mse",
        "Sum of squared activation changes against the base at the same tokens, relative to the base's "
-       "activation variance.", "ratio", _LO, panel=_ACT, default_alert="sudden_change"),
+       "activation variance.", "ratio", _LO, panel=_MSE, default_alert="sudden_change"),
     _m("topk_jaccard",
        "Mean per-token Jaccard overlap of the top-k active features, current vs base (intersection over "
        "union).", "ratio", _HI, panel=_TOPK, default_alert="sudden_change"),
@@ -227,7 +233,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     # --- the residual monitor: what the base SAE cannot represent
     _m("residual_energy_ratio",
        "Mean squared SAE error per token of the current model over the base's (1: nothing new; 2: twice the "
-       "error the base SAE leaves on the base).", "ratio", _LO, panel=_EV, default_alert="residual_growth"),
+       "error the base SAE leaves on the base).", "ratio", _LO, panel=_RES, default_alert="residual_growth"),
     _m("residual_top_share",
        "Share of the current model's SAE error energy along the first direction of new error (the top "
        "eigenvector of the error's second moment, current minus base); 0 when no direction holds the "
@@ -239,7 +245,7 @@ CATALOG: tuple[MetricSpec, ...] = (
        "The same with the base SAE's reconstruction spliced in at the hook (position 0 kept).", "nats", _LO),
     _m("ce_loss_zero_ablated", "The same with the hook's output zeroed.", "nats", _NEU),
     _m("ce_loss_delta", "ce_loss_spliced - ce_loss_clean: the loss the SAE's error costs the model.", "nats", _LO,
-       panel=_EV),
+       panel=_CE),
     _m("ce_loss_score",
        "(ce_loss_zero_ablated - ce_loss_spliced) / (ce_loss_zero_ablated - ce_loss_clean), as sae-lens defines "
        "it: 1 when the reconstruction keeps all the loss the hook carries.", "ratio", _HI),
@@ -290,6 +296,9 @@ CATALOG: tuple[MetricSpec, ...] = (
 )
 
 _BY_NAME: dict[str, MetricSpec] = {s.name: s for s in CATALOG}
+for _title in PANELS:
+    if len({s.unit for s in CATALOG if s.panel == _title}) > 1:
+        raise ValueError(f"drift_monitor.catalog: panel {_title!r} mixes units; give each scale its own panel")
 _PATTERNS: tuple[MetricSpec, ...] = tuple(s for s in CATALOG if s.pattern)
 if len(_BY_NAME) != len(CATALOG):
     raise ValueError("drift_monitor.catalog: two metrics share a name")

@@ -91,6 +91,24 @@ def density_chart(df: pd.DataFrame, eps: float) -> alt.Chart:
     )
 
 
+#: A feature's trajectory: three quantities of three scales (a density in [0, 1], a log ratio, a
+#: drift in units of the feature's strength), each on its own axis.
+TRAJECTORY = ("drift", "density", "log_density_ratio")
+
+
+def trajectory_chart(traj: pd.DataFrame, feature: int) -> alt.FacetChart:
+    """One row per quantity, each with its own y axis (one shared axis would flatten the density)."""
+    long = traj.melt(id_vars="step", value_vars=list(TRAJECTORY))
+    return (
+        alt.Chart(long).mark_line(point=True)
+        .encode(x=alt.X("step:Q"), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+                tooltip=["step", "variable", "value"])
+        .properties(height=110)
+        .facet(row=alt.Row("variable:N", title=None, sort=list(TRAJECTORY)), title=f"Feature {feature} over steps")
+        .resolve_scale(y="independent")
+    )
+
+
 def body(ctx: PageContext) -> None:
     r, rid, hook = ctx.reader, ctx.run_id, ctx.hook
     steps = r.steps(rid, hook)
@@ -124,13 +142,7 @@ def body(ctx: PageContext) -> None:
     if traj.empty:
         st.info(f"Feature {feature} did not fire at any stored step.")
     else:
-        long = traj.melt(id_vars="step", value_vars=["drift", "density", "log_density_ratio"])
-        st.altair_chart(
-            alt.Chart(long, title=f"Feature {feature} over steps").mark_line(point=True)
-            .encode(x="step:Q", y=alt.Y("value:Q", title=None), color="variable:N",
-                    tooltip=["step", "variable", "value"]),
-            width="stretch",
-        )
+        st.altair_chart(trajectory_chart(traj, feature), width="stretch")
     labels = r.labels(hook)
     mine = labels[labels["feature"] == feature]
     st.text(f"Label: {mine['label'].iloc[0] if len(mine) else '(none)'}")  # text, never HTML

@@ -6,11 +6,42 @@ from __future__ import annotations
 import json
 
 import altair as alt
+import pandas as pd
 import streamlit as st
 
 from drift_monitor.dashboard.common import PageContext, render_page
 from drift_monitor.records import pct
+from drift_monitor.settings import MetricSettings
 from drift_monitor.store import StoreReader
+
+#: The heatmap's colours at 0, at the floor and at twice the floor (clamped beyond): white, orange, red.
+HEAT_COLOURS = ("#f7f7f7", "#fdae61", "#d7191c")
+
+
+def score_floor(r: StoreReader, run_id: str, hook: str) -> float:
+    """The refusal score an emerging refusal feature must reach in this run: its last stored
+    ``refusal_score_floor`` (the run's ``refusal_min_rel_score`` setting), else the setting's default
+    (a run recorded before the metric was stored)."""
+    floor = r.metric_series(run_id, hook=hook, names=["refusal_score_floor"])["value"].dropna()
+    if len(floor) and float(floor.iloc[-1]) > 0:
+        return float(floor.iloc[-1])
+    return float(MetricSettings().refusal_min_rel_score)
+
+
+def heatmap(df: pd.DataFrame, floor: float) -> alt.Chart:
+    """Refusal scores by feature and step, coloured on a scale anchored to the floor, not to the
+    run's own range: the floor is always orange, so a run whose best score is a tenth of it reads
+    pale instead of red (a scale stretched over the run's range paints any maximum red)."""
+    heat = df.assign(label=df["label"].fillna(""), feature=df["feature"].astype(str))
+    scale = alt.Scale(domain=[0.0, floor, 2 * floor], range=list(HEAT_COLOURS), clamp=True)
+    return (
+        alt.Chart(heat, title="refusal_score by feature and step").mark_rect()
+        .encode(x=alt.X("step:O"), y=alt.Y("feature:N", sort="-color"),
+                color=alt.Color("refusal_score:Q", scale=scale),
+                stroke=alt.condition("datum.emerging", alt.value("black"), alt.value(None)),
+                tooltip=["feature", "label", "step", "refusal_score", "harmful_drift", "harmless_drift",
+                         "rank", "emerging"])
+    )
 
 
 def body(ctx: PageContext) -> None:
@@ -21,16 +52,11 @@ def body(ctx: PageContext) -> None:
         st.info("No refusal scores stored for this run and hook (they need harmful and harmless probes).")
         causal_check(r, rid, hook)
         return
-    heat = df.assign(label=df["label"].fillna(""), feature=df["feature"].astype(str))
-    st.altair_chart(
-        alt.Chart(heat, title="refusal_score by feature and step").mark_rect()
-        .encode(x=alt.X("step:O"), y=alt.Y("feature:N", sort="-color"),
-                color=alt.Color("refusal_score:Q", scale=alt.Scale(scheme="orangered")),
-                stroke=alt.condition("datum.emerging", alt.value("black"), alt.value(None)),
-                tooltip=["feature", "label", "step", "refusal_score", "harmful_drift", "harmless_drift",
-                         "rank", "emerging"]),
-        width="stretch",
-    )
+    floor = score_floor(r, rid, hook)
+    st.altair_chart(heatmap(df, floor), width="stretch")
+    st.caption(f"Colour: the refusal score against the floor an emerging feature must reach ({floor:g}, "
+               "orange); white is no refusal activity, red twice the floor. The scale is the same for every "
+               "run, so a quiet run stays pale.")
     last = int(df["step"].max())
     st.subheader(f"Harmful vs harmless drift at step {last}")
     table = df[df["step"] == last][["feature", "harmful_drift", "harmless_drift", "refusal_score", "z_score",

@@ -15,20 +15,33 @@ import streamlit as st
 
 from drift_monitor.dashboard.common import PageContext, render_page
 
-#: The residual monitor's scalars, drawn over steps.
+#: The residual monitor's scalars, each drawn over steps on its own chart: the energy ratio reaches
+#: thousands on a toy run, the share lives in [0, 1]; one axis for both would flatten the share.
 RESIDUAL_METRICS = ("residual_energy_ratio", "residual_top_share")
+TITLES = {"residual_energy_ratio": "SAE error, current / base (energy ratio; log scale)",
+          "residual_top_share": "Share of the error along the first new direction"}
+
+
+def metric_chart(series: pd.DataFrame, name: str) -> alt.Chart:
+    """One metric over steps: the ratio on a log axis (1 = nothing new, thousands on a toy run),
+    the share on its fixed [0, 1]."""
+    scale = alt.Scale(type="log") if name == "residual_energy_ratio" else alt.Scale(domain=[0, 1])
+    return (
+        alt.Chart(series, title=TITLES[name]).mark_line(point=True)
+        .encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=name, scale=scale),
+                tooltip=["step", "name", "value"])
+    )
 
 
 def body(ctx: PageContext) -> None:
     r, rid, hook = ctx.reader, ctx.run_id, ctx.hook
     series = r.metric_series(rid, hook=hook, names=list(RESIDUAL_METRICS))
-    if not series.empty:
-        st.altair_chart(
-            alt.Chart(series, title="SAE error, current / base (energy ratio) and the first new direction's share")
-            .mark_line(point=True)
-            .encode(x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-                    color=alt.Color("name:N", title="metric"), tooltip=["step", "name", "value"]),
-            width="stretch")
+    for name in RESIDUAL_METRICS:
+        sub = series[series["name"] == name] if not series.empty else series
+        if name == "residual_energy_ratio":
+            sub = sub[sub["value"] > 0]  # a log axis: a ratio of 0 cannot be drawn
+        if not sub.empty:
+            st.altair_chart(metric_chart(sub, name), width="stretch")
     df = r.residual_directions(rid, hook=hook)
     if df.empty:
         st.info("No direction of new SAE error at this hook: the base SAE explains the model's changes "
