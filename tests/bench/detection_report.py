@@ -47,6 +47,33 @@ def report(data, out=sys.stdout) -> dict:
     cal, held = split(data)
     p(f"\nCalibration runs: {len(cal)} ({sum(r.positive for r in cal)} changed); held-out runs: {len(held)} "
       f"({sum(r.positive for r in held)} changed). Everything below is on the held-out runs.\n")
+    from drift_monitor.demo.detection import (
+        RULE_SIGNALS,
+        calibrate_rule,
+        direction_of,
+        separates,
+        signal,
+    )
+
+    p("## Rule thresholds chosen on the calibration half (and the shipped defaults)\n")
+    p("| rule | signal | runs it is for | calibrated bound | shipped |")
+    p("|---|---|---|---|---|")
+    shipped = {r.name: r for r in default_rules()}
+    chosen = {}
+    for rule, sig_name, direction in RULE_SIGNALS:
+        t = calibrate_rule(cal, signal(sig_name), direction)
+        sig = signal(sig_name)
+        keep = [r for r in cal if not r.positive or direction == "any" or direction_of(r) == direction]
+        if not separates(keep, sig):
+            t = math.nan  # no changed run beyond the worst control: not worth a default rule
+        lower = sig.metric in ("refusal_retention", "refusal_direction_cosine")
+        bound = ("none (does not separate)" if not math.isfinite(t)
+                 else f"< {fmt(1 - t, '.3f')}" if lower else f"> {fmt(t, '.3f')}")
+        r = shipped.get(rule)
+        ship = f"{r.metric} {r.op} {r.threshold:g}" if r is not None else "not a default rule"
+        chosen[rule] = t
+        p(f"| {rule} | {sig_name} | harmful refusal {direction} | {sig.metric} {bound} | {ship} |")
+    p("")
     rules = [r.name for r in default_rules()]
     rule_reports = score_rules(held, rules)
     p("## Default rules (held-out)\n")
@@ -72,7 +99,7 @@ def report(data, out=sys.stdout) -> dict:
                               "metrics": {s: {k: r.metrics[s].get(k) for k in
                                               sorted({sig.metric for sig in SIGNALS})} for s in r.metrics}}
                              for r in data],
-                    "rules": rule_reports, "signals": sig_reports})
+                    "rules": rule_reports, "signals": sig_reports, "calibrated_thresholds": chosen})
 
 
 def main(argv=None) -> int:
