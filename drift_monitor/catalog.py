@@ -184,7 +184,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     _m("features_drifted_ratio",
        "Share of the features alive in either model whose firing density moved by more than the drift ratio "
        "(drift_ratio, either way) with at least drift_min_firings firings in one of the two.", "ratio", _LO,
-       panel=_FEAT, default_alert="features_drifted"),
+       panel=_FEAT),
     _m("density_js",
        "Jensen-Shannon distance (base 2, in [0, 1]) between the current and base feature-density vectors, "
        "each normalised to sum 1.", "distance", _LO, panel=_JS, default_alert="sudden_change"),

@@ -28,6 +28,12 @@ CALM = {
     "act_cosine": 0.98, "nonfinite_fraction": 0.0, "n_tokens": 1000.0,
 }
 
+#: The opt-in features_drifted rule (no default since the detection suite: README, alerts), with the
+#: defaults: the engine tests below use it as their plain threshold rule.
+DRIFTED = A.AlertRule("features_drifted", "threshold", metric="features_drifted_ratio", op=">", threshold=0.25,
+                      severity="warning")
+WITH_DRIFTED = [*A.default_rules(), DRIFTED]
+
 
 def snap(step: int, hooks=(HOOK,), is_base: bool = False, emerging: list[int] | None = None, **metrics) -> Snapshot:
     """A snapshot whose hooks all carry CALM metrics updated by ``metrics``."""
@@ -76,15 +82,16 @@ def test_import_does_not_pull_torch():
 
 def test_default_rule_names_and_severities():
     rules = {r.name: r for r in A.default_rules()}
-    assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "refusal_direction",
+    assert list(rules) == ["ev_drop", "emerging_refusal_features", "refusal_direction", "refusal_erosion",
                            "sudden_change", "residual_growth", "nonfinite_activations"]
     assert rules["nonfinite_activations"].severity == "critical"
     assert rules["emerging_refusal_features"].severity == "warning"
-    assert A.default_rules(emerging_refusal_severity="info")[2].severity == "info"
+    assert A.default_rules(emerging_refusal_severity="info")[1].severity == "info"
+    assert rules["refusal_erosion"].metric == "refusal_retention" and rules["refusal_erosion"].op == "<"
     # min_history 10: at 3, ~30% of smooth 50-snapshot runs raised a false alarm, ~2% at 10
     assert rules["sudden_change"].threshold == 6 and rules["sudden_change"].min_history == 10
     assert rules["refusal_direction"].metric == "refusal_direction_cosine" and rules["refusal_direction"].op == "<"
-    assert rules["features_drifted"].threshold == 0.25 and rules["ev_drop"].threshold == 0.1
+    assert "features_drifted" not in rules and rules["ev_drop"].threshold == 0.1
 
 
 def test_ev_drop_fires_once_and_resolves():
@@ -121,7 +128,7 @@ def test_ev_drop_uses_the_base_snapshot_when_the_metric_is_missing():
 
 
 def test_features_drifted_threshold_rule():
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     out = run(eng, [base(), snap(1, features_drifted_ratio=0.31), snap(2, features_drifted_ratio=0.4),
                     snap(3, features_drifted_ratio=0.25), snap(4, features_drifted_ratio=0.3)])
     assert keys(out[1]) == [("features_drifted", HOOK, "active")]
@@ -169,13 +176,13 @@ def test_nonfinite_is_critical_and_checked_on_the_base():
 
 
 def test_base_snapshot_is_not_alerted_on_by_comparison_rules():
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     assert eng.evaluate(base(features_drifted_ratio=0.9, explained_variance_delta=-0.5)) == []
     assert eng.base is not None and eng.history == []
 
 
 def test_nan_metric_neither_fires_nor_resolves():
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     run(eng, [base(), snap(1, features_drifted_ratio=0.5)])
     assert eng.evaluate(snap(2, features_drifted_ratio=math.nan)) == []
     assert [a.rule for a in eng.active()] == ["features_drifted"]
@@ -303,7 +310,7 @@ def test_hooks_filter():
     eng.evaluate(base())
     out = eng.evaluate(snap(1, hooks=(HOOK, HOOK2), features_drifted_ratio=0.9))
     assert keys(out) == [("drift12", HOOK, "active")]
-    eng2 = A.AlertEngine()  # default: all hooks
+    eng2 = A.AlertEngine(WITH_DRIFTED)  # default: all hooks
     eng2.evaluate(base())
     out = eng2.evaluate(snap(1, hooks=(HOOK, HOOK2), features_drifted_ratio=0.9))
     assert keys(out) == [("features_drifted", HOOK, "active"), ("features_drifted", HOOK2, "active")]
@@ -312,7 +319,7 @@ def test_hooks_filter():
 def test_evaluate_is_pure_and_reports_non_firing_conditions():
     hist = [base(), snap(10), snap(20), snap(30)]
     now = snap(40, features_drifted_ratio=0.3)
-    rules = [r if r.name != "sudden_change" else dataclasses.replace(r, min_history=3) for r in A.default_rules()]
+    rules = [r if r.name != "sudden_change" else dataclasses.replace(r, min_history=3) for r in WITH_DRIFTED]
     conds = A.evaluate(hist, now, rules)
     by = {(c.rule, c.hook): c for c in conds}
     assert by[("features_drifted", HOOK)].firing and not by[("ev_drop", HOOK)].firing
@@ -340,16 +347,16 @@ def test_yaml_overrides_and_extra_rules(tmp_path):
 defaults: true
 overrides:
   emerging_refusal_features: {severity: info}
-  features_drifted: {threshold: 0.4, hooks: [model.layers.12]}
+  refusal_direction: {threshold: 0.4, hooks: [model.layers.12]}
   sudden_change: {enabled: false}
 rules:
   - {name: low_act_cosine, kind: threshold, metric: act_cosine, op: "<", threshold: 0.8, severity: critical}
 """)
     rules = {r.name: r for r in A.load_rules(p)}
-    assert list(rules) == ["ev_drop", "features_drifted", "emerging_refusal_features", "refusal_direction",
+    assert list(rules) == ["ev_drop", "emerging_refusal_features", "refusal_direction", "refusal_erosion",
                            "residual_growth", "nonfinite_activations", "low_act_cosine"]
     assert rules["emerging_refusal_features"].severity == "info"
-    assert rules["features_drifted"].threshold == 0.4 and rules["features_drifted"].hooks == [HOOK]
+    assert rules["refusal_direction"].threshold == 0.4 and rules["refusal_direction"].hooks == [HOOK]
     eng = A.AlertEngine(p)
     eng.evaluate(base())
     out = eng.evaluate(snap(1, emerging=[4], n_emerging_refusal_features=1.0, act_cosine=0.5))
@@ -431,7 +438,8 @@ def test_missing_file_and_rule_validation():
 
 def test_state_round_trip_does_not_reraise():
     evs = smooth_ev(12)
-    rules = A.load_rules({"overrides": {"sudden_change": {"metrics": ["explained_variance"]}}})
+    rules = A.load_rules({"defaults": True, "overrides": {"sudden_change": {"metrics": ["explained_variance"]}},
+                          "rules": [dataclasses.asdict(DRIFTED)]})
     eng = A.AlertEngine(rules, run="r1")
     eng.evaluate(base())
     for i, ev in enumerate(evs[:10], start=1):
@@ -453,7 +461,7 @@ def test_state_round_trip_does_not_reraise():
     assert eng2.active() == []
 
     # a fresh engine (no state) would have raised the active alert again
-    fresh = A.AlertEngine()
+    fresh = A.AlertEngine(WITH_DRIFTED)
     fresh.evaluate(base())
     assert keys(fresh.evaluate(snap(120, features_drifted_ratio=0.6))) == [("features_drifted", HOOK, "active")]
 
@@ -466,7 +474,7 @@ def test_from_state_rejects_garbage():
 
 
 def test_observe_replays_without_alerting_and_keeps_active_in_sync():
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     for s in [base(), snap(10), snap(20, features_drifted_ratio=0.5)]:
         eng.observe(s)
     assert eng.raised_total == {} and [a.rule for a in eng.active()] == ["features_drifted"]
@@ -475,7 +483,7 @@ def test_observe_replays_without_alerting_and_keeps_active_in_sync():
 
 
 def test_removed_rule_resolves_its_active_alert():
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     run(eng, [base(), snap(1, features_drifted_ratio=0.5)])
     eng2 = A.AlertEngine.from_state(eng.state(), rules=[rule("ev_drop")])
     out = eng2.evaluate(snap(2, features_drifted_ratio=0.5))
@@ -485,7 +493,7 @@ def test_removed_rule_resolves_its_active_alert():
 def test_engine_alerts_fit_the_store(tmp_path):
     from drift_monitor.store import Store, StoreReader
 
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     db = tmp_path / "a.duckdb"
     store = Store(db)
     rid = store.start_run("r")
@@ -500,7 +508,7 @@ def test_engine_alerts_fit_the_store(tmp_path):
 
 
 def test_restore_active_and_gauge_counts():
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     eng.evaluate(base())
     eng.restore_active([Alert("features_drifted", "warning", 10, HOOK, "from the store", 0.5, 0.25),
                         Alert("ev_drop", "warning", 10, HOOK, "closed", 0.2, 0.1, status="resolved")])
@@ -511,7 +519,7 @@ def test_restore_active_and_gauge_counts():
 
 
 def test_refusal_direction_rule_fires_when_the_direction_turns():
-    eng = A.AlertEngine()
+    eng = A.AlertEngine(WITH_DRIFTED)
     out = run(eng, [base(refusal_direction_cosine=1.0), snap(10, refusal_direction_cosine=0.97),
                     snap(20, refusal_direction_cosine=0.85), snap(30, refusal_direction_cosine=0.95)])
     assert out[10] == []

@@ -60,12 +60,12 @@ def report(data, out=sys.stdout) -> dict:
     p("|---|---|---|---|---|")
     shipped = {r.name: r for r in default_rules()}
     chosen = {}
-    for rule, sig_name, direction in RULE_SIGNALS:
+    for rule, sig_name, direction, generic in RULE_SIGNALS:
         t = calibrate_rule(cal, signal(sig_name), direction)
         sig = signal(sig_name)
         keep = [r for r in cal if not r.positive or direction == "any" or direction_of(r) == direction]
-        if not separates(keep, sig):
-            t = math.nan  # no changed run beyond the worst control: not worth a default rule
+        if generic and not separates(keep, sig):
+            t = math.nan  # generic drift no changed run shows beyond the worst control: no default rule
         lower = sig.metric in ("refusal_retention", "refusal_direction_cosine")
         bound = ("none (does not separate)" if not math.isfinite(t)
                  else f"< {fmt(1 - t, '.3f')}" if lower else f"> {fmt(t, '.3f')}")
