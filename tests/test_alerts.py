@@ -521,7 +521,16 @@ def test_restore_active_and_gauge_counts():
 def test_refusal_direction_rule_fires_when_the_direction_turns():
     eng = A.AlertEngine(WITH_DRIFTED)
     out = run(eng, [base(refusal_direction_cosine=1.0), snap(10, refusal_direction_cosine=0.97),
-                    snap(20, refusal_direction_cosine=0.85), snap(30, refusal_direction_cosine=0.95)])
+                    snap(20, refusal_direction_cosine=0.85), snap(30, refusal_direction_cosine=0.99)])
     assert out[10] == []
     assert keys(out[20]) == [("refusal_direction", HOOK, "active")] and out[20][0].value == pytest.approx(0.85)
     assert keys(out[30]) == [("refusal_direction", HOOK, "resolved")]
+
+
+def test_refusal_erosion_rule_fires_when_retention_falls():
+    eng = A.AlertEngine()
+    out = run(eng, [base(refusal_retention=1.0), snap(10, refusal_retention=0.95),
+                    snap(20, refusal_retention=0.6), snap(30, refusal_retention=1.02)])
+    assert out[10] == []
+    assert keys(out[20]) == [("refusal_erosion", HOOK, "active")] and out[20][0].value == pytest.approx(0.6)
+    assert keys(out[30]) == [("refusal_erosion", HOOK, "resolved")]

@@ -302,3 +302,16 @@ def test_promtool(args):
     r = subprocess.run([promtool, *args], cwd=EXAMPLES, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"promtool {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
     assert "SUCCESS" in r.stdout + r.stderr
+
+
+def test_shipped_prometheus_erosion_rule_uses_the_default_bound():
+    """rules.yml spells the refusal_erosion bound in PromQL; it must be the Python rule's (one fact,
+    chosen on the detection suite's calibration half)."""
+    import yaml
+
+    from drift_monitor.alerts.rules import REFUSAL_EROSION
+
+    doc = yaml.safe_load((Path(__file__).parent.parent / "examples" / "prometheus" / "rules.yml").read_text())
+    rule = next(r for g in doc["groups"] for r in g["rules"] if r.get("alert") == "DriftMonitorRefusalErosion")
+    assert f"drift_monitor_refusal_retention < {REFUSAL_EROSION:g})" in rule["expr"]
+    assert f"drift_monitor_refusal_retention{{run!=\"\"}} < {REFUSAL_EROSION:g})" in rule["expr"]

@@ -213,8 +213,9 @@ def separates(runs: Sequence[RunData], sig: Signal) -> bool:
 #: The default rules whose thresholds the calibration half chooses: (rule, signal, the direction of
 #: the behaviour change the rule is for, generic). ``down``: harmful refusal fell (erosion); ``up``:
 #: it rose. A refusal rule is shipped at its calibrated threshold; a *generic* drift rule only when
-#: its signal separates changed runs from controls on the calibration half (:func:`separates`):
-#: drift that benign fine-tunes show as much is not an alarm.
+#: its signal separates changed runs from controls on the calibration half (:func:`separates`)
+#: and the bound also holds on a benign run of another model (features_drifted does not: the
+#: organism's control reaches 0.32; drift_monitor/alerts/rules.py).
 RULE_SIGNALS: tuple[tuple[str, str, str, bool], ...] = (
     ("refusal_erosion", "refusal_retention_loss", "down", False),
     ("refusal_direction", "refusal_direction_cosine", "up", False),

@@ -149,8 +149,10 @@ def _panels() -> list[tuple[str, list[Panel]]]:
             _watched("Explained variance − base", "explained_variance_delta", rules["ev_drop"], width=12),
         ]),
         ("Drift against the base", [
-            _watched("Features drifted ratio", "features_drifted_ratio", rules["features_drifted"],
-                     unit="percentunit", min=0, max=1),
+            Panel("Features drifted ratio", [Target(per_run("features_drifted_ratio"), hook)],
+                  _help("features_drifted_ratio") + "\n\nNo default rule reads it (benign fine-tunes drift as many "
+                  "features): add the opt-in features_drifted rule to alert on it.",
+                  unit="percentunit", min=0, max=1),
             Panel("Activation cosine to base", [Target(per_run("act_cosine"), hook)], _help("act_cosine"), max=1),
             Panel("Activation relative MSE", [Target(per_run("act_relative_mse"), hook)],
                   _help("act_relative_mse"), min=0),
