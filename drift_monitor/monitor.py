@@ -352,38 +352,31 @@ class DriftMonitor:
 
     @staticmethod
     def _token_pass(s: HookedSAE, acts: torch.Tensor, mask: torch.Tensor, category: torch.Tensor, limit: float,
-                    stats: HookStats) -> None:
-        """A few tokens per probe (``mask``, e.g. the post-instruction tokens) into their own
-        statistics, densely encoded. Tokens above the base's massive-norm limit are left out (these
-        positions are never the attention sink, so in practice none are)."""
+                    stats: HookStats, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """A few tokens per probe (``mask``: the refusal tokens, the post-instruction tokens) into
+        their own statistics, densely encoded (few tokens: at small cost). ``keep`` (the base's
+        mask of these tokens) or else the base's massive-norm ``limit`` leaves tokens out. Returns
+        the keep mask used."""
         x = acts[mask]
         cat = category[:, None].expand_as(mask)[mask]
-        keep = ~above_limit(x, limit)
-        x, cat = x[keep], cat[keep]
-        if x.shape[0]:
-            x_in = x.to(s.sae.dtype)
-            codes = s.sae.encode(x_in)
-            stats.update(x_in, s.sae.decode(codes), codes, cat)
-
-    def _refusal_pass(self, s: HookedSAE, acts: torch.Tensor, batch: ProbeBatch, pair: PairedBatch | None,
-                      limit: float, stats: HookStats) -> torch.Tensor:
-        """The refusal scores' tokens (``ProbeBatch.refusal``: by default the teacher-forced refusal
-        response after each harmful/harmless probe) into their own statistics. A few tokens per
-        probe: codes are computed densely, at small cost. Massive-norm tokens are excluded where
-        the base has them (its keep mask); when the base read another format whose refusal has
-        another number of tokens, by the base's limit on each model's own tokens. Returns the mask."""
-        x = acts[batch.refusal]
-        cat = batch.category[:, None].expand_as(batch.refusal)[batch.refusal]
-        if pair is not None and pair.refusal_keep is not None and pair.refusal_keep.numel() == x.shape[0]:
-            keep = pair.refusal_keep.to(x.device)
-        else:
+        if keep is None or keep.numel() != x.shape[0]:
             keep = ~above_limit(x, limit)
+        keep = keep.to(x.device)
         x, cat = x[keep], cat[keep]
         if x.shape[0]:
             x_in = x.to(s.sae.dtype)
             codes = s.sae.encode(x_in)
             stats.update(x_in, s.sae.decode(codes), codes, cat)
         return keep
+
+    def _refusal_pass(self, s: HookedSAE, acts: torch.Tensor, batch: ProbeBatch, pair: PairedBatch | None,
+                      limit: float, stats: HookStats) -> torch.Tensor:
+        """The refusal scores' tokens (``ProbeBatch.refusal``: by default the teacher-forced refusal
+        response after each harmful/harmless probe) into their own statistics. Massive-norm tokens
+        are excluded where the base has them (its keep mask); when the base read another format
+        whose refusal has another number of tokens, by the base's limit on each model's own tokens."""
+        base_keep = pair.refusal_keep if pair is not None else None
+        return self._token_pass(s, acts, batch.refusal, batch.category, limit, stats, base_keep)
 
     def _chunk_tokens(self, s: HookedSAE) -> int:
         """Tokens per SAE chunk: the [tokens, d_sae] code buffers stay within ``sae_chunk_mb``,
