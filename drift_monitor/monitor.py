@@ -134,6 +134,7 @@ class DriftMonitor:
         self._base: dict[str, _HookBase] | None = None
         self._announced = False  # the first snapshot's pass logs its estimate too, later ones do not
         self._refusal_tokens: bool | None = None  # _scores_refusal(), decided on first use
+        self._post_tokens: bool | None = None  # _has_post(), decided on first use
         self.base_snapshot: Snapshot | None = None
         self.base_fingerprint: str | None = None
 
@@ -347,8 +348,11 @@ class DriftMonitor:
         return stats, pairs, refusal, post
 
     def _has_post(self) -> bool:
-        """Whether any probe has post-instruction tokens (harmful and harmless probes both present)."""
-        return any(bool(b.post.any()) for b in self.probes.batches)
+        """Whether any probe has post-instruction tokens (harmful and harmless probes both present).
+        Decided once per monitor (the probes never change), not at every probe pass."""
+        if self._post_tokens is None:
+            self._post_tokens = any(bool(b.post.any()) for b in self.probes.batches)
+        return self._post_tokens
 
     @staticmethod
     def _token_pass(s: HookedSAE, acts: torch.Tensor, mask: torch.Tensor, category: torch.Tensor, limit: float,

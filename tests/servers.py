@@ -91,13 +91,7 @@ def start_prometheus(tmp_path: Path, scrape_configs: str, extra: str = "") -> tu
     log = tmp_path / "prometheus.log"
     proc = start([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                   f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(f"{base}/-/ready", proc, log)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, base, log
+    return _ready(proc, f"http://127.0.0.1:{port}", log)
 
 
 def start_alertmanager(tmp_path: Path, webhook_url: str) -> tuple[subprocess.Popen, str, Path]:
@@ -112,13 +106,7 @@ def start_alertmanager(tmp_path: Path, webhook_url: str) -> tuple[subprocess.Pop
     log = tmp_path / "alertmanager.log"
     proc = start([binary, f"--config.file={cfg}", f"--storage.path={tmp_path / 'am'}",
                   f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"], log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(f"{base}/-/ready", proc, log)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, base, log
+    return _ready(proc, f"http://127.0.0.1:{port}", log)
 
 
 def prom_query(base: str, promql: str, want: int, timeout: float = 30.0) -> list[dict]:
@@ -200,3 +188,13 @@ class WebhookReceiver:
     def bodies(self) -> list[dict]:
         with self.lock:
             return [r["body"] for r in self.received]
+
+
+def _ready(proc: subprocess.Popen, base: str, log: Path) -> tuple[subprocess.Popen, str, Path]:
+    """Wait for a started server's /-/ready; stop it if it never gets there."""
+    try:
+        wait_ready(f"{base}/-/ready", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, base, log
