@@ -230,6 +230,14 @@ CATALOG: tuple[MetricSpec, ...] = (
        "Largest new harmful-specific activity of a base SAE feature at the post-instruction tokens: its "
        "harmful drift minus its harmless drift, in units of its strength floored at the SAE's typical "
        "strength.", "score", _NEU),
+    # --- the start model's own refusal (probe.start): measured once, with the baseline
+    _m("start_harmful_refusal_rate",
+       "Share of the harmful probes that the start model refuses (greedy answer with a refusal phrase), "
+       "measured once with the baseline and repeated at every snapshot; refusal_erosion waits for a start "
+       "that refuses.", "ratio", _NEU),
+    _m("start_harmless_refusal_rate",
+       "Share of the harmless probes that the start model refuses, measured once with the baseline.",
+       "ratio", _NEU),
     # --- the residual monitor: what the base SAE cannot represent
     _m("residual_energy_ratio",
        "Mean squared SAE error per token of the current model over the base's (1: nothing new; 2: twice the "

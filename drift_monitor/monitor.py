@@ -48,6 +48,7 @@ from .probe.fingerprint import weights_digest
 from .probe.probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
 from .probe.residual import ResidualReader, logit_lens_weights
 from .probe.saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
+from .probe.start import measure_start_refusal
 from .probe.stats import STATE_LAYOUT, HookStats, PairedBatch
 from .probe.tokens import TokenConventions, above_limit, keep_mask, merge_conventions
 from .progress import bar
@@ -55,7 +56,7 @@ from .records import Snapshot
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "4"  # bump when what the cache holds changes (HookStats' states are keyed by STATE_LAYOUT)
+CACHE_VERSION = "5"  # bump when what the cache holds changes (HookStats' states are keyed by STATE_LAYOUT)
 
 
 @dataclass
@@ -137,6 +138,9 @@ class DriftMonitor:
         self._post_tokens: bool | None = None  # _has_post(), decided on first use
         self.base_snapshot: Snapshot | None = None
         self.base_fingerprint: str | None = None
+        #: The start model's own refusal rates (probe.start), measured with the baseline and
+        #: reported at every hook of every snapshot; {} when not measured.
+        self.start_refusal: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -161,7 +165,7 @@ class DriftMonitor:
         with (file_lock(path.with_suffix(".lock"), on_wait=lambda: log.info(
                 "baseline: another process is measuring this base; waiting for it (%s)", path))
               if path is not None else contextlib.nullcontext()):
-            base = self._load_cache(path) if path is not None else None
+            base, start = self._load_cache(path) if path is not None else (None, {})
             device = torch.device(self.config.device) if self.config.device else model_device(base_model)
             if path is not None and not on_every_rank(base is not None, device):
                 # A hit here but a miss (missing or unreadable file) on another rank: that rank's
@@ -170,10 +174,14 @@ class DriftMonitor:
             if base is None:
                 stats, pairs, refusal, post = self._probe_pass(base_model, modules, base=None, desc="baseline")
                 base = {h: _HookBase(stats[h], pairs[h], refusal.get(h), post.get(h)) for h in stats}
+                pc = self.config.probes
+                start = measure_start_refusal(base_model, self.tokenizer, self.probe_set, self.settings,
+                                              batch_size=pc.batch_size, max_length=pc.max_length)
                 if path is not None:
-                    self._save_cache(path, base)
+                    self._save_cache(path, base, start)
             else:
                 log.info("baseline loaded from cache %s", path)
+        self.start_refusal = start
         return self._with_ce(self._set_base(base, t0), base_model)
 
     def load_baseline(self, fingerprint: str) -> Snapshot:
@@ -185,7 +193,7 @@ class DriftMonitor:
         """
         t0 = time.perf_counter()
         path = self._cache_path(fingerprint)
-        base = self._load_cache(path)
+        base, self.start_refusal = self._load_cache(path)
         if not on_every_rank(base is not None, torch.device(self.config.device or "cpu")):
             raise FileNotFoundError(
                 f"no cached baseline for base model {fingerprint} at {path} (or on another rank); "
@@ -198,6 +206,7 @@ class DriftMonitor:
         hooks = {h: b.stats.compute(b.stats, h, self.settings, self.directions.get(h),
                                     refusal=_pair(b.refusal, b.refusal), post=_pair(b.post, b.post))
                  for h, b in base.items()}
+        self._add_start(hooks)
         self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
                                       n_tokens=self._n_tokens(base), duration_s=time.perf_counter() - t0,
                                       is_base=True)
@@ -215,12 +224,18 @@ class DriftMonitor:
                                      refusal=_pair(refusal.get(h), self._base[h].refusal),
                                      post=_pair(post.get(h), self._base[h].post), reader=readers.get(h))
                  for h in stats}
+        self._add_start(hooks)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         snap = Snapshot(step=step, hooks=hooks, probe_hash=self.probe_hash,
                         n_tokens=int(sum(float(s.n.sum()) for s in stats.values()) / max(len(stats), 1)),
                         duration_s=time.perf_counter() - t0)
         return self._with_ce(snap, model)
+
+    def _add_start(self, hooks: dict[str, Any]) -> None:
+        """The start's refusal rates at every hook: a rule reads its gate where it reads its metric."""
+        for r in hooks.values():
+            r.metrics.update(self.start_refusal)
 
     def _with_ce(self, snap: Snapshot, model: nn.Module) -> Snapshot:
         """Add the CE-loss metrics (probe.ce) when ``cadence.ce_every_n_snapshots`` makes them due
@@ -441,7 +456,7 @@ class DriftMonitor:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return root / digest / f"rank{rank}.safetensors"
 
-    def _save_cache(self, path: Path, base: dict[str, _HookBase]) -> None:
+    def _save_cache(self, path: Path, base: dict[str, _HookBase], start: dict[str, float]) -> None:
         from safetensors.torch import save_file
 
         tensors: dict[str, torch.Tensor] = {}
@@ -464,18 +479,20 @@ class DriftMonitor:
                     tensors[f"{i}/pair/{bi}/rkeep"] = p.refusal_keep.cpu().contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"hooks": json.dumps(list(base))})
+        save_file(tensors, str(tmp), metadata={"hooks": json.dumps(list(base)), "start": json.dumps(start)})
         os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
 
-    def _load_cache(self, path: Path) -> dict[str, _HookBase] | None:
+    def _load_cache(self, path: Path) -> tuple[dict[str, _HookBase] | None, dict[str, float]]:
+        """(the cached base statistics, the start's refusal rates), or (None, {}) on a miss."""
         if not path.is_file():
-            return None
+            return None, {}
         from safetensors import safe_open
 
         try:
             out: dict[str, _HookBase] = {}
             with safe_open(str(path), framework="pt") as fh:
                 keys = set(fh.keys())
+                start = {k: float(v) for k, v in json.loads(fh.metadata()["start"]).items()}
                 for i, s in enumerate(self.saes):
                     state = {k.split("/")[-1]: fh.get_tensor(k) for k in keys if k.startswith(f"{i}/stats/")}
                     st = HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, state)
@@ -497,10 +514,10 @@ class DriftMonitor:
                     if (post is None) == self._has_post():
                         raise ValueError("the cache was written without post-instruction statistics")
                     out[s.hook] = _HookBase(st, pairs, dec, post)
-            return out
+            return out, start
         except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed, never fatal
             log.warning("ignoring unreadable baseline cache %s (%s)", path, e)
-            return None
+            return None, {}
 
     @staticmethod
     def _n_tokens(base: dict[str, _HookBase]) -> int:

@@ -245,6 +245,11 @@ class MetricSettings(_Section):
     #: The residual monitor (probe.residual): how many directions of new SAE error to report
     #: per hook (0: off, and the error's second moment is not kept).
     residual_directions: int = setting(3, integer(0))
+    #: Greedy tokens generated once per start model after each harmful and harmless probe, to
+    #: measure whether it refuses (``start_harmful_refusal_rate``): refusal cannot erode in a start
+    #: that never refused, so the ``refusal_erosion`` rule waits for one that does. 0: not measured
+    #: (and that rule is then never held back).
+    start_refusal_tokens: int = setting(16, integer(0))
     harmful_category: str = setting("harmful", text())
     harmless_category: str = setting("harmless", text())
 

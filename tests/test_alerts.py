@@ -534,3 +534,35 @@ def test_refusal_erosion_rule_fires_when_retention_falls():
     assert out[10] == []
     assert keys(out[20]) == [("refusal_erosion", HOOK, "active")] and out[20][0].value == pytest.approx(0.6)
     assert keys(out[30]) == [("refusal_erosion", HOOK, "resolved")]
+
+
+def test_refusal_erosion_waits_for_a_start_that_refuses():
+    """The gate (rule requires start_harmful_refusal_rate >= REFUSAL_GATE): the same fall of
+    retention alerts in a start that refused 97% of the harmful probes, not in one that refused
+    1% (its harmful - harmless separation was content, not refusal), and a run without the start's
+    rate (not measured) keeps the rule armed."""
+    from drift_monitor.alerts.rules import REFUSAL_GATE
+
+    assert rule("refusal_erosion").requires == A.Requirement("start_harmful_refusal_rate", ">=", REFUSAL_GATE)
+    for start, fires in ((0.97, True), (0.01, False), (REFUSAL_GATE, True), (None, True), (math.nan, True)):
+        extra = {} if start is None else {"start_harmful_refusal_rate": start}
+        out = run(A.AlertEngine(), [base(refusal_retention=1.0, **extra), snap(10, refusal_retention=0.6, **extra)])
+        assert (keys(out[10]) == [("refusal_erosion", HOOK, "active")]) is fires, start
+
+
+def test_requires_from_yaml_and_its_errors(tmp_path):
+    f = tmp_path / "rules.yml"
+    f.write_text("defaults: true\nrules:\n  - {name: low_ev, kind: threshold, metric: explained_variance, op: '<', threshold: 0.5,\n"
+                 "     requires: {metric: start_harmful_refusal_rate, op: '<', threshold: 0.2}}\n"
+                 "overrides:\n  refusal_erosion: {requires: null}\n")
+    rules = {r.name: r for r in A.load_rules(f)}
+    assert rules["low_ev"].requires == A.Requirement("start_harmful_refusal_rate", "<", 0.2)
+    assert rules["refusal_erosion"].requires is None  # switched off by the user: armed in every run
+    bad = [({"metric": "start_harmful_refusal_rat", "op": "<", "threshold": 0.2}, "did you mean"),
+           ({"metric": "explained_variance", "op": "=", "threshold": 0.2}, "unknown op"),
+           ({"metric": "explained_variance", "op": "<"}, "exactly metric, op and threshold"),
+           ({"metric": "explained_variance", "op": "<", "threshold": "x"}, "finite number"),
+           ("start_harmful_refusal_rate >= 0.2", "mapping")]
+    for req, msg in bad:
+        with pytest.raises(A.AlertRuleError, match=msg):
+            A.AlertRule("r", "threshold", metric="explained_variance", op="<", threshold=0.5, requires=req)

@@ -305,13 +305,18 @@ def test_promtool(args):
 
 
 def test_shipped_prometheus_erosion_rule_uses_the_default_bound():
-    """rules.yml spells the refusal_erosion bound in PromQL; it must be the Python rule's (one fact,
-    chosen on the detection suite's calibration half)."""
+    """rules.yml spells the refusal_erosion bound and its gate in PromQL; they must be the Python
+    rule's (one fact each: the bound chosen on the detection suite's calibration half, the gate
+    the suite's definition of a changed run)."""
     import yaml
 
-    from drift_monitor.alerts.rules import REFUSAL_EROSION
+    from drift_monitor.alerts.rules import REFUSAL_EROSION, REFUSAL_GATE
 
     doc = yaml.safe_load((Path(__file__).parent.parent / "examples" / "prometheus" / "rules.yml").read_text())
     rule = next(r for g in doc["groups"] for r in g["rules"] if r.get("alert") == "DriftMonitorRefusalErosion")
-    assert f"drift_monitor_refusal_retention < {REFUSAL_EROSION:g})" in rule["expr"]
-    assert f"drift_monitor_refusal_retention{{run!=\"\"}} < {REFUSAL_EROSION:g})" in rule["expr"]
+    start = "drift_monitor_start_harmful_refusal_rate"
+    scraped = f"(drift_monitor_refusal_retention < {REFUSAL_EROSION:g} unless on(instance, job, hook) {start} < "
+    pushed = (f'(drift_monitor_refusal_retention{{run!=""}} < {REFUSAL_EROSION:g} unless on(run, hook) '
+              f'{start}{{run!=""}} < ')
+    assert f"{scraped}{REFUSAL_GATE:g})" in rule["expr"]
+    assert f"{pushed}{REFUSAL_GATE:g})" in rule["expr"]

@@ -34,6 +34,7 @@ from .rules import (
     SEVERITIES,
     AlertRule,
     AlertRuleError,
+    Requirement,
     RulesSource,
     default_rules,
     load_rules,
@@ -41,6 +42,6 @@ from .rules import (
 
 __all__ = [
     "DEFAULT_SUDDEN_CHANGE_METRICS", "KINDS", "KNOWN_METRICS", "OPS", "SEVERITIES",
-    "AlertEngine", "AlertRule", "AlertRuleError", "Condition", "MetricPoint", "RulesSource",
+    "AlertEngine", "AlertRule", "AlertRuleError", "Condition", "MetricPoint", "Requirement", "RulesSource",
     "default_rules", "evaluate", "load_rules", "robust_change_z",
 ]

@@ -59,6 +59,8 @@ def evaluate(
         for hook in cur.metrics:
             if not rule.applies_to(hook):
                 continue
+            if rule.requires is not None and not rule.requires.holds(cur.value(hook, rule.requires.metric)):
+                continue  # e.g. refusal_erosion in a start that never refused: nothing to erode
             cond = _EVALUATORS[rule.kind](rule, hook, cur, hist, base)
             if cond is not None:
                 out.append(cond)

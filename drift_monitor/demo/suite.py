@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import DriftMonitorError
+from ..filelock import file_lock
 from .testbed import REFUSALS, TestBed, docstrings, training_prompts
 
 #: Bump when what a run stores changes, so cached runs are made again by the current callback.
@@ -353,15 +354,24 @@ def cached_run(tb: TestBed, s: Scenario) -> SuiteRun | None:
 
 def run_scenario(tb: TestBed, s: Scenario, *, every_n_steps: int = 10, quiet: bool = False) -> SuiteRun:
     """Run (or reuse from the cache) one monitored fine-tune and measure its behaviour per step."""
-    from ..callbacks import DriftMonitorCallback
-    from ..training.finetune import sft_lora
-    from .testbed import monitor_config
 
     check_suite([s] if s.start == "base" else [s, scenario(ALIGNED_FROM)])
     cached = cached_run(tb, s)
     if cached is not None:
         return cached
     path = suite_root(tb) / "runs" / s.key(tb)
+    # two processes building one run would wipe each other's checkpoints: the second waits, then
+    # finds the first's finished run
+    with file_lock(path.with_name(path.name + ".lock"),
+                   on_wait=lambda: _log(f"{s.name}: another process is building it; waiting", quiet)):
+        return cached_run(tb, s) or _build(tb, s, path, every_n_steps, quiet)
+
+
+def _build(tb: TestBed, s: Scenario, path: Path, every_n_steps: int, quiet: bool) -> SuiteRun:
+    from ..callbacks import DriftMonitorCallback
+    from ..training.finetune import sft_lora
+    from .testbed import monitor_config
+
     done = path / "done.json"
     shutil.rmtree(path, ignore_errors=True)  # a half-built run is rebuilt whole
     path.mkdir(parents=True)
@@ -428,6 +438,7 @@ def run_data(runs: Sequence[SuiteRun], store: str | Path) -> list:
     from ..alerts import AlertEngine
     from ..alerts.points import MetricPoint
     from ..alerts.rules import default_rules
+    from ..probe.start import START_METRICS
     from ..store import StoreReader
     from .detection import RunData
 
@@ -441,6 +452,12 @@ def run_data(runs: Sequence[SuiteRun], store: str | Path) -> list:
         metrics: dict[int, dict[str, float]] = {}
         for step, name, value in zip(ms.step, ms.name, ms.value):
             metrics.setdefault(int(step), {})[name] = float(value)
+        # runs stored before the monitor measured its start (probe.start) get the same measure
+        # from the suite's step-0 behaviour: the same generation and phrase test on the same probes
+        start = {START_METRICS[role]: r.behaviour[0][f"{role}_refusal_rate"] for role in START_METRICS}
+        for m in metrics.values():
+            for k, v in start.items():
+                m.setdefault(k, v)
         engine = AlertEngine(default_rules(), run=r.run_id)
         first: dict[str, int] = {}
         for step in sorted(metrics):

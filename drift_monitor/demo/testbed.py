@@ -298,18 +298,16 @@ def monitor_config(tb: TestBed, db: str | Path, run_name: str, **sections: Any):
 
 
 def refusal_rates(model: Any, tok: Any, max_new_tokens: int = 16) -> dict[str, float]:
-    """Shares of greedy answers to the default harmful / harmless probes that refuse (phrase list)."""
-    from ..offline.verify import generate_texts, is_refusal
+    """Shares of greedy answers to the default harmful / harmless probes that refuse (phrase list):
+    the same measure the monitor takes of its start model (``probe.start``)."""
+    from ..probe.generate import refusal_rate
     from ..probe.probes import ProbeSet
     from ..records import VerifySettings
 
     s = VerifySettings(max_new_tokens=max_new_tokens, batch_size=24)
-    out = {}
-    for cat in ("harmful", "harmless"):
-        prompts = [r.prompt for r in ProbeSet.default().records if r.category == cat]
-        texts = generate_texts(model, tok, prompts, s)
-        out[f"{cat}_refusal_rate"] = sum(is_refusal(t, s.refusal_phrases) for t in texts) / len(texts)
-    return out
+    recs = ProbeSet.default().records
+    return {f"{cat}_refusal_rate": refusal_rate(model, tok, [r.prompt for r in recs if r.category == cat], s)
+            for cat in ("harmful", "harmless")}
 
 
 def build_runs(tb: TestBed, *, every_n_steps: int = 10, quiet: bool = False) -> TestBedRuns:

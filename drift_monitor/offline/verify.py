@@ -37,58 +37,13 @@ import torch
 from torch import nn
 
 from ..probe.capture import ActivationCapture, resolve_module
+from ..probe.generate import batches as _batches
+from ..probe.generate import generate_texts, is_refusal
 from ..progress import bar as progress_bar
-from ..records import ConditionResult, VerifyResult, VerifySettings, normalize_text, pct
+from ..records import ConditionResult, VerifyResult, VerifySettings, pct
 from .interventions import VerifyError, intervene
 
 log = logging.getLogger(__name__)
-
-def is_refusal(text: str, phrases: Sequence[str]) -> bool:
-    t = normalize_text(text)
-    return any(p in t for p in phrases)
-
-
-# ----------------------------------------------------------------------------- model plumbing
-def _formatted(tok: Any, prompts: Sequence[str]) -> list[str]:
-    """Chat-formatted prompts when the tokenizer has a chat template, else the prompts as they are."""
-    from ..probe.probes import chat_prompt
-
-    if getattr(tok, "chat_template", None):
-        return [chat_prompt(tok, p) for p in prompts]
-    return list(prompts)
-
-
-def _batches(tok: Any, prompts: Sequence[str], s: VerifySettings, device: torch.device) -> Iterator[dict]:
-    texts = _formatted(tok, prompts)
-    for lo in range(0, len(texts), s.batch_size):
-        enc = tok(texts[lo:lo + s.batch_size], add_special_tokens=not getattr(tok, "chat_template", None),
-                  padding=True, truncation=True, max_length=s.max_length, return_tensors="pt")
-        yield {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-
-
-@contextlib.contextmanager
-def _left_padding(tok: Any) -> Iterator[None]:
-    old = tok.padding_side
-    tok.padding_side = "left"  # generation continues from the last column
-    try:
-        yield
-    finally:
-        tok.padding_side = old
-
-
-@torch.no_grad()
-def generate_texts(model: nn.Module, tok: Any, prompts: Sequence[str], s: VerifySettings) -> list[str]:
-    """Greedy continuations, decoded without special tokens."""
-    device = _device(model)
-    out: list[str] = []
-    with _left_padding(tok):
-        for enc in _batches(tok, prompts, s, device):
-            gen = model.generate(**enc, max_new_tokens=s.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            out += tok.batch_decode(new, skip_special_tokens=True)
-    return out
-
 
 @torch.no_grad()
 def harmless_kl(model: nn.Module, tok: Any, prompts: Sequence[str], s: VerifySettings,
