@@ -273,3 +273,19 @@ def test_hooks_settings():
         TrainSAESettings(hook="a", hooks=["b"])
     with pytest.raises(TrainSAEError, match="no hook"):
         TrainSAESettings()
+
+
+def test_cli_takes_several_hooks(org, tmp_path, capsys):
+    from drift_monitor.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n"
+                            for p in org.pairs["train"]))
+    out = tmp_path / "saes"
+    rc = main(["train-sae", "--model", str(org.base_dir), "--hook", HOOKS[0] + "," + HOOKS[1], "--hook", HOOKS[0],
+               "--out", str(out), "--data", str(data), "--tokens", "6000", "--train-tokens", "4096",
+               "--batch-size", "1024", "--max-memory-gb", "0", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "2 SAEs in" in printed and "spilled to disk" in printed
+    assert all((out / h / "cfg.json").is_file() for h in HOOKS)
+    assert f"--sae {HOOKS[0]}={out / HOOKS[0]} --sae {HOOKS[1]}={out / HOOKS[1]}" in printed

@@ -423,7 +423,7 @@ def train_sae(model: Any, tokenizer: Any, settings: TrainSAESettings, out: str |
     todo = [h for h in hooks if single or not (sae_dirs[h] / "cfg.json").is_file()]
     stored = _load_or_collect(model, tokenizer, settings, work, hook_work, data, documents, progress)
     for h in todo:
-        _check_enough(stored.get(h), settings, h)
+        _check_enough(stored.meta, settings, h)
     reports: dict[str, TrainReport] = {}
     for h in hooks:
         if h not in todo:
@@ -470,19 +470,21 @@ def _load_or_collect(model: Any, tokenizer: Any, settings: TrainSAESettings, wor
     return Stored.save(work, hook_work, key, acts)
 
 
-def _check_enough(acts: Activations, settings: TrainSAESettings, hook: str) -> None:
-    """Fewer training tokens than one batch: say what was collected, held out and needed, and the fix."""
-    n, bs = acts.train.shape[0], settings.batch_size
+def _check_enough(meta: dict[str, Any], settings: TrainSAESettings, hook: str) -> None:
+    """Fewer training tokens than one batch: say what was collected, held out and needed, and the fix.
+    (From the collection's record, so that no hook's activations are read for it.)"""
+    m, bs = meta["hooks"][hook], settings.batch_size
+    n = m["n_train"]
     if n >= bs:
         return
-    got = acts.n_collected
+    got = n + m["n_heldout"] + m["n_excluded"]
     fix = (f"the data ran out before --tokens {settings.tokens:,}: give more --data"
            if got < settings.tokens else "raise --tokens")
     raise TrainSAEError(
         f"only {n:,} training tokens were collected at {hook}, fewer than one batch ({bs:,}): {got:,} tokens "
-        f"collected from {acts.n_sequences:,} sequences, {acts.heldout.shape[0]:,} held out (the first "
-        f"{acts.n_heldout_sequences:,} sequences, {settings.holdout_fraction:.0%} of those collected), "
-        f"{acts.n_excluded:,} massive-norm tokens excluded; needed: at least {bs:,} training tokens "
+        f"collected from {meta['n_sequences']:,} sequences, {m['n_heldout']:,} held out (the first "
+        f"{meta['n_heldout_sequences']:,} sequences, {settings.holdout_fraction:.0%} of those collected), "
+        f"{m['n_excluded']:,} massive-norm tokens excluded; needed: at least {bs:,} training tokens "
         f"(about {math.ceil(bs / (1 - settings.holdout_fraction)):,} collected). Fix: {fix}, or a smaller "
         "--batch-size")
 
