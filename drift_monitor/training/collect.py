@@ -135,7 +135,6 @@ class _Rows:
         self.chunks: list[torch.Tensor] = []
         self.norms: list[torch.Tensor] = []
         self.n = 0
-        self.path = path
         self.mm = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +178,7 @@ def collect_activations(model: Any, tokenizer: Any, seqs: list[list[int]], hooks
     layer), with the monitor's token rule (no sink, no massive-norm tokens); the first
     ``holdout_fraction`` of the *collected* sequences are held out. When ``max_tokens`` × the
     hooks' widths × 4 bytes exceeds ``max_memory_bytes``, rows go to ``spill(hook)`` files."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     modules = {h: resolve_module(model, h)[1] for h in hooks}
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -37,6 +37,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -430,8 +431,9 @@ def train_sae(model: Any, tokenizer: Any, settings: TrainSAESettings, out: str |
             log.info("train-sae: %s is already trained in %s; skipping it", h, sae_dirs[h])
             reports[h] = _load_report(sae_dirs[h] / REPORT)
             continue
-        if not single:
-            print(f"train-sae: training the SAE at {h} ({hooks.index(h) + 1} of {len(hooks)})", flush=True)
+        if not single and progress:  # which of the bars that follow is which hook's
+            print(f"train-sae: training the SAE at {h} ({hooks.index(h) + 1} of {len(hooks)})", file=sys.stderr,
+                  flush=True)
         reports[h] = _train_one(model, tokenizer, settings, h, stored.get(h), sae_dirs[h], hook_work[h], data,
                                 model_name, progress)
         stored.release(h)
