@@ -13,8 +13,10 @@ probe set and a Llama of hidden 32, here with one layer per hook), it measures, 
 * ``wall(N)``: an N-hook ``train_sae`` run (one activation pass, N SAEs), in memory and spilled
   to disk (``max_memory_gb=0``);
 
-and prints ``ratio = wall(N) / (1.3 × collect(1) + N × train(1))``: at most 1 means that N hooks
-cost one collection (30% slack for the wider capture) plus N trainings, never N collections.
+Each repeat measures all four in turn (a loaded machine's drift hits them alike); each figure is
+the best over the repeats. It prints ``ratio = wall(N) / (1.3 × collect(1) + N × train(1))``: at
+most 1 means that N hooks cost one collection (30% slack for the wider capture) plus N
+trainings, never N collections.
 """
 
 from __future__ import annotations
@@ -93,10 +95,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         run_once(model, tok, docs, one, root / "warm")  # imports, allocator, sae-lens
-        c1 = min(collect_once(model, tok, docs, one) for _ in range(args.repeats))
-        w1 = min(run_once(model, tok, docs, one, root / "one") for _ in range(args.repeats))
-        wn = min(run_once(model, tok, docs, many, root / "many") for _ in range(args.repeats))
-        ws = min(run_once(model, tok, docs, spilled, root / "spilled") for _ in range(args.repeats))
+        rounds = []  # interleaved, so that a neighbour's load drifting over time hits every figure alike
+        for _ in range(args.repeats):
+            rounds.append((collect_once(model, tok, docs, one), run_once(model, tok, docs, one, root / "one"),
+                           run_once(model, tok, docs, many, root / "many"),
+                           run_once(model, tok, docs, spilled, root / "spilled")))
+        c1, w1, wn, ws = (min(r[i] for r in rounds) for i in range(4))
     t1 = w1 - c1
     budget = 1.3 * c1 + args.hooks * t1
     print(f"tiny Llama hidden {args.hidden}, {args.hooks} layers; {args.tokens:,} tokens, batch {args.batch_size}, "
