@@ -245,7 +245,8 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
     from .training.train_sae import TrainSAESettings, train_sae
 
     settings = TrainSAESettings(
-        hook=args.hook, architecture=args.architecture, d_sae=args.d_sae, k=args.k, tokens=args.tokens,
+        hooks=args.hook, max_memory_gb=args.max_memory_gb, architecture=args.architecture, d_sae=args.d_sae,
+        k=args.k, tokens=args.tokens,
         train_tokens=args.train_tokens, context_size=args.context_size, batch_size=args.batch_size, lr=args.lr,
         chat_fraction=args.chat_fraction, seed=args.seed, device=args.device, dtype=args.dtype,
         checkpoint_every=args.checkpoint_every)
@@ -255,7 +256,9 @@ def _cmd_train_sae(args: argparse.Namespace) -> int:
     report = train_sae(model, tok, settings, args.out, data=args.data, force=args.force, model_name=args.model,
                        progress=not args.no_progress)
     print(report.format())
-    print(f"use it: MonitorConfig(saes=[{str(args.out)!r}]) or drift-monitor scan --sae {args.hook}={args.out}")
+    saes = [(r.hook, r.out) for r in getattr(report, "reports", [report])]
+    print(f"use it: MonitorConfig(saes={[o for _, o in saes]!r}) or drift-monitor scan "
+          + " ".join(f"--sae {h}={o}" for h, o in saes))
     return 0
 
 
@@ -446,13 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train-sae", help="train a base-model SAE (sae-lens format) for a model that has none",
-        description="Train a sparse autoencoder on a base model's activations at one hook, with sae-lens's own "
-                    "trainer, and save it in sae-lens format with its hook and token conventions, ready for "
-                    "MonitorConfig(saes=[OUT]) and drift-monitor scan. Resumable: run the same command again "
-                    "after an interruption.")
+        description="Train a sparse autoencoder on a base model's activations at each --hook, with sae-lens's "
+                    "own trainer, and save it in sae-lens format with its hook and token conventions, ready for "
+                    "MonitorConfig(saes=[OUT]) and drift-monitor scan. Several hooks share one activation pass; "
+                    "then OUT/<hook>/ is each SAE. The first 5% of the collected sequences are held out for the "
+                    "report. Resumable: run the same command again after an interruption.")
     t.add_argument("--model", required=True, help="the base model folder")
-    t.add_argument("--hook", required=True, help="the module whose output the SAE reads, e.g. model.layers.15")
-    t.add_argument("--out", required=True, help="output folder (the SAE, train_report.json)")
+    t.add_argument("--hook", required=True, action="append",
+                   help="the module whose output the SAE reads, e.g. model.layers.15; repeat it or give a comma "
+                        "list (model.layers.6,model.layers.10) for one SAE per hook from one activation pass")
+    t.add_argument("--out", required=True,
+                   help="output folder: the SAE and train_report.json; with several hooks, one SAE folder per "
+                        "hook (OUT/model.layers.6/ ...) and a summary OUT/train_report.json")
     t.add_argument("--data", action="append", default=[], metavar="FILE|DIR",
                    help="training text: .txt/.md files, JSONL ('text', 'messages' or 'prompt'/'response'), folders "
                         "of them, or a saved datasets folder (repeatable). Default: the bundled probes with the "
@@ -472,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype for collection (the SAE trains in float32)")
+    t.add_argument("--max-memory-gb", type=float, default=None,
+                   help="past this, the activations (tokens x width x 4 bytes x hooks) are kept on disk in "
+                        "OUT/.partial and read from there in training (default: a quarter of RAM)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=50, help="training steps between resumable checkpoints")
     t.add_argument("--force", action="store_true", help="replace an SAE already in --out")

@@ -114,7 +114,12 @@ def keep_mask(x: torch.Tensor, conv: TokenConventions) -> tuple[torch.Tensor, fl
     The one rule for training and monitoring. Non-finite rows are kept here (the statistics
     count and drop them separately, so a NaN is reported, never silently filtered).
     """
-    norms = x.float().norm(dim=-1)
+    return keep_from_norms(x.float().norm(dim=-1), conv)
+
+
+def keep_from_norms(norms: torch.Tensor, conv: TokenConventions) -> tuple[torch.Tensor, float]:
+    """``keep_mask`` from the row norms alone: what a caller that holds the rows on disk (train-sae's
+    spilled activations) computes without reading them back."""
     limit = norm_limit(norms[torch.isfinite(norms)], conv)
     return ~_above(norms, limit), limit
 

@@ -1,6 +1,7 @@
 """``drift-monitor train-sae``: a base-model SAE in minutes, for a model that has none.
 
     drift-monitor train-sae --model BASE --hook model.layers.15 --out sae/ [--data corpus/ ...]
+    drift-monitor train-sae --model BASE --hook model.layers.6,model.layers.10 --out saes/  # saes/model.layers.6/ ...
 
 Public SAEs cover a handful of models; the monitor needs one for the *base* of whatever is
 being fine-tuned. This trains one with sae-lens's own trainer (``SAETrainer`` and its
@@ -12,15 +13,18 @@ Three stages, each resumable from ``OUT/.partial``:
 
 1. **Text** (:mod:`drift_monitor.training.sae_data`): files, JSONL, ``datasets`` folders, or, with no
    ``--data``, the probe set plus the model's own answers to it.
-2. **Activations**: one forward per batch of sequences, stopped after the hooked layer (later
-   layers and the LM head are never computed), the attention-sink position and massive-norm
-   tokens dropped by the monitor's own rule; saved, with a held-out share of the documents.
-3. **Training**: ``SAETrainer.fit`` over shuffled batches of those activations, checkpointed
-   so that an interrupted run (Ctrl-C, a killed job) continues where it stopped.
+2. **Activations** (:mod:`drift_monitor.training.collect`): one forward per batch of sequences
+   for every hook at once, stopped after the deepest hooked layer, the attention-sink position
+   and massive-norm tokens dropped by the monitor's own rule; the first ``holdout_fraction`` of
+   the collected sequences held out; kept in RAM or, past ``max_memory_gb``, spilled to disk.
+3. **Training**: ``SAETrainer.fit`` over shuffled batches of those activations, one hook after
+   the other, checkpointed so that an interrupted run (Ctrl-C, a killed job) continues where it
+   stopped; a hook whose SAE is finished is not trained again.
 
-The report (held-out explained variance, L0, dead and dense fractions, the EV curve, timings)
-is printed and written to ``OUT/train_report.json``, with a warning and what to change when the
-SAE is poor.
+With one hook ``OUT`` is the SAE folder; with several, ``OUT/<hook>/`` is each hook's. The report
+(held-out explained variance, L0, dead and dense fractions, the EV curve, timings) is printed
+and written to each SAE's ``train_report.json`` (and, with several hooks, a summary to
+``OUT/train_report.json``), with a warning and what to change when an SAE is poor.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,11 +47,13 @@ from typing import Any
 import torch
 
 from ..errors import DriftMonitorError
-from ..probe.capture import ActivationCapture, hidden_size, model_device, resolve_module
-from ..probe.probes import chat_prompt
-from ..probe.tokens import TokenConventions, first_position_mask, keep_mask
-from ..progress import bar as progress_bar
+from ..probe.capture import resolve_module
+from ..probe.tokens import TokenConventions
+from .collect import Activations, Stored, collect_activations, default_documents, generate_answers, tokenize_documents
 from .sae_data import Document, load_documents, mix_chat
+
+__all__ = ["Activations", "TrainReport", "TrainSAEError", "TrainSAESettings", "TrainSummary", "evaluate_sae",
+           "generate_answers", "tokenize_documents", "train_sae"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ class TrainSAEError(DriftMonitorError, ValueError):
 class TrainSAESettings:
     """Every knob of ``train-sae``; the defaults fit a ~100M–1B model on a CPU in minutes."""
 
-    hook: str
+    hook: str | None = None  # one hook: the same as hooks=[hook]
     architecture: str = "topk"
     d_sae: int | None = None  # None: the power of two nearest 8 × d_in
     k: int | None = None  # TopK/BatchTopK: None -> min(32, max(8, d_sae // 64))
@@ -82,8 +89,22 @@ class TrainSAESettings:
     dtype: str | None = None  # the model's dtype for collection (the SAE trains in float32)
     gen_tokens: int = 48  # without --data: tokens of the model's own answer per probe
     checkpoint_every: int = 50  # training steps between checkpoints
+    hooks: Sequence[str] = ()  # several hooks, one collection pass; "a,b" lists are split
+    max_memory_gb: float | None = None  # activations of all hooks past this go to disk; None: a quarter of RAM
 
     def __post_init__(self) -> None:
+        hooks = [self.hooks] if isinstance(self.hooks, str) else list(self.hooks)
+        if self.hook is not None:
+            if hooks and hooks != [self.hook]:
+                raise TrainSAEError("give hook (one) or hooks (several), not both")
+            hooks = [self.hook]
+        hooks = [h.strip() for item in hooks for h in str(item).split(",") if h.strip()]
+        if not hooks:
+            raise TrainSAEError("no hook given: name the module(s) to train on, e.g. --hook model.layers.15")
+        self.hooks = tuple(dict.fromkeys(hooks))
+        self.hook = self.hooks[0] if len(self.hooks) == 1 else None
+        if self.max_memory_gb is not None and not self.max_memory_gb >= 0:
+            raise TrainSAEError(f"max_memory_gb must be >= 0, got {self.max_memory_gb!r}")
         if self.architecture not in ARCHITECTURES:
             raise TrainSAEError(f"--architecture {self.architecture!r}: use one of {', '.join(ARCHITECTURES)}")
         for name in ("tokens", "context_size", "batch_size", "checkpoint_every"):
@@ -109,8 +130,9 @@ class TrainSAESettings:
 
     def collection_key(self) -> dict[str, Any]:
         """What decides the collected activations (a resume reuses them only if these agree)."""
-        return {k: getattr(self, k) for k in ("hook", "tokens", "context_size", "chat_fraction", "holdout_fraction",
-                                              "outlier_factor", "seed", "dtype", "gen_tokens")}
+        return {k: getattr(self, k) for k in ("hooks", "tokens", "context_size", "chat_fraction", "holdout_fraction",
+                                              "outlier_factor", "seed", "dtype", "gen_tokens")} | {
+            "hooks": list(self.hooks)}
 
 
 @dataclass
@@ -160,101 +182,20 @@ class TrainReport:
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------- tokenising
-def tokenize_documents(docs: Sequence[Document], tokenizer: Any, context_size: int) -> list[list[int]]:
-    """Token sequences of at most ``context_size``: conversations through the chat template (one
-    per sequence, truncated), plain text split into windows. Each sequence's position 0 is an
-    attention sink and is dropped at collection, as in monitoring."""
-    seqs: list[list[int]] = []
-    for d in docs:
-        if d.chat:
-            text = chat_prompt(tokenizer, d.text, d.response)
-            ids = tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
-            seqs.append(list(ids[:context_size]))
-        else:
-            ids = list(tokenizer(d.text)["input_ids"])
-            seqs.extend(ids[i:i + context_size] for i in range(0, len(ids), context_size))
-    return [s for s in seqs if len(s) > 1]
-
-
-# ----------------------------------------------------------------------------------- collecting
 @dataclass
-class Activations:
-    train: torch.Tensor  # [n, d] float32
-    heldout: torch.Tensor
-    n_excluded: int
-    limit: float
-    seconds: float
-    forward_tokens_per_s: float
+class TrainSummary:
+    """Several hooks' SAEs from one collection: ``OUT/train_report.json``."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        return (self.train.shape[0] + self.heldout.shape[0] + self.n_excluded) / max(self.seconds, 1e-9)
+    out: str
+    collect_seconds: float  # the one activation pass, for every hook
+    seconds: float  # this run's wall time (a resumed run: since it resumed)
+    reports: list[TrainReport]
+    spilled: bool = False  # activations went to disk (past max_memory_gb)
 
-
-@torch.no_grad()
-def collect_activations(model: Any, tokenizer: Any, seqs: list[list[int]], hook: str, *, max_tokens: int,
-                        holdout_fraction: float, outlier_factor: float, batch_seqs: int = 16,
-                        progress: bool = True) -> Activations:
-    """Activations at ``hook`` for the sequences, with the monitor's token rule (no sink, no
-    massive-norm tokens); the first ``holdout_fraction`` of the sequences are held out."""
-    _, module = resolve_module(model, hook)
-    device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    conv = TokenConventions(outlier_factor=outlier_factor)
-    n_hold_seqs = max(1, int(round(holdout_fraction * len(seqs))))
-    chunks: list[torch.Tensor] = []
-    n_hold_tokens = 0
-    total = 0
-    bar = progress_bar(total=min(max_tokens, sum(len(s) - 1 for s in seqs)), desc="collecting activations",
-                       unit="tok", unit_scale=True, enabled=progress)
-    t0 = time.perf_counter()
-    with ActivationCapture({hook: module}, early_stop=True) as cap:
-        for lo in range(0, len(seqs), batch_seqs):
-            batch = seqs[lo:lo + batch_seqs]
-            ids, attn = _pad(batch, pad, device)
-            # cap.run calls the closure at once, within this iteration
-            x = cap.run(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False))[hook]  # noqa: B023
-            a = x[first_position_mask(attn, conv)].float().cpu()
-            if lo < n_hold_seqs:  # held-out sequences come first; a batch may straddle the boundary
-                split = int(first_position_mask(attn, conv)[: max(0, n_hold_seqs - lo)].sum())
-                n_hold_tokens += split
-            chunks.append(a)
-            total += a.shape[0]
-            bar.update(a.shape[0])
-            if total >= max_tokens:
-                break
-    bar.close()
-    seconds = time.perf_counter() - t0
-    acts = torch.cat(chunks)[:max_tokens]
-    keep, limit = keep_mask(acts, conv)
-    hold_keep = keep[:n_hold_tokens]
-    heldout = acts[:n_hold_tokens][hold_keep]
-    train = acts[n_hold_tokens:][keep[n_hold_tokens:]]
-    fwd = _plain_forward_speed(model, seqs[:2 * batch_seqs], pad, device, batch_seqs)
-    return Activations(train.contiguous(), heldout.contiguous(), int((~keep).sum()), limit, seconds, fwd)
-
-
-def _pad(batch: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in batch)
-    ids = torch.full((len(batch), T), pad, dtype=torch.long)
-    attn = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, s in enumerate(batch):  # per sequence
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-    return ids.to(device), attn.to(device)
-
-
-@torch.no_grad()
-def _plain_forward_speed(model: Any, seqs: list[list[int]], pad: int, device: torch.device, batch_seqs: int) -> float:
-    """Tokens per second of an ordinary full forward (no hooks, LM head included) on the same kind
-    of batches: the reference the collection speed is reported against."""
-    n, t0 = 0, time.perf_counter()
-    for lo in range(0, len(seqs), batch_seqs):
-        ids, attn = _pad(seqs[lo:lo + batch_seqs], pad, device)
-        model(input_ids=ids, attention_mask=attn, use_cache=False)
-        n += int(attn.sum())
-    return n / max(time.perf_counter() - t0, 1e-9)
+    def format(self) -> str:
+        head = (f"{len(self.reports)} SAEs in {self.out} from one activation pass ({self.collect_seconds:.1f} s"
+                + (", spilled to disk" if self.spilled else "") + f"), {self.seconds:.0f} s in all")
+        return "\n\n".join([head] + [r.format() for r in self.reports])
 
 
 # ----------------------------------------------------------------------------------- training
@@ -421,11 +362,21 @@ def _init_from_data(trainer: Any, acts: torch.Tensor) -> None:
     rather than a few batches) and the decoder bias at the mean activation: what sae-lens's own
     runner does before calling the trainer (``b_dec_init_method``). Without it the features
     spend their first hundreds of steps learning the mean, and more of them end dead."""
-    x = acts.double()
-    factor = float(x.shape[1] ** 0.5 / x.norm(dim=-1).mean())
+    rows = max(1, (512 << 20) // (8 * acts.shape[1]))  # float64 chunks of ≤ 512 MB (spilled activations)
+    if acts.shape[0] <= rows:
+        x = acts.double()
+        norm_mean, mean = x.norm(dim=-1).mean(), x.mean(0)
+    else:
+        norm_sum, total = torch.zeros((), dtype=torch.float64), torch.zeros(acts.shape[1], dtype=torch.float64)
+        for lo in range(0, acts.shape[0], rows):
+            x = acts[lo:lo + rows].double()
+            norm_sum += x.norm(dim=-1).sum()
+            total += x.sum(0)
+        norm_mean, mean = norm_sum / acts.shape[0], total / acts.shape[0]
+    factor = float(acts.shape[1] ** 0.5 / norm_mean)
     trainer.activation_scaler.scaling_factor = factor
     if hasattr(trainer.sae, "b_dec"):
-        trainer.sae.b_dec.copy_((x.mean(0) * factor).to(trainer.sae.b_dec.dtype))
+        trainer.sae.b_dec.copy_((mean * factor).to(trainer.sae.b_dec.dtype))
 
 
 @contextlib.contextmanager
@@ -443,70 +394,110 @@ def _trainer_progress(enabled: bool) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------- the command
-def default_documents(model: Any, tokenizer: Any, gen_tokens: int, seed: int, progress: bool) -> list[Document]:
-    """Without ``--data``: the bundled probe set (requests as conversations, general text plain),
-    each request with the model's own sampled answer, so the SAE sees the template, the
-    requests and the model's way of answering. Small: pass --data for a better SAE."""
-    from ..probe.probes import ProbeSet
-    from .sae_data import probe_documents
-
-    docs = probe_documents(ProbeSet.default())
-    chats = [d for d in docs if d.chat]
-    answers = generate_answers(model, tokenizer, [d.text for d in chats], gen_tokens, seed=seed, sample=True,
-                               progress=progress)
-    out = [Document(d.text, a, True) for d, a in zip(chats, answers)]
-    return out + [d for d in docs if not d.chat]
-
-
-@torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, *, seed: int = 0,
-                     sample: bool = False, batch_size: int = 16, progress: bool = False) -> list[str]:
-    """The model's answers to chat-formatted prompts (greedy, or sampled at temperature 0.8)."""
-    device = model_device(model)
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    torch.manual_seed(seed)
-    out: list[str] = []
-    bar = progress_bar(total=len(prompts), desc="generating answers", unit="prompt", enabled=progress)
-    try:
-        for lo in range(0, len(prompts), batch_size):
-            texts = [chat_prompt(tokenizer, p) for p in prompts[lo:lo + batch_size]]
-            enc = tokenizer(texts, add_special_tokens=not getattr(tokenizer, "chat_template", None), padding=True,
-                            return_tensors="pt").to(device)
-            kw = dict(do_sample=True, temperature=0.8, top_p=0.95) if sample else dict(do_sample=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kw)
-            new_tokens = gen[:, enc["input_ids"].shape[1]:]
-            out += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-            bar.update(len(texts))
-    finally:
-        tokenizer.padding_side = old
-        bar.close()
-    return out
-
-
 def train_sae(model: Any, tokenizer: Any, settings: TrainSAESettings, out: str | Path, *,
               data: Sequence[str | Path] = (), documents: Sequence[Document] | None = None, force: bool = False,
-              model_name: str | None = None, progress: bool = True) -> TrainReport:
-    """Collect activations, train, evaluate and save an SAE; resumable from ``out/.partial``."""
+              model_name: str | None = None, progress: bool = True) -> TrainReport | TrainSummary:
+    """Collect activations at every hook in one pass, then train, evaluate and save one SAE per
+    hook; resumable from ``out/.partial``. One hook: ``out`` is the SAE folder and a
+    :class:`TrainReport` is returned; several: ``out/<hook>/`` each, and a :class:`TrainSummary`."""
+    t_start = time.perf_counter()
     out = Path(out)
-    if (out / "cfg.json").is_file() and not force:
-        raise TrainSAEError(f"--out {out} already holds an SAE; pass --force to replace it")
+    hooks = list(settings.hooks)
+    single = len(hooks) == 1
     if out.exists() and not out.is_dir():
         raise TrainSAEError(f"--out {out} is a file; give a folder")
-    name, _ = resolve_module(model, settings.hook)  # an unknown hook lists the close names
-    d_in = hidden_size(model) or 0
+    done = (out / "cfg.json").is_file() or (not single and (out / REPORT).is_file() and not (out / PARTIAL).exists())
+    if done and not force:
+        raise TrainSAEError(f"--out {out} already holds an SAE; pass --force to replace it")
+    resolved: dict[str, str] = {}
+    for h in hooks:
+        name, _ = resolve_module(model, h)  # an unknown hook lists the close names
+        if name in resolved:
+            raise TrainSAEError(f"--hook {h} and --hook {resolved[name]} name the same module ({name}); give it once")
+        resolved[name] = h
     work = out / PARTIAL
     if force and out.exists():
         shutil.rmtree(out)
     work.mkdir(parents=True, exist_ok=True)
-    acts = _load_or_collect(model, tokenizer, settings, work, data, documents, progress)
-    if acts.train.shape[0] < settings.batch_size:
-        raise TrainSAEError(f"only {acts.train.shape[0]} training tokens were collected, fewer than one batch "
-                            f"({settings.batch_size}); give more --data or a smaller --batch-size")
+    sae_dirs = {h: out if single else out / h for h in hooks}
+    hook_work = {h: work if single else work / h for h in hooks}
+    todo = [h for h in hooks if single or not (sae_dirs[h] / "cfg.json").is_file()]
+    stored = _load_or_collect(model, tokenizer, settings, work, hook_work, data, documents, progress)
+    for h in todo:
+        _check_enough(stored.meta, settings, h)
+    reports: dict[str, TrainReport] = {}
+    for h in hooks:
+        if h not in todo:
+            log.info("train-sae: %s is already trained in %s; skipping it", h, sae_dirs[h])
+            reports[h] = _load_report(sae_dirs[h] / REPORT)
+            continue
+        if not single and progress:  # which of the bars that follow is which hook's
+            print(f"train-sae: training the SAE at {h} ({hooks.index(h) + 1} of {len(hooks)})", file=sys.stderr,
+                  flush=True)
+        reports[h] = _train_one(model, tokenizer, settings, h, stored.get(h), sae_dirs[h], hook_work[h], data,
+                                model_name, progress)
+        stored.release(h)
+        if not single:
+            shutil.rmtree(hook_work[h], ignore_errors=True)
+    spilled = any(m["spilled"] for m in stored.meta["hooks"].values())
+    shutil.rmtree(work, ignore_errors=True)
+    if single:
+        return reports[hooks[0]]
+    summary = TrainSummary(str(out), stored.seconds, time.perf_counter() - t_start, [reports[h] for h in hooks],
+                           spilled)
+    (out / REPORT).write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def _load_or_collect(model: Any, tokenizer: Any, settings: TrainSAESettings, work: Path, hook_work: dict[str, Path],
+                     data: Sequence[str | Path], documents: Sequence[Document] | None, progress: bool) -> Stored:
+    """The activations of an interrupted run with the same settings, or a fresh collection (saved)."""
+    key = settings.collection_key() | {"data": [str(d) for d in data]}
+    stored = Stored.load(work, hook_work, key)
+    if stored is not None:
+        return stored
+    if documents is None:
+        documents = load_documents(data) if data else default_documents(model, tokenizer, settings.gen_tokens,
+                                                                          settings.seed, progress)
+    docs = mix_chat(documents, settings.chat_fraction, settings.seed)
+    random.Random(settings.seed).shuffle(docs)
+    seqs = tokenize_documents(docs, tokenizer, settings.context_size)
+    if not seqs:
+        raise TrainSAEError("the training data tokenised to nothing (every document is empty or one token long)")
+    budget = None if settings.max_memory_gb is None else int(settings.max_memory_gb * 2**30)
+    acts = collect_activations(model, tokenizer, seqs, list(settings.hooks), max_tokens=settings.tokens,
+                               holdout_fraction=settings.holdout_fraction, outlier_factor=settings.outlier_factor,
+                               spill=lambda h: hook_work[h] / "activations.npy", max_memory_bytes=budget,
+                               progress=progress)
+    return Stored.save(work, hook_work, key, acts)
+
+
+def _check_enough(meta: dict[str, Any], settings: TrainSAESettings, hook: str) -> None:
+    """Fewer training tokens than one batch: say what was collected, held out and needed, and the fix.
+    (From the collection's record, so that no hook's activations are read for it.)"""
+    m, bs = meta["hooks"][hook], settings.batch_size
+    n = m["n_train"]
+    if n >= bs:
+        return
+    got = n + m["n_heldout"] + m["n_excluded"]
+    fix = (f"the data ran out before --tokens {settings.tokens:,}: give more --data"
+           if got < settings.tokens else "raise --tokens")
+    raise TrainSAEError(
+        f"only {n:,} training tokens were collected at {hook}, fewer than one batch ({bs:,}): {got:,} tokens "
+        f"collected from {meta['n_sequences']:,} sequences, {m['n_heldout']:,} held out (the first "
+        f"{meta['n_heldout_sequences']:,} sequences, {settings.holdout_fraction:.0%} of those collected), "
+        f"{m['n_excluded']:,} massive-norm tokens excluded; needed: at least {bs:,} training tokens "
+        f"(about {math.ceil(bs / (1 - settings.holdout_fraction)):,} collected). Fix: {fix}, or a smaller "
+        "--batch-size")
+
+
+def _train_one(model: Any, tokenizer: Any, settings: TrainSAESettings, hook: str, acts: Activations, out: Path,
+               work: Path, data: Sequence[str | Path], model_name: str | None, progress: bool) -> TrainReport:
+    """Train, evaluate and save one hook's SAE in ``out`` (checkpoints under ``work``)."""
     d_in = acts.train.shape[1]
     conv = TokenConventions(outlier_factor=settings.outlier_factor, outlier_norm=acts.limit,
                             prepend_bos=None, exclude_special_tokens=False)
-    metadata = {"hook_name": settings.hook, "model_name": model_name or _model_name(model),
+    metadata = {"hook_name": hook, "model_name": model_name or _model_name(model),
                 "context_size": settings.context_size, "prepend_bos": _adds_bos(tokenizer),
                 "exclude_special_tokens": False, "dataset_path": ", ".join(map(str, data)) or "probes+generations",
                 "drift_monitor_tokens": conv.to_metadata()}
@@ -521,7 +512,7 @@ def train_sae(model: Any, tokenizer: Any, settings: TrainSAESettings, out: str |
     curve = [(t, e if e is not None else round(ev["explained_variance"], 4)) for t, e in fit["curve"]]
     d_sae, k = settings.sizes(d_in)
     report = TrainReport(
-        out=str(out), hook=settings.hook, architecture=settings.architecture, d_in=d_in, d_sae=d_sae,
+        out=str(out), hook=hook, architecture=settings.architecture, d_in=d_in, d_sae=d_sae,
         k=k if settings.architecture in ("topk", "batchtopk") else None, n_train=acts.train.shape[0],
         n_heldout=acts.heldout.shape[0], n_excluded=acts.n_excluded, outlier_norm=acts.limit,
         train_tokens=fit["train_tokens"], collect_seconds=acts.seconds, collect_tokens_per_s=acts.tokens_per_s,
@@ -533,8 +524,13 @@ def train_sae(model: Any, tokenizer: Any, settings: TrainSAESettings, out: str |
         os.replace(f, out / f.name)
     tmp.rmdir()
     (out / REPORT).write_text(json.dumps(asdict(report), indent=2))
-    shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _load_report(path: Path) -> TrainReport:
+    d = json.loads(path.read_text())
+    d["ev_curve"] = [tuple(c) for c in d.get("ev_curve", [])]
+    return TrainReport(**d)
 
 
 def advice(r: TrainReport) -> list[str]:
@@ -548,42 +544,6 @@ def advice(r: TrainReport) -> list[str]:
         out.append(f"{r.dead_fraction:.0%} of the features never fire: train longer (--train-tokens), lower --lr, "
                    "or use a smaller --d-sae")
     return out
-
-
-def _load_or_collect(model, tokenizer, settings: TrainSAESettings, work: Path, data, documents,
-                     progress: bool) -> Activations:
-    from safetensors.torch import load_file, save_file
-
-    path, meta_path = work / "activations.safetensors", work / "activations.json"
-    key = settings.collection_key() | {"data": [str(d) for d in data]}
-    if path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta["key"] != key:
-            raise TrainSAEError(f"{work} holds an interrupted run with other settings ({_diff(meta['key'], key)}); "
-                                "run it again with the same settings to resume, or pass --force to start over")
-        t = load_file(str(path))
-        log.info("train-sae: reusing %d collected activations from %s", t["train"].shape[0], path)
-        return Activations(t["train"], t["heldout"], meta["n_excluded"], meta["limit"], meta["seconds"],
-                           meta["forward_tokens_per_s"])
-    if documents is None:
-        documents = load_documents(data) if data else default_documents(model, tokenizer, settings.gen_tokens,
-                                                                          settings.seed, progress)
-    docs = mix_chat(documents, settings.chat_fraction, settings.seed)
-    random.Random(settings.seed).shuffle(docs)
-    seqs = tokenize_documents(docs, tokenizer, settings.context_size)
-    if not seqs:
-        raise TrainSAEError("the training data tokenised to nothing (every document is empty or one token long)")
-    acts = collect_activations(model, tokenizer, seqs, settings.hook, max_tokens=settings.tokens,
-                               holdout_fraction=settings.holdout_fraction, outlier_factor=settings.outlier_factor,
-                               progress=progress)
-    save_file({"train": acts.train, "heldout": acts.heldout}, str(path))
-    meta_path.write_text(json.dumps({"key": key, "n_excluded": acts.n_excluded, "limit": acts.limit,
-                                     "seconds": acts.seconds, "forward_tokens_per_s": acts.forward_tokens_per_s}))
-    return acts
-
-
-def _diff(a: dict, b: dict) -> str:
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def _adds_bos(tokenizer: Any) -> bool:
