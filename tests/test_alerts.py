@@ -552,7 +552,8 @@ def test_refusal_erosion_waits_for_a_start_that_refuses():
 
 def test_requires_from_yaml_and_its_errors(tmp_path):
     f = tmp_path / "rules.yml"
-    f.write_text("defaults: true\nrules:\n  - {name: low_ev, kind: threshold, metric: explained_variance, op: '<', threshold: 0.5,\n"
+    f.write_text("defaults: true\nrules:\n"
+                 "  - {name: low_ev, kind: threshold, metric: explained_variance, op: '<', threshold: 0.5,\n"
                  "     requires: {metric: start_harmful_refusal_rate, op: '<', threshold: 0.2}}\n"
                  "overrides:\n  refusal_erosion: {requires: null}\n")
     rules = {r.name: r for r in A.load_rules(f)}

@@ -172,6 +172,7 @@ class _Rows:
 @torch.no_grad()
 def collect_activations(model: Any, tokenizer: Any, seqs: list[list[int]], hooks: Sequence[str], *,
                         max_tokens: int, holdout_fraction: float, outlier_factor: float,
+                        holdout_sequences: int | None = None,
                         spill: Callable[[str], Path] | None = None, max_memory_bytes: int | None = None,
                         batch_seqs: int = 16, progress: bool = True) -> dict[str, Activations]:
     """Activations at every hook from one forward per batch (stopped after the deepest hooked
@@ -216,7 +217,7 @@ def collect_activations(model: Any, tokenizer: Any, seqs: list[list[int]], hooks
     counts = torch.cat(per_seq)
     starts = counts.cumsum(0) - counts
     n_seqs = int((starts < total).sum())  # sequences with at least one collected token
-    n_hold_seqs = max(1, int(round(holdout_fraction * n_seqs)))
+    n_hold_seqs = holdout_sequences or max(1, int(round(holdout_fraction * n_seqs)))
     n_hold = min(total, int(counts[:n_hold_seqs].sum()))
     fwd = _plain_forward_speed(model, seqs[:2 * batch_seqs], pad, device, batch_seqs)
     out = {}

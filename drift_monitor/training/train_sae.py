@@ -83,6 +83,9 @@ class TrainSAESettings:
     l0_coefficient: float = 1.0  # jumprelu architecture
     chat_fraction: float = 0.2
     holdout_fraction: float = 0.05
+    #: A fixed held-out set instead: the first this-many sequences (e.g. to compare SAEs trained
+    #: on different budgets on the same held-out text). None: holdout_fraction of those collected.
+    holdout_sequences: int | None = None
     outlier_factor: float = 10.0
     seed: int = 0
     device: str | None = None
@@ -111,7 +114,7 @@ class TrainSAESettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise TrainSAEError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("d_sae", "k", "train_tokens"):
+        for name in ("d_sae", "k", "train_tokens", "holdout_sequences"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise TrainSAEError(f"{name} must be a positive integer, got {v!r}")
@@ -131,7 +134,7 @@ class TrainSAESettings:
     def collection_key(self) -> dict[str, Any]:
         """What decides the collected activations (a resume reuses them only if these agree)."""
         return {k: getattr(self, k) for k in ("hooks", "tokens", "context_size", "chat_fraction", "holdout_fraction",
-                                              "outlier_factor", "seed", "dtype", "gen_tokens")} | {
+                                              "holdout_sequences", "outlier_factor", "seed", "dtype", "gen_tokens")} | {
             "hooks": list(self.hooks)}
 
 
@@ -449,6 +452,13 @@ def train_sae(model: Any, tokenizer: Any, settings: TrainSAESettings, out: str |
     return summary
 
 
+def corpus_sequences(documents: Sequence[Document], tokenizer: Any, settings: TrainSAESettings) -> list[list[int]]:
+    """The token sequences collection reads, in its order: chat mixed in, shuffled, cut to context."""
+    docs = mix_chat(documents, settings.chat_fraction, settings.seed)
+    random.Random(settings.seed).shuffle(docs)
+    return tokenize_documents(docs, tokenizer, settings.context_size)
+
+
 def _load_or_collect(model: Any, tokenizer: Any, settings: TrainSAESettings, work: Path, hook_work: dict[str, Path],
                      data: Sequence[str | Path], documents: Sequence[Document] | None, progress: bool) -> Stored:
     """The activations of an interrupted run with the same settings, or a fresh collection (saved)."""
@@ -459,14 +469,13 @@ def _load_or_collect(model: Any, tokenizer: Any, settings: TrainSAESettings, wor
     if documents is None:
         documents = load_documents(data) if data else default_documents(model, tokenizer, settings.gen_tokens,
                                                                           settings.seed, progress)
-    docs = mix_chat(documents, settings.chat_fraction, settings.seed)
-    random.Random(settings.seed).shuffle(docs)
-    seqs = tokenize_documents(docs, tokenizer, settings.context_size)
+    seqs = corpus_sequences(documents, tokenizer, settings)
     if not seqs:
         raise TrainSAEError("the training data tokenised to nothing (every document is empty or one token long)")
     budget = None if settings.max_memory_gb is None else int(settings.max_memory_gb * 2**30)
     acts = collect_activations(model, tokenizer, seqs, list(settings.hooks), max_tokens=settings.tokens,
                                holdout_fraction=settings.holdout_fraction, outlier_factor=settings.outlier_factor,
+                               holdout_sequences=settings.holdout_sequences,
                                spill=lambda h: hook_work[h] / "activations.npy", max_memory_bytes=budget,
                                progress=progress)
     return Stored.save(work, hook_work, key, acts)
