@@ -167,7 +167,7 @@ def test_feature_activity_matches_a_direct_count(tiny):
     s = VerifySettings(batch_size=2)
     density, typical = feature_activity(model, tok, sae, HOOK, TEXTS, s)
     # direct: every non-pad token of each prompt, one prompt at a time, as formatted by verify
-    from drift_monitor.offline.verify import _formatted
+    from drift_monitor.probe.generate import formatted as _formatted
 
     xs = []
     for t in _formatted(tok, TEXTS):
