@@ -159,6 +159,8 @@ def test_refusal_page_cross_layer_section_for_three_hooks(db):
     at.selectbox(key="ref_xl_metric").set_value("max_refusal_score").run()
     assert not at.exception
     assert _chart_data(at.get("vega_lite_chart")[0])["value"].tolist() == [2.0, 3.0, 4.0] * 3
+    # a refusal score: the per-hook heatmap's scale, anchored to the floor (refusal_score_floor 1)
+    assert json.loads(at.get("vega_lite_chart")[0].proto.spec)["encoding"]["color"]["scale"]["domain"] == [0, 1, 2]
     assert any("No default alert rule reads max_refusal_score" in c.value for c in at.caption)
     assert at.subheader[1].value == f"At {at.selectbox(key='ref_hook').value}"  # then the picked hook's detail
 

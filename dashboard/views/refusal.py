@@ -55,14 +55,14 @@ def heatmap(df: pd.DataFrame, floor: float) -> alt.Chart:
 def body(ctx: PageContext) -> None:
     r, rid, hook = ctx.reader, ctx.run_id, ctx.hook
     k = int(st.number_input("Top-k per step (plus every emerging feature)", 1, 200, 10, key="ref_k"))
-    if crosslayer.section(r, rid, r.hooks(rid), k, score_scale=floor_scale(score_floor(r, rid, hook))):
+    floor = score_floor(r, rid, hook)
+    if crosslayer.section(r, rid, r.hooks(rid), k, score_scale=floor_scale(floor)):
         st.subheader(f"At {hook}")
     df = r.refusal_features(rid, hook, k=k)
     if df.empty:
         st.info("No refusal scores stored for this run and hook (they need harmful and harmless probes).")
         causal_check(r, rid, hook)
         return
-    floor = score_floor(r, rid, hook)
     st.altair_chart(heatmap(df, floor), width="stretch")
     st.caption(f"Colour: the refusal score against the floor an emerging feature must reach ({floor:g}, "
                "orange); white is no refusal activity, red twice the floor. The scale is the same for every "
