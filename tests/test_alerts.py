@@ -314,6 +314,8 @@ def test_hooks_filter():
     eng2.evaluate(base())
     out = eng2.evaluate(snap(1, hooks=(HOOK, HOOK2), features_drifted_ratio=0.9))
     assert keys(out) == [("features_drifted", HOOK, "active"), ("features_drifted", HOOK2, "active")]
+    # one alert per layer, each message naming its own layer (the cross-layer view reads them side by side)
+    assert [(a.hook in a.message, (HOOK2 if a.hook == HOOK else HOOK) in a.message) for a in out] == [(True, False)] * 2
 
 
 def test_evaluate_is_pure_and_reports_non_firing_conditions():

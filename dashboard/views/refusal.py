@@ -1,5 +1,7 @@
-"""Refusal: emerging refusal features as a feature × step heatmap, harmful vs harmless drift, and
-the causal check (``drift-monitor verify``) results stored for the run."""
+"""Refusal: for a run with several SAE hooks first the cross-layer section (views/crosslayer.py:
+a refusal metric by layer and step, the refusal features ranked over every hook), then the picked
+hook's emerging refusal features as a feature × step heatmap, harmful vs harmless drift, and the
+causal check (``drift-monitor verify``) results stored for the run."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from drift_monitor.dashboard.common import PageContext, render_page
+from drift_monitor.dashboard.views import crosslayer
 from drift_monitor.records import pct
 from drift_monitor.settings import MetricSettings
 from drift_monitor.store import StoreReader
@@ -28,12 +31,17 @@ def score_floor(r: StoreReader, run_id: str, hook: str) -> float:
     return float(MetricSettings().refusal_min_rel_score)
 
 
+def floor_scale(floor: float) -> alt.Scale:
+    """A refusal score's colour scale, anchored to the floor, not to the run's own range: the floor
+    is always orange, so a run whose best score is a tenth of it reads pale instead of red (a scale
+    stretched over the run's range paints any maximum red)."""
+    return alt.Scale(domain=[0.0, floor, 2 * floor], range=list(HEAT_COLOURS), clamp=True)
+
+
 def heatmap(df: pd.DataFrame, floor: float) -> alt.Chart:
-    """Refusal scores by feature and step, coloured on a scale anchored to the floor, not to the
-    run's own range: the floor is always orange, so a run whose best score is a tenth of it reads
-    pale instead of red (a scale stretched over the run's range paints any maximum red)."""
+    """Refusal scores by feature and step, coloured on :func:`floor_scale`."""
     heat = df.assign(label=df["label"].fillna(""), feature=df["feature"].astype(str))
-    scale = alt.Scale(domain=[0.0, floor, 2 * floor], range=list(HEAT_COLOURS), clamp=True)
+    scale = floor_scale(floor)
     return (
         alt.Chart(heat, title="refusal_score by feature and step").mark_rect()
         .encode(x=alt.X("step:O"), y=alt.Y("feature:N", sort="-color"),
@@ -47,12 +55,14 @@ def heatmap(df: pd.DataFrame, floor: float) -> alt.Chart:
 def body(ctx: PageContext) -> None:
     r, rid, hook = ctx.reader, ctx.run_id, ctx.hook
     k = int(st.number_input("Top-k per step (plus every emerging feature)", 1, 200, 10, key="ref_k"))
+    floor = score_floor(r, rid, hook)
+    if crosslayer.section(r, rid, r.hooks(rid), k, score_scale=floor_scale(floor)):
+        st.subheader(f"At {hook}")
     df = r.refusal_features(rid, hook, k=k)
     if df.empty:
         st.info("No refusal scores stored for this run and hook (they need harmful and harmless probes).")
         causal_check(r, rid, hook)
         return
-    floor = score_floor(r, rid, hook)
     st.altair_chart(heatmap(df, floor), width="stretch")
     st.caption(f"Colour: the refusal score against the floor an emerging feature must reach ({floor:g}, "
                "orange); white is no refusal activity, red twice the floor. The scale is the same for every "
