@@ -67,12 +67,14 @@ PG_TIMEOUT_S = 45  # gloo's own collective timeout: a rank left alone in a colle
 
 # ------------------------------------------------------------------------------ the worker
 def _shard(model: torch.nn.Module) -> None:
-    """FSDP2 as accelerate and TRL apply it: every decoder layer, then the root."""
+    """FSDP2 as accelerate (FULL_SHARD) applies it: every decoder layer, then the root, each with
+    ``reshard_after_forward=True`` (fully_shard's own default keeps the root's parameters whole
+    after a forward; accelerate reshards it too, so the LM head is a sharded DTensor between forwards)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
 
 
 def _sharding_facts(model: torch.nn.Module) -> dict:
