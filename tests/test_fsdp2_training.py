@@ -13,12 +13,12 @@ gathered full weights (≤ 1e-5), as the DDP test (test_distributed_training.py)
    (0, 2, 4) the ranks gather the full weights onto rank 0 (``get_model_state_dict`` with
    ``full_state_dict=True, cpu_offload=True``, a collective), which saves them.
 
-   Why a plain loop, not ``transformers.Trainer``: the Trainer shards a model itself (through
-   accelerate's FSDP plugin, which wants ``fsdp=`` arguments and in this version a CUDA/XPU
-   style device for FSDP2); handing it a model already ``fully_shard``-ed on CPU is not a
-   supported path. The callback only sees ``(args, state, control, model)``, so a loop that
-   fires the same events at the same points tests the same code path, without depending on how
-   accelerate decides to wrap.
+   Why a plain loop, not ``transformers.Trainer``: the Trainer reaches FSDP2 only through
+   accelerate's FSDP plugin (``fsdp=`` arguments; ``accelerate.utils.fsdp2_prepare_model``
+   leaves a model that already is an ``FSDPModule`` as it is), and whether that path runs on
+   CPU with gloo was not established here; a failure there would test accelerate, not the
+   monitor. The callback only sees ``(args, state, control, model)``, so a loop that fires the
+   same events at the same points (``on_step_end`` after the optimizer step) runs the same code.
 2. This process replays the callback in one process, with no process group, on rank 0's
    gathered weights of each step, and compares every stored figure of both hooks
    (``torchrun_harness.compare_stores``).
