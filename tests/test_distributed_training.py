@@ -35,27 +35,21 @@ worker joins the group itself for that: with ``use_cpu=True`` the Trainer does n
 its stack and exit after ``WORKER_TIMEOUT_S``, and asks the kernel to kill it if torchrun
 dies; the whole launch runs under ``TIMEOUT_S``. On any failure or timeout the test ends
 torchrun (SIGTERM, then SIGKILL) and any worker still alive (by its recorded pid), and
-fails with the tail of the launch log.
+fails with the tail of the launch log (the launch, the replay and the comparison: ``torchrun_harness``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from servers import single_thread, stop
+from servers import single_thread
+from torchrun_harness import ForwardCounter, Launch, arm_worker, compare_stores, reference
 
 WORLD = 2
 MAX_STEPS = 4
@@ -68,25 +62,9 @@ PG_TIMEOUT_S = 45  # gloo's own collective timeout: a rank left alone in a colle
 
 
 # ------------------------------------------------------------------------------ the worker
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when torchrun (its parent) dies, however it dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _worker_main(out_dir: str) -> None:
-    import faulthandler
-
-    faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)  # a hang dumps and exits
-    _die_with_parent()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = Path(out_dir)
-    (out / f"rank{rank}.pid").write_text(str(os.getpid()))
-    torch.set_num_threads(1)  # as the in-process reference: identical float results per batch
+    rank, world = arm_worker(out, WORKER_TIMEOUT_S), int(os.environ["WORLD_SIZE"])  # a hang dumps and exits
 
     import torch.distributed as dist
 
@@ -103,13 +81,7 @@ def _worker_main(out_dir: str) -> None:
     mine.mkdir()
     tok, model, sae_dir, ps = tf.world(mine, seed=0)
 
-    probe_forwards = [0]
-
-    def count(mod, _args):  # layer 0 runs in every probe forward; eval mode = the probe pass
-        if not mod.training:
-            probe_forwards[0] += 1
-
-    model.model.layers[0].register_forward_pre_hook(count)
+    probe_forwards = ForwardCounter(model.model.layers[0])  # layer 0 runs in every probe forward
 
     class SaveWeights(TrainerCallback):
         """The weights this rank holds at every snapshot step (they do not change within an event)."""
@@ -146,7 +118,7 @@ def _worker_main(out_dir: str) -> None:
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "args_world_size": args.world_size, "wrapped": type(trainer.model_wrapped).__name__,
         "global_step": trainer.state.global_step, "is_zero": trainer.is_world_process_zero(),
-        "probe_forwards": probe_forwards[0], "n_batches": len(cb.monitor.probes.batches),
+        "probe_forwards": probe_forwards.probe, "n_batches": len(cb.monitor.probes.batches),
         "my_batches": [[int(i), bool(c)] for i, c in cb.monitor._my_batches()],
         "done_steps": sorted(cb.done_steps), "errors": cb.errors, "run_id": cb.run_id,
         "has_store": cb.store is not None, "has_exporter": cb.exporter is not None,
@@ -156,132 +128,6 @@ def _worker_main(out_dir: str) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()  # no rank leaves while another is still writing
     dist.destroy_process_group()
-
-
-# ------------------------------------------------------------------------------ launching
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out_dir: Path) -> tuple[subprocess.Popen, Path]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false")
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # torchrun sets these
-        env.pop(k, None)
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the hostname resolves to
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(Path(__file__).resolve()), "worker", str(out_dir)]
-    log = out_dir / "torchrun.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=str(Path(__file__).parent))
-    return proc, log
-
-
-def _alive_worker(pid: int, out_dir: Path) -> bool:
-    """Is ``pid`` still one of this launch's workers (not a recycled pid)?"""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return Path(__file__).name.encode() in cmd and str(out_dir).encode() in cmd
-
-
-def _stop(proc: subprocess.Popen, out_dir: Path) -> None:
-    """End torchrun (SIGTERM: it stops its workers; then SIGKILL) and any worker left over."""
-    stop(proc)
-    for f in out_dir.glob("rank*.pid"):
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(f.read_text())
-            if _alive_worker(pid, out_dir):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _join(proc: subprocess.Popen, log: Path, out_dir: Path) -> list[dict]:
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        code = proc.poll()
-        if code != 0:
-            why = f"torchrun exited with {code}" if code is not None else f"timed out after {TIMEOUT_S}s (a hang?)"
-            _stop(proc, out_dir)
-            pytest.fail(f"distributed training: {why}\n{log.read_text(errors='replace')[-8000:]}")
-    finally:
-        _stop(proc, out_dir)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
-
-
-# ------------------------------------------------------------------------------ the reference
-def _reference(tmp: Path, sae_dir: Path, weights: dict[int, dict[str, torch.Tensor]]) -> tuple[str, str, int]:
-    """The same callback in one process (no group) on the saved weights of each step."""
-    import train_fixtures as tf
-    from transformers import TrainerControl, TrainerState
-
-    from drift_monitor.callbacks import DriftMonitorCallback
-
-    tok, model, _, ps = tf.world(tmp, seed=0)  # tokenizer and architecture; weights and SAE from rank 0
-    forwards = [0]
-    model.model.layers[0].register_forward_pre_hook(
-        lambda mod, _a: forwards.__setitem__(0, forwards[0] + (not mod.training)))
-    cfg = tf.config(tmp, sae_dir, ps, every_n_steps=EVERY, fail_fast=True, db_path=str(tmp / "ref.duckdb"))
-    cb = DriftMonitorCallback(cfg, tok)
-    args = SimpleNamespace(run_name=None, output_dir=str(tmp / "out"))
-    state, control = TrainerState(is_world_process_zero=True, is_local_process_zero=True), TrainerControl()
-    model.load_state_dict(weights[0])
-    cb.on_train_begin(args, state, control, model=model, processing_class=tok)
-    for step in STEPS[1:]:
-        model.load_state_dict(weights[step])
-        state.global_step = step
-        cb.on_step_end(args, state, control, model=model)
-    cb.on_train_end(args, state, control, model=model)
-    assert cb.errors == 0 and sorted(cb.done_steps) == STEPS
-    return cfg.outputs.db_path, cb.run_id, forwards[0]
-
-
-# ------------------------------------------------------------------------------ comparing stores
-def _frames_close(got, want, keys: list[str], what: str) -> None:
-    """Same rows (by ``keys``, exactly), numeric columns within TOL, NaN equal to NaN, the rest equal."""
-    got = got.sort_values(keys).reset_index(drop=True)
-    want = want.sort_values(keys).reset_index(drop=True)
-    assert list(got.columns) == list(want.columns), what
-    assert len(got) == len(want) > 0, f"{what}: {len(got)} rows vs {len(want)}"
-    for col in want.columns:
-        g, w = got[col].to_numpy(), want[col].to_numpy()
-        if col in keys or not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(g.dtype, np.floating)):
-            np.testing.assert_array_equal(g, w, err_msg=f"{what}: {col}")
-        else:
-            np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=TOL, atol=TOL,
-                                       equal_nan=True, err_msg=f"{what}: {col}")
-
-
-def _compare_stores(db: str, run: str, ref_db: str, ref_run: str, hook: str) -> None:
-    from drift_monitor.store import StoreReader
-
-    got, want = StoreReader(db), StoreReader(ref_db)
-    skip = ["run_id", "created_at", "duration_s"]  # ids and timings are not figures
-    _frames_close(got.snapshots(run).drop(columns=skip), want.snapshots(ref_run).drop(columns=skip),
-                  ["step", "hook"], "snapshots")
-    _frames_close(got.metric_series(run), want.metric_series(ref_run), ["step", "hook", "name"], "metrics")
-    for step in STEPS:
-        _frames_close(got.feature_table(run, step, hook, category=None),
-                      want.feature_table(ref_run, step, hook, category=None), ["category", "feature"],
-                      f"feature_stats at step {step}")
-    # refusal features: the top rows by score; compared by feature (a rank could only differ on a
-    # near-tie, which the score columns would show)
-    g_ref, w_ref = got.refusal_features(run, hook), want.refusal_features(ref_run, hook)
-    if len(w_ref):
-        _frames_close(g_ref, w_ref, ["step", "feature"], "refusal_features")
-    acols = ["step", "hook", "rule", "severity", "status", "value", "threshold", "resolved_step"]
-    g_al, w_al = got.alerts(run)[acols], want.alerts(ref_run)[acols]
-    assert len(g_al) == len(w_al), f"alerts: {g_al} vs {w_al}"
-    if len(w_al):
-        _frames_close(g_al, w_al, ["step", "hook", "rule"], "alerts")
 
 
 # ------------------------------------------------------------------------------ the test
@@ -294,8 +140,7 @@ def test_ddp_training_stores_what_one_process_measures(tmp_path):
     assert not dist.is_initialized(), "the reference must run without a process group"
     out_dir = tmp_path / "ddp"
     out_dir.mkdir()
-    proc, log = _launch(out_dir)
-    r0, r1 = _join(proc, log, out_dir)
+    r0, r1 = Launch(__file__, out_dir, WORLD, TIMEOUT_S).join()
     db = out_dir / "drift.duckdb"
 
     # DDP really ran, on both ranks, to the end
@@ -345,12 +190,12 @@ def test_ddp_training_stores_what_one_process_measures(tmp_path):
 
     # the single-process reference on the same weights, same probe set, same SAE
     with single_thread():
-        ref_db, ref_run, ref_forwards = _reference(tmp_path / "ref", sae0, weights)
+        ref_db, ref_run, ref_forwards = reference(tmp_path / "ref", {tf.HOOK: str(sae0)}, weights, EVERY)
     assert ref_forwards == len(STEPS) * n  # one process runs every batch
     ref = StoreReader(ref_db)
     act_cos = ref.metric_series(ref_run, names=["act_cosine"]).value.tolist()
     assert act_cos[0] == pytest.approx(1.0) and act_cos[-1] < 1.0, "the reference is not trivial: the model drifted"
-    _compare_stores(str(db), run, ref_db, ref_run, tf.HOOK)
+    compare_stores(str(db), run, ref_db, ref_run, [tf.HOOK], STEPS, TOL)
 
 
 if __name__ == "__main__":  # a worker, under torchrun: python tests/test_distributed_training.py worker <out_dir>

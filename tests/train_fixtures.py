@@ -23,11 +23,14 @@ def world(tmp: Path, seed: int = 0):
     answers = ["Sure , here is how .", REFUSAL, "Here you go ."]
     tok = build_tokenizer([r.prompt for r in ProbeSet.default().records] + answers)
     model = build_llama(len(tok), hidden=32, layers=3, heads=4, seed=seed)
-    acts = collect_activations(model, tok, [r.prompt for r in ps.records], HOOK)
-    sae = build_sae(32, 128, calibrate=acts, target_density=0.08, seed=seed)
-    sae_dir = tmp / "sae"
-    sae.save_model(sae_dir)
-    return tok, model, sae_dir, ps
+    return tok, model, sae_for(tmp / "sae", model, tok, ps, HOOK, seed), ps
+
+
+def sae_for(sae_dir: Path, model, tok, ps: ProbeSet, hook: str, seed: int = 0) -> Path:
+    """An SAE calibrated on ``model``'s activations at ``hook`` over the probes, saved in ``sae_dir``."""
+    acts = collect_activations(model, tok, [r.prompt for r in ps.records], hook)
+    build_sae(32, 128, calibrate=acts, target_density=0.08, seed=seed).save_model(sae_dir)
+    return sae_dir
 
 
 def saved_world(tmp: Path, seed: int = 0):

@@ -176,7 +176,13 @@ _FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "
 
 def logit_lens_weights(model: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(W_U [vocab, d], the final norm's scale [d] or None) of a causal LM; (None, None) without an
-    output embedding. Detached views, no copies."""
+    output embedding. Detached views, no copies, except for sharded weights (below).
+
+    Under FSDP2 (``fully_shard``) a weight between forwards is this rank's shard, a DTensor (unless
+    its module keeps parameters whole after a forward, as a root does by fully_shard's own default;
+    accelerate reshards the root too): it is gathered whole (``full_tensor``, a collective: every
+    rank calls this, as every rank computes a snapshot). A shard would be the wrong matrix, and
+    mixed with plain tensors it raises."""
     from .capture import resolve_module
 
     get = getattr(model, "get_output_embeddings", None)
@@ -191,4 +197,10 @@ def logit_lens_weights(model: torch.nn.Module) -> tuple[torch.Tensor | None, tor
             continue
         norm = getattr(module, "weight", None)
         break
-    return head.weight.detach(), None if norm is None else norm.detach()
+    return _whole(head.weight), None if norm is None else _whole(norm)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached; a DTensor (FSDP2, tensor parallel) gathered into a plain tensor first."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
