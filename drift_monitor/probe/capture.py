@@ -252,3 +252,23 @@ def plain_forward(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], ob
             return call(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     return forward
+
+
+@contextlib.contextmanager
+def without_autocast(model: nn.Module) -> Iterator[None]:
+    """For a measurement that calls the model's own methods (``generate``): the forward accelerate
+    wrapped in the trainer's autocast is swapped for the original for the block, under
+    ``autocast(enabled=False)``, for the reason ``plain_forward`` gives."""
+    original = getattr(model, "_original_forward", None)
+    wrapped = model.__dict__.get("forward")
+    if original is not None:
+        model.forward = original
+    try:
+        with torch.autocast(model_device(model).type, enabled=False):
+            yield
+    finally:
+        if original is not None:
+            if wrapped is not None:
+                model.forward = wrapped
+            else:
+                del model.forward

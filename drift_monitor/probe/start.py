@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import MetricSettings
 from ..records import VerifySettings
-from .capture import is_sharded, probe_mode
+from .capture import is_sharded, probe_mode, without_autocast
 from .generate import refusal_rate
 from .probes import ProbeSet
 
@@ -44,5 +44,5 @@ def measure_start_refusal(model: nn.Module, tokenizer: Any, probe_set: ProbeSet,
         log.info("start refusal not measured: the model is sharded (rule refusal_erosion stays armed)")
         return {}
     s = VerifySettings(max_new_tokens=settings.start_refusal_tokens, batch_size=batch_size, max_length=max_length)
-    with probe_mode(model):
+    with probe_mode(model), without_autocast(model):
         return {START_METRICS[role]: refusal_rate(model, tokenizer, ps, s) for role, ps in prompts.items()}
