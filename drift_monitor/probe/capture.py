@@ -86,6 +86,55 @@ def resolve_module(model: nn.Module, hook: str) -> tuple[str, nn.Module]:
     )
 
 
+#: ``auto`` hooks: decoder layers evenly spaced from a third of the depth to the last but one.
+#: Why there: on the SmolLM2 test bed's calibration runs, the refusal direction's harmful −
+#: harmless separation at the post-instruction tokens moved only from the middle layers on (the
+#: first third stayed within 3% of the start in every run) and most in the last sixth
+#: (``tests/bench/layer_profile.py``); Arditi et al. find the refusal direction mid-to-late.
+AUTO_HOOKS = 4
+_LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks)\.(\d+)$")
+
+
+def decoder_layers(model: nn.Module) -> list[str]:
+    """The decoder layers' (normalised) module names, in depth order: the longest numbered stack."""
+    stacks: dict[str, list[tuple[int, str]]] = {}
+    for n, _ in model.named_modules():
+        name = normalize_name(n)
+        m = _LAYER.match(name)
+        if m:
+            stacks.setdefault(name[: m.start(1)], []).append((int(m[1]), name))
+    if not stacks:
+        raise HookNotFoundError(f"no numbered layer stack (layers.N, h.N, blocks.N) in {type(model).__name__}; "
+                                "name the hooks yourself, e.g. --hook model.layers.12")
+    best = max(stacks.values(), key=len)
+    return [name for _, name in sorted(best)]
+
+
+def auto_hooks(model: nn.Module, n: int = AUTO_HOOKS) -> list[str]:
+    """``n`` decoder layers evenly spaced from a third of the depth to the last but one."""
+    layers = decoder_layers(model)
+    depth = len(layers)
+    lo, hi = depth // 3, max(depth // 3, depth - 2)
+    if n <= 1:
+        return [layers[(lo + hi) // 2]]
+    picks = sorted({round(lo + i * (hi - lo) / (n - 1)) for i in range(n)})
+    return [layers[i] for i in picks]
+
+
+def expand_auto(model: nn.Module, hooks: list[str]) -> list[str]:
+    """Hooks with ``auto`` / ``auto:N`` replaced by :func:`auto_hooks` (duplicates dropped)."""
+    out: list[str] = []
+    for h in hooks:
+        if h == "auto" or h.startswith("auto:"):
+            count = h.partition(":")[2] or str(AUTO_HOOKS)
+            if not count.isdigit() or int(count) < 1:
+                raise HookNotFoundError(f"--hook {h}: write auto or auto:N with N >= 1 layers, e.g. auto:4")
+            out += auto_hooks(model, int(count))
+        else:
+            out.append(h)
+    return list(dict.fromkeys(out))
+
+
 class _StopForward(Exception):
     """Raised from the last hook to skip the rest of the forward (later layers, LM head)."""
 

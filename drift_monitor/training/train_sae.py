@@ -30,6 +30,7 @@ and written to each SAE's ``train_report.json`` (and, with several hooks, a summ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 
 from ..errors import DriftMonitorError
-from ..probe.capture import resolve_module
+from ..probe.capture import expand_auto, resolve_module
 from ..probe.tokens import TokenConventions
 from .collect import Activations, Stored, collect_activations, default_documents, generate_answers, tokenize_documents
 from .sae_data import Document, load_documents, mix_chat
@@ -405,7 +406,10 @@ def train_sae(model: Any, tokenizer: Any, settings: TrainSAESettings, out: str |
     :class:`TrainReport` is returned; several: ``out/<hook>/`` each, and a :class:`TrainSummary`."""
     t_start = time.perf_counter()
     out = Path(out)
-    hooks = list(settings.hooks)
+    hooks = expand_auto(model, list(settings.hooks))  # auto[:N]: layers spread over the depth
+    if hooks != list(settings.hooks):
+        settings = dataclasses.replace(settings, hooks=hooks, hook=None)
+        hooks = list(settings.hooks)
     single = len(hooks) == 1
     if out.exists() and not out.is_dir():
         raise TrainSAEError(f"--out {out} is a file; give a folder")
