@@ -496,6 +496,13 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str | Sequence
     from ..probe.saes import load_sae
     from .loading import load_pair
 
+    s = settings or VerifySettings()
+    if direction_layers not in (None, "", "all", "hooks"):
+        try:
+            s = replace(s, direction_layers=tuple(int(i) for i in str(direction_layers).split(",") if i.strip()))
+        except ValueError:
+            raise VerifyError(f"--direction-layers {direction_layers!r}: give all, hooks or layer indices "
+                              "(0,5,10)") from None
     reader = run_id = None
     run_cfg: dict[str, Any] = {}
     if db is not None:
@@ -543,17 +550,10 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str | Sequence
                                        trust_remote_code=trust_remote_code)
     if base is None and base_ctx is None:
         log.warning("no --adapter or --base-model: the base and steered_base conditions are skipped")
-    s = settings or VerifySettings()
     if direction_layers == "hooks":
         from .directions_ablation import hook_layer
 
         s = replace(s, direction_layers=tuple(hook_layer(m, h) for h in feats))
-    elif direction_layers not in (None, "", "all"):
-        try:
-            s = replace(s, direction_layers=tuple(int(i) for i in str(direction_layers).split(",") if i.strip()))
-        except ValueError:
-            raise VerifyError(f"--direction-layers {direction_layers!r}: give all, hooks or layer indices "
-                              "(0,5,10)") from None
     sites = [Site(hook, load_sae(saes[hook], device=device, dtype=dtype), tuple(f)) for hook, f in feats.items()]
     res = verify_sites(m, tok, sites, harmful, harmless, base_model=base, base_context=base_ctx, settings=s,
                        progress=progress, run_id=run_id, step=step)
