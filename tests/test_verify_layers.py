@@ -258,3 +258,15 @@ def test_cli_takes_several_saes_and_feature_specs(tmp_path, capsys):
     assert main(["verify", "--model", str(tmp_path), "--sae", f"{H0}=a", "--features", "1",
                  "--direction-layers", "x"]) == 2
     assert "--direction-layers 'x'" in capsys.readouterr().err
+
+
+def test_the_runs_saes_are_every_folder_named_by_its_hook(tmp_path):
+    """A run configured with several SAE folders: each folder's cfg.json names its hook, so
+    ``verify --db --run`` checks every monitored hook without --sae."""
+    from drift_monitor.offline.verify import _run_saes
+
+    for name, hook in (("a", H0), ("b", H1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cfg.json").write_text(json.dumps({"metadata": {"hook_name": hook}}))
+    got = _run_saes({"saes": [str(tmp_path / "a"), str(tmp_path / "b")]}, None, None)
+    assert got == {H0: str(tmp_path / "a"), H1: str(tmp_path / "b")}
