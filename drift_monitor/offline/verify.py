@@ -12,7 +12,12 @@ Conditions, each measured by greedy generation on the harmful and the harmless p
                    by firing density (``n_random`` draws): ablating any features of that
                    density might disturb the model; only a gap to this control is evidence;
 ``base``           the base model (when given);
-``steered_base``   the base model with α × (typical activation) × d_i added for each feature.
+``steered_base``   the base model with α × (typical activation) × d_i added for each feature;
+``direction_ablated``          (``settings.direction_ablation``) the reference: the refusal
+                               direction removed at every chosen decoder layer (directions_ablation.py);
+``random_direction_ablated``   its control, a random direction per layer removed the same way.
+
+Over several hooks (:func:`verify_sites`) the feature conditions act at every hook together.
 
 Refusal is a configurable list of phrases found in the decoded generation (case-insensitive).
 ``kl_harmless`` is the mean per-token KL(unmodified ‖ intervened) of next-token distributions
