@@ -190,8 +190,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         text = path.read_text() if path.is_file() else args.refusal_phrases.replace(",", "\n")
         phrases = tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
     settings = VerifySettings(alpha=args.alpha, n_random=args.n_random, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, seed=args.seed, refusal_phrases=phrases)
-    res = run_verify(args.model, _parse_saes(args.sae) if args.sae else None, args.features, adapter=args.adapter,
+                              batch_size=args.batch_size, seed=args.seed, refusal_phrases=phrases,
+                              direction_ablation=not args.no_direction_ablation)
+    res = run_verify(args.model, _parse_saes(args.sae) if args.sae else None, args.features or ["emerging"],
+                     adapter=args.adapter, direction_layers=args.direction_layers,
                      base_model=args.base_model, db=args.db, run=args.run, step=args.step, probes=args.probes,
                      harmful_category=args.harmful_category, harmless_category=args.harmless_category,
                      settings=settings, device=args.device, dtype=args.dtype,
@@ -411,10 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "or from a run's refusal features in --db; results are stored there too.")
     _model_pair_args(v, "for the steering condition; not needed with --adapter")
     v.add_argument("--sae", action="append", default=[], metavar="HOOK=SOURCE",
-                   help="the SAE and its hook (default: the run's, from --db/--run)")
-    v.add_argument("--features", default="emerging", metavar="IDS|top:K|emerging",
-                   help="feature ids (12,345), or from the run's refusal features at --step: every emerging one "
-                        "(the default) or top:K (emerging first, then by refusal score)")
+                   help="an SAE and its hook, repeatable: several hooks are checked together (default: the "
+                        "run's SAEs, from --db/--run)")
+    v.add_argument("--features", action="append", default=[], metavar="[HOOK:]IDS|top:K|emerging",
+                   help="feature ids (12,345; one hook), or from the run's refusal features at --step: every "
+                        "emerging one (the default, at every hook) or top:K per hook (emerging first, then by "
+                        "refusal score). HOOK:SPEC (repeatable) gives one hook its own spec, e.g. "
+                        "--features model.layers.6:12,345 --features model.layers.15:7")
+    v.add_argument("--no-direction-ablation", action="store_true",
+                   help="skip the reference conditions: the run's refusal direction (and a random one) removed "
+                        "at every layer of --direction-layers")
+    v.add_argument("--direction-layers", default="all", metavar="all|hooks|0,5,10",
+                   help="decoder layers whose output loses the refusal direction: all (Arditi et al.; the "
+                        "default), hooks (the checked hooks' layers) or indices")
     v.add_argument("--db", default=None, help="the run's DuckDB file (or a store directory): features come from "
                                               "it, results go to the run's file")
     v.add_argument("--run", default=None, help="a run id or name in --db")

@@ -273,11 +273,18 @@ class VerifySettings:
     steer_prompt_only: bool = True  # steer the prompt's forward only; generated tokens are left alone
     refusal_phrases: tuple[str, ...] = DEFAULT_REFUSAL_PHRASES
     n_examples: int = 3  # generations kept per condition, for the reader
+    #: Add the ``direction_ablated`` reference (the refusal direction removed at every layer of
+    #: ``direction_layers``) and its ``random_direction_ablated`` control. Off here, so a library
+    #: call gets the feature conditions it asked for; ``drift-monitor verify`` turns it on.
+    direction_ablation: bool = False
+    direction_layers: tuple[int, ...] | None = None  # decoder layer indices; None: every layer
 
     def __post_init__(self) -> None:
         if not self.refusal_phrases:
             raise ConfigError("refusal_phrases is empty: give at least one phrase that marks a refusal")
         self.refusal_phrases = tuple(normalize_text(p) for p in self.refusal_phrases)
+        if self.direction_layers is not None:
+            self.direction_layers = tuple(int(i) for i in self.direction_layers)
         for name in ("n_random", "random_pool", "max_new_tokens", "batch_size", "max_length"):
             if int(getattr(self, name)) < (0 if name == "n_random" else 1):
                 raise ConfigError(f"VerifySettings.{name} must be positive, got {getattr(self, name)!r}")
@@ -297,6 +304,9 @@ class ConditionResult:
     seed: int | None = None
     alpha: float | None = None
     examples: list[str] = field(default_factory=list)
+    #: {hook: feature ids} when the condition spans several hooks (``features`` is then their
+    #: concatenation in hook order); empty for one hook.
+    by_hook: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -313,6 +323,14 @@ class VerifyResult:
     step: int | None = None
     duration_s: float = 0.0
     created_at: float = field(default_factory=time.time)
+    #: {hook: checked features} of a check over several hooks (``hook`` is then their labels
+    #: joined by "+", ``features`` and ``steer_scales`` the concatenation); empty for one hook.
+    site_features: dict[str, list[int]] = field(default_factory=dict)
+    direction_layers: list[int] = field(default_factory=list)  # where the direction conditions removed it
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.site_features) or [self.hook]
 
     def rows(self, condition: str) -> list[ConditionResult]:
         return [c for c in self.conditions if c.condition == condition]
@@ -331,6 +349,16 @@ class VerifyResult:
     def random_relative_drop(self) -> float:
         """The same for the random control (mean over draws)."""
         return _rel_drop(self.rate("fine_tuned"), self.rate("random"))
+
+    @property
+    def direction_relative_drop(self) -> float:
+        """The reference: the refusal direction removed at every chosen layer (NaN when not run)."""
+        return _rel_drop(self.rate("fine_tuned"), self.rate("direction_ablated"))
+
+    @property
+    def random_direction_relative_drop(self) -> float:
+        """Its control: a random direction per layer removed the same way."""
+        return _rel_drop(self.rate("fine_tuned"), self.rate("random_direction_ablated"))
 
     def rates(self) -> dict[str, float]:
         """{condition: mean harmful refusal rate}, in the order the conditions ran."""
@@ -357,7 +385,14 @@ class VerifyResult:
         """The results as a pandas DataFrame, one row per condition (and random draw)."""
         import pandas as pd
 
-        return pd.DataFrame([{**asdict(c), "features": ",".join(map(str, c.features))} for c in self.conditions])
+        return pd.DataFrame([{**asdict(c), "features": feature_label(c)} for c in self.conditions])
+
+
+def feature_label(c: ConditionResult) -> str:
+    """A condition's features as stored and shown: ``12,345``, or ``HOOK:12,345 HOOK:7`` over several hooks."""
+    if len(c.by_hook) > 1:
+        return " ".join(f"{h}:{','.join(map(str, f))}" for h, f in c.by_hook.items())
+    return ",".join(map(str, c.features))
 
 
 def _rel_drop(ref: float, new: float) -> float:

@@ -194,9 +194,11 @@ def test_verify_cli_reads_top_features_from_the_run_and_stores_results(demo, tmp
     assert rc == 0
     got = json.loads(out.read_text())
     assert got["features"] == summary["verify"]["features"][:3]
-    assert [c["condition"] for c in got["conditions"]] == ["fine_tuned", "ablated", "random", "base", "steered_base"]
+    # the CLI adds the direction reference and its control by default (--no-direction-ablation skips them)
+    assert [c["condition"] for c in got["conditions"]] == ["fine_tuned", "ablated", "random", "base", "steered_base",
+                                                           "direction_ablated", "random_direction_ablated"]
     rows = StoreReader(summary["db"]).verifications(run_id=_refusal_run(summary))
-    assert (rows.verify_id == got["verify_id"]).sum() == 5
+    assert (rows.verify_id == got["verify_id"]).sum() == 7
     assert rows[rows.verify_id == got["verify_id"]]["harmful_refusal_rate"].tolist() == pytest.approx(
         [c["harmful_refusal_rate"] for c in got["conditions"]])
 

@@ -78,7 +78,8 @@ def body(ctx: PageContext) -> None:
 
 
 def causal_check(r: StoreReader, run_id: str, hook: str) -> None:
-    """The stored ``drift-monitor verify`` tables of this run and hook, newest first."""
+    """The stored ``drift-monitor verify`` tables of this run and hook, newest first: a check over
+    several hooks (stored as ``h1+h2``) is listed at each of them, with its hooks named."""
     st.subheader("Causal check (drift-monitor verify)")
     v = r.verifications(run_id=run_id, hook=hook)
     if v.empty:
@@ -88,15 +89,28 @@ def causal_check(r: StoreReader, run_id: str, hook: str) -> None:
         return
     ids = list(dict.fromkeys(v["verify_id"]))
     when = dict(zip(v["verify_id"], v["created_at"].astype(str)))
+    label = dict(zip(v["verify_id"], v["hook"]))
     vid = st.selectbox("Check", ids, key="ref_verify",
-                       format_func=lambda i: f"{when[i]} (step {int(v[v.verify_id == i].step.iloc[0])}, {i})")
+                       format_func=lambda i: f"{when[i]} (step {int(v[v.verify_id == i].step.iloc[0])}, "
+                                             f"{check_where(label[i])}, {i})")
     rows = v[v["verify_id"] == vid]
     summary = json.loads(rows["summary_json"].iloc[0] or "{}")
-    st.markdown(f"**Verdict:** {summary.get('verdict', '?')}")
+    hooks = str(label[vid]).split("+")
+    if len(hooks) > 1:
+        st.markdown(f"Features ablated together at {len(hooks)} hooks: " + ", ".join(f"`{h}`" for h in hooks))
+    st.markdown(f"**Verdict (on the features):** {summary.get('verdict', '?')}")
     c1, c2, c3 = st.columns(3)
     c1.metric("Ablation: harmful refusal drop", pct(summary.get("ablation_relative_drop")))
     c2.metric("Random control: drop", pct(summary.get("random_relative_drop")))
     c3.metric("Steering the base: refusal gain", pct(summary.get("steering_gain"), signed=True))
+    if "direction_ablated" in set(rows["condition"]):
+        layers = summary.get("direction_layers") or []
+        d1, d2, _ = st.columns(3)
+        d1.metric("Reference: refusal direction removed", pct(summary.get("direction_relative_drop")))
+        d2.metric("Random direction removed: drop", pct(summary.get("random_direction_relative_drop")))
+        st.caption(f"Reference conditions: the run's refusal direction (and, as a control, a random direction) "
+                   f"removed at {len(layers)} decoder layers' outputs (Arditi et al.); the verdict judges the "
+                   "features only.")
     mean = rows.groupby("condition", sort=False, as_index=False)[["harmful_refusal_rate", "harmless_refusal_rate",
                                                                  "kl_harmless"]].mean()
     st.altair_chart(
@@ -108,6 +122,12 @@ def causal_check(r: StoreReader, run_id: str, hook: str) -> None:
     )
     st.dataframe(rows[["condition", "draw", "features", "alpha", "harmful_refusal_rate", "harmless_refusal_rate",
                        "kl_harmless", "n_harmful", "n_harmless"]], hide_index=True, width="stretch")
+
+
+def check_where(label: str) -> str:
+    """A stored check's hook label for the picker: ``model.layers.15``, or ``3 hooks`` for ``h1+h2+h3``."""
+    n = len(str(label).split("+"))
+    return str(label) if n == 1 else f"{n} hooks"
 
 
 if __name__ == "__main__":  # st.navigation runs this file as the page (dashboard/app.py)

@@ -12,7 +12,12 @@ Conditions, each measured by greedy generation on the harmful and the harmless p
                    by firing density (``n_random`` draws): ablating any features of that
                    density might disturb the model; only a gap to this control is evidence;
 ``base``           the base model (when given);
-``steered_base``   the base model with α × (typical activation) × d_i added for each feature.
+``steered_base``   the base model with α × (typical activation) × d_i added for each feature;
+``direction_ablated``          (``settings.direction_ablation``) the reference: the refusal
+                               direction removed at every chosen decoder layer (directions_ablation.py);
+``random_direction_ablated``   its control, a random direction per layer removed the same way.
+
+Over several hooks (:func:`verify_sites`) the feature conditions act at every hook together.
 
 Refusal is a configurable list of phrases found in the decoded generation (case-insensitive).
 ``kl_harmless`` is the mean per-token KL(unmodified ‖ intervened) of next-token distributions
@@ -29,7 +34,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +45,8 @@ from ..probe.capture import ActivationCapture, resolve_module
 from ..probe.generate import batches as _batches
 from ..probe.generate import generate_texts, is_refusal
 from ..progress import bar as progress_bar
-from ..records import ConditionResult, VerifyResult, VerifySettings, pct
+from ..records import ConditionResult, VerifyResult, VerifySettings, feature_label, pct
+from .directions_ablation import ablate_directions, random_directions, refusal_directions, resolve_layers
 from .interventions import VerifyError, intervene
 
 log = logging.getLogger(__name__)
@@ -121,23 +127,59 @@ def density_matched(features: Sequence[int], density: torch.Tensor, pool: int, r
 
 
 # ----------------------------------------------------------------------------- the check
+@dataclass(frozen=True)
+class Site:
+    """One hook of a check: its SAE and the features ablated (and steered) there."""
+
+    hook: str
+    sae: Any
+    features: tuple[int, ...]
+
+
+def _check_site(site: Site) -> Site:
+    feats = tuple(int(f) for f in site.features)
+    if not feats:
+        raise VerifyError(f"verify needs at least one feature at {site.hook}")
+    if len(set(feats)) != len(feats):
+        raise VerifyError(f"duplicate feature ids in {list(feats)} at {site.hook}; give each feature once")
+    return replace(site, features=feats)
+
+
 def verify(model: nn.Module, tokenizer: Any, sae: Any, hook: str, features: Sequence[int],
            harmful: Sequence[str], harmless: Sequence[str], *, base_model: nn.Module | None = None,
            base_context: Callable[[], contextlib.AbstractContextManager] | None = None,
            settings: VerifySettings | None = None, progress: bool = True, run_id: str | None = None,
            step: int | None = None) -> VerifyResult:
-    """Run every condition and return the results table.
+    """Run every condition at one hook and return the results table (:func:`verify_sites` with one site).
 
     ``base_model``: the model before fine-tuning, for ``base`` and ``steered_base``. For a PEFT
     model pass ``base_context=model.disable_adapter`` instead: the base is the same module with
     the adapter switched off, so no second copy of the weights is loaded.
     """
+    return verify_sites(model, tokenizer, [Site(hook, sae, tuple(features))], harmful, harmless,
+                        base_model=base_model, base_context=base_context, settings=settings, progress=progress,
+                        run_id=run_id, step=step)
+
+
+def verify_sites(model: nn.Module, tokenizer: Any, sites: Sequence[Site], harmful: Sequence[str],
+                 harmless: Sequence[str], *, base_model: nn.Module | None = None,
+                 base_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 settings: VerifySettings | None = None, progress: bool = True, run_id: str | None = None,
+                 step: int | None = None) -> VerifyResult:
+    """Run every condition over one or several hooks and return the results table.
+
+    Why several at once: refusal is computed across layers, so removing one layer's features
+    can leave it intact while the features flagged at every monitored layer, removed together,
+    do not. ``ablated`` enters every site's hook in one context (a later site sees the earlier
+    sites' edits, as in the model); ``random`` draws, per site, a density-matched set of the same
+    size at that site; ``steered_base`` adds every site's steering vector.
+    """
     s = settings or VerifySettings()
-    features = [int(f) for f in features]
-    if not features:
-        raise VerifyError("verify needs at least one feature")
-    if len(set(features)) != len(features):
-        raise VerifyError(f"duplicate feature ids in {features}; give each feature once")
+    sites = [_check_site(site) for site in sites]
+    if not sites:
+        raise VerifyError("verify needs at least one hook with features")
+    if len({site.hook for site in sites}) != len(sites):
+        raise VerifyError(f"hooks {[site.hook for site in sites]}: give each hook once")
     if not harmful:
         raise VerifyError("no harmful prompts: the refusal rate needs some (check --probes and the category names)")
     if not harmless:
@@ -148,48 +190,74 @@ def verify(model: nn.Module, tokenizer: Any, sae: Any, hook: str, features: Sequ
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    sae.eval()
-    bar = _Bar(2 + s.n_random + (2 if base_model is not None or base_context is not None else 0), progress)
+    for site in sites:
+        site.sae.eval()
+    has_base = base_model is not None or base_context is not None
+    bar = _Bar(2 + s.n_random + (2 if has_base else 0) + (2 if s.direction_ablation else 0), progress)
     rng = random.Random(s.seed)
+    multi = len(sites) > 1
+    layers: list[int] = []
     try:
-        density, typical = feature_activity(model, tokenizer, sae, hook, list(harmful) + list(harmless), s)
-        scales = _steer_scales(features, typical, s.alpha)
+        prompts = list(harmful) + list(harmless)
+        activity = [feature_activity(model, tokenizer, site.sae, site.hook, prompts, s) for site in sites]
+        scales = [_steer_scales(list(site.features), typical, s.alpha) for site, (_, typical) in zip(sites, activity)]
         rows: list[ConditionResult] = []
 
         def measure(name: str, m: nn.Module, ctx: Callable[[], contextlib.AbstractContextManager] | None,
-                    feats: list[int], seed: int | None = None, alpha: float | None = None) -> None:
+                    feats: list[list[int]], seed: int | None = None, alpha: float | None = None) -> None:
             with (ctx() if ctx else contextlib.nullcontext()):
                 harm_txt = generate_texts(m, tokenizer, harmful, s)
                 safe_txt = generate_texts(m, tokenizer, harmless, s)
             kl = harmless_kl(m, tokenizer, harmless, s, ctx) if ctx else 0.0
+            by_hook = {site.hook: f for site, f in zip(sites, feats)} if multi and feats else {}
             rows.append(ConditionResult(
-                name, feats, _rate(harm_txt, s), _rate(safe_txt, s), kl, len(harm_txt), len(safe_txt), seed, alpha,
-                examples=harm_txt[:s.n_examples]))
+                name, [i for f in feats for i in f], _rate(harm_txt, s), _rate(safe_txt, s), kl, len(harm_txt),
+                len(safe_txt), seed, alpha, examples=harm_txt[:s.n_examples], by_hook=by_hook))
             bar.step(f"{name}: harmful refusal {rows[-1].harmful_refusal_rate:.0%}")
 
-        measure("fine_tuned", model, None, [])
-        measure("ablated", model, lambda: intervene(model, hook, sae, ablate=features), features)
-        for i in range(s.n_random):
-            rand = density_matched(features, density, s.random_pool, rng)
-            measure("random", model, lambda r=rand: intervene(model, hook, sae, ablate=r), rand, seed=s.seed + i)
-        if base_model is not None or base_context is not None:
-            bm = base_model if base_model is not None else model
-            outer = base_context or contextlib.nullcontext
-
+        def at_sites(m: nn.Module, ablate: list[list[int]] | None = None,
+                     steer: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
+            """One context entering every site's intervention hook (ablation or steering)."""
             @contextlib.contextmanager
-            def steered() -> Iterator[None]:
-                with intervene(bm, hook, sae, steer=features, steer_scales=scales,
-                               steer_prompt_only=s.steer_prompt_only):
+            def ctx() -> Iterator[None]:
+                with contextlib.ExitStack() as stack:
+                    for i, site in enumerate(sites):
+                        if steer:
+                            stack.enter_context(intervene(m, site.hook, site.sae, steer=site.features,
+                                                          steer_scales=scales[i],
+                                                          steer_prompt_only=s.steer_prompt_only))
+                        else:
+                            stack.enter_context(intervene(m, site.hook, site.sae, ablate=ablate[i]))
                     yield
+            return ctx
 
-            with outer():
+        chosen = [list(site.features) for site in sites]
+        measure("fine_tuned", model, None, [])
+        measure("ablated", model, at_sites(model, chosen), chosen)
+        for i in range(s.n_random):
+            rand = [density_matched(site.features, density, s.random_pool, rng)
+                    for site, (density, _) in zip(sites, activity)]
+            measure("random", model, at_sites(model, rand), rand, seed=s.seed + i)
+        if has_base:
+            bm = base_model if base_model is not None else model
+            with (base_context or contextlib.nullcontext)():
                 measure("base", bm, None, [])
-                measure("steered_base", bm, steered, features, alpha=s.alpha)
+                measure("steered_base", bm, at_sites(bm, steer=True), chosen, alpha=s.alpha)
+        if s.direction_ablation:
+            layers = resolve_layers(model, s.direction_layers)
+            r_hat = refusal_directions(model, tokenizer, harmful, harmless, s, layers)
+            rand_dirs = random_directions(len(layers), r_hat.shape[1], s.seed)
+            measure("direction_ablated", model, lambda: ablate_directions(model, layers, r_hat), [])
+            measure("random_direction_ablated", model, lambda: ablate_directions(model, layers, rand_dirs), [],
+                    seed=s.seed)
     finally:
         bar.close()
         model.train(was_training)
-    return VerifyResult(hook, features, rows, s, scales, run_id=run_id, step=step,
-                        duration_s=time.perf_counter() - t0)
+    label = "+".join(site.hook for site in sites)
+    return VerifyResult(label, [i for f in chosen for i in f], rows, s, [v for sc in scales for v in sc],
+                        run_id=run_id, step=step, duration_s=time.perf_counter() - t0,
+                        site_features={site.hook: list(site.features) for site in sites} if multi else {},
+                        direction_layers=layers)
 
 
 def _steer_scales(features: list[int], typical: torch.Tensor, alpha: float) -> list[float]:
@@ -222,22 +290,54 @@ class _Bar:
 
 
 # ----------------------------------------------------------------------------- presentation
+#: What each condition is, for the reader of the table.
+CONDITION_NOTES = {
+    "fine_tuned": "the model as trained (reference)",
+    "ablated": "the checked features removed",
+    "random": "density-matched random features removed (control)",
+    "base": "the base model",
+    "steered_base": "the base + the checked features' decoder rows",
+    "direction_ablated": "refusal direction removed at every chosen layer (reference)",
+    "random_direction_ablated": "a random direction per layer removed (control)",
+}
+
+
+def _layers_text(layers: list[int]) -> str:
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ",".join(map(str, layers))
+
+
 def format_result(res: VerifyResult) -> str:
-    """The results table and the judged figures, as text."""
-    lines = [f"causal check at {res.hook}, features {res.features}"
-             + (f" (run {res.run_id}, step {res.step})" if res.run_id else ""),
+    """The results table and the judged figures, as text.
+
+    The verdict judges the *features* (``ablated`` against ``random``, and steering); the
+    direction conditions are a reference for what removing refusal across layers achieves.
+    """
+    where = (" + ".join(f"{h} {f}" for h, f in res.site_features.items()) if res.site_features
+             else f"{res.hook}, features {res.features}")
+    lines = [f"causal check at {where}" + (f" (run {res.run_id}, step {res.step})" if res.run_id else ""),
              f"steering: alpha {res.settings.alpha:g} x typical activation = "
              + ", ".join(f"{v:.3g}" for v in res.steer_scales), "",
-             f"{'condition':<14} {'harmful refusal':>15} {'harmless refusal':>16} {'KL harmless':>11}  features"]
+             f"{'condition':<24} {'harmful refusal':>15} {'harmless refusal':>16} {'KL harmless':>11}  features"]
     for c in res.conditions:
-        feats = ",".join(map(str, c.features[:8])) + ("..." if len(c.features) > 8 else "")
-        lines.append(f"{c.condition:<14} {c.harmful_refusal_rate:>15.1%} {c.harmless_refusal_rate:>16.1%} "
+        feats = feature_label(c)
+        feats = feats if len(feats) <= 60 else feats[:57] + "..."
+        if c.condition.startswith(("direction", "random_direction")):
+            feats = _layers_text(res.direction_layers)
+        lines.append(f"{c.condition:<24} {c.harmful_refusal_rate:>15.1%} {c.harmless_refusal_rate:>16.1%} "
                      f"{c.kl_harmless:>11.4f}  {feats or '-'}")
-    lines += ["", f"ablation lowers harmful refusal by {pct(res.ablation_relative_drop)} (relative); "
-                  f"random control by {pct(res.random_relative_drop)}"]
+    names = list(dict.fromkeys(c.condition for c in res.conditions))
+    lines += [""] + [f"  {n}: {CONDITION_NOTES[n]}" for n in names if n in CONDITION_NOTES]
+    lines += ["", f"feature ablation ('ablated') lowers harmful refusal by {pct(res.ablation_relative_drop)} "
+                  f"(relative); the random-feature control by {pct(res.random_relative_drop)}"]
+    if res.rows("direction_ablated"):
+        lines.append(f"reference: the refusal direction removed at {_layers_text(res.direction_layers)} lowers it "
+                     f"by {pct(res.direction_relative_drop)}; a random direction per layer by "
+                     f"{pct(res.random_direction_relative_drop)}")
     if res.rows("steered_base"):
         lines.append(f"steering the base: refusal {res.rate('base'):.1%} -> {res.rate('steered_base'):.1%}")
-    lines.append(f"verdict: {res.verdict()}  ({res.duration_s:.0f} s)")
+    lines.append(f"verdict (on the features): {res.verdict()}  ({res.duration_s:.0f} s)")
     return "\n".join(lines)
 
 
@@ -245,7 +345,9 @@ def result_json(res: VerifyResult) -> dict[str, Any]:
     d = asdict(res)
     d["settings"]["refusal_phrases"] = list(res.settings.refusal_phrases)
     d.update(rates=res.rates(), ablation_relative_drop=res.ablation_relative_drop,
-             random_relative_drop=res.random_relative_drop, steering_gain=res.steering_gain, verdict=res.verdict())
+             random_relative_drop=res.random_relative_drop, steering_gain=res.steering_gain, verdict=res.verdict(),
+             direction_relative_drop=res.direction_relative_drop,
+             random_direction_relative_drop=res.random_direction_relative_drop)
     return json.loads(json.dumps(d, default=float))
 
 
@@ -331,6 +433,9 @@ def _run_saes(run_cfg: dict[str, Any], reader: Any, run_id: str | None) -> dict[
     if isinstance(stored, dict):
         return {k: v for k, v in stored.items() if isinstance(v, str)}
     sources = [v for v in stored if isinstance(v, str)]
+    named = {h: src for src in sources if (h := _folder_hook(src))}
+    if len(sources) > 1 and len(named) == len(sources):
+        return named
     if len(sources) == 1 and reader is not None:
         from ..records import is_adapter_hook
 
@@ -340,11 +445,53 @@ def _run_saes(run_cfg: dict[str, Any], reader: Any, run_id: str | None) -> dict[
     return {}
 
 
-def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapter: str | None = None,
+def _folder_hook(source: str) -> str | None:
+    """The hook an SAE folder's cfg.json names (sae-lens ``metadata.hook_name``), read without loading it."""
+    try:
+        cfg = json.loads((Path(source) / "cfg.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    return name if isinstance(name, str) and name else None
+
+
+def parse_site_specs(specs: Sequence[str] | str, hooks: Sequence[str]) -> dict[str, list[int] | tuple[str, int]]:
+    """``--features`` values -> {hook: spec} over the SAEs' ``hooks``.
+
+    A bare spec (``12,345``, ``top:K``, ``emerging``) applies to every hook (ids only when there
+    is one hook); ``HOOK:SPEC`` (repeatable) to that hook alone, and when only such specs are
+    given, only their hooks are checked.
+    """
+    specs = [specs] if isinstance(specs, str) else list(specs) or ["emerging"]
+    bare: list[int] | tuple[str, int] | None = None
+    per_hook: dict[str, list[int] | tuple[str, int]] = {}
+    for raw in specs:
+        head, sep, rest = str(raw).strip().partition(":")
+        if sep and head != "top":
+            if head not in hooks:
+                raise VerifyError(f"--features {raw!r}: no SAE at hook {head!r} (the SAEs are at {list(hooks)})")
+            if head in per_hook:
+                raise VerifyError(f"--features names hook {head!r} twice")
+            per_hook[head] = parse_feature_spec(rest)
+        elif bare is not None:
+            raise VerifyError("--features: give one spec for every hook, or HOOK:SPEC per hook")
+        else:
+            bare = parse_feature_spec(raw)
+    if bare is None:
+        return per_hook
+    if isinstance(bare, list) and len(hooks) - len(per_hook) > 1:
+        raise VerifyError(f"--features {','.join(map(str, bare))}: feature ids belong to one SAE, and there are "
+                          f"{len(hooks)} ({list(hooks)}); write HOOK:IDS, e.g. --features {hooks[0]}:12,345")
+    return {h: per_hook.get(h, bare) for h in hooks}
+
+
+def run_verify(model: str, saes: dict[str, str] | None, features: str | Sequence[str], *,
+               adapter: str | None = None,
                base_model: str | None = None, db: str | None = None, run: str | None = None,
                step: int | None = None, probes: str | None = None, harmful_category: str = "harmful",
                harmless_category: str = "harmless", settings: VerifySettings | None = None, device: str = "cpu",
-               dtype: str | None = None, trust_remote_code: bool = False, progress: bool = True) -> VerifyResult:
+               dtype: str | None = None, trust_remote_code: bool = False, progress: bool = True,
+               direction_layers: str | None = None) -> VerifyResult:
     """``drift-monitor verify``: load everything from paths, run :func:`verify`, store the table.
 
     ``model`` is the fine-tuned model, or with ``adapter`` the base the adapter loads onto (then
@@ -354,7 +501,13 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
     from ..probe.saes import load_sae
     from .loading import load_pair
 
-    spec = parse_feature_spec(features)
+    s = settings or VerifySettings()
+    if direction_layers not in (None, "", "all", "hooks"):
+        try:
+            s = replace(s, direction_layers=tuple(int(i) for i in str(direction_layers).split(",") if i.strip()))
+        except ValueError:
+            raise VerifyError(f"--direction-layers {direction_layers!r}: give all, hooks or layer indices "
+                              "(0,5,10)") from None
     reader = run_id = None
     run_cfg: dict[str, Any] = {}
     if db is not None:
@@ -368,27 +521,47 @@ def run_verify(model: str, saes: dict[str, str] | None, features: str, *, adapte
         reader = StoreReader(db)
         run_id = reader.resolve_run(run)
         run_cfg = _run_config(reader, run_id)
-    elif isinstance(spec, tuple):
-        raise VerifyError(f"--features {features}: reading features from a run needs --db and --run")
+    else:
+        for raw in [features] if isinstance(features, str) else list(features) or ["emerging"]:
+            head, sep, rest = str(raw).strip().partition(":")
+            if isinstance(parse_feature_spec(rest if sep and head != "top" else raw), tuple):
+                raise VerifyError(f"--features {raw}: reading features from a run needs --db and --run")
     saes = saes or _run_saes(run_cfg, reader, run_id)
-    if len(saes) != 1:
-        raise VerifyError(f"verify checks one hook at a time: give one --sae HOOK=SOURCE (got {len(saes)})")
-    hook, source = next(iter(saes.items()))
+    if not saes:
+        raise VerifyError("no SAE to check: give --sae HOOK=SOURCE (repeatable), or --db/--run of a run whose "
+                          "SAEs' hooks are known")
+    specs = parse_site_specs(features, list(saes))
     if reader is not None and step is None:
-        steps = reader.steps(run_id, hook)
+        steps = sorted(set().union(*(reader.steps(run_id, h) for h in specs)))
         if not steps:
-            raise VerifyError(f"run {run_id} has no snapshots at hook {hook!r}")
+            raise VerifyError(f"run {run_id} has no snapshots at hooks {list(specs)}")
         step = max(steps)
-    feats = features_from_store(reader, run_id, hook, int(step), spec) if isinstance(spec, tuple) else spec
+    feats: dict[str, list[int]] = {}
+    for hook, spec in specs.items():
+        if isinstance(spec, list):
+            feats[hook] = spec
+            continue
+        try:
+            feats[hook] = features_from_store(reader, run_id, hook, int(step), spec)
+        except VerifyError as e:
+            if len(specs) == 1:
+                raise
+            log.warning("verify: %s; %s is left out", e, hook)
+    if not feats:
+        raise VerifyError(f"no features to check at step {step} of run {run_id} at any of {list(specs)}")
     harmful, harmless = _prompts(probes, run_cfg, harmful_category, harmless_category)
 
     tok, m, base, base_ctx = load_pair(model, adapter=adapter, base_model=base_model, device=device, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
     if base is None and base_ctx is None:
         log.warning("no --adapter or --base-model: the base and steered_base conditions are skipped")
-    sae = load_sae(source, device=device, dtype=dtype)
-    res = verify(m, tok, sae, hook, feats, harmful, harmless, base_model=base, base_context=base_ctx,
-                 settings=settings, progress=progress, run_id=run_id, step=step)
+    if direction_layers == "hooks":
+        from .directions_ablation import hook_layer
+
+        s = replace(s, direction_layers=tuple(hook_layer(m, h) for h in feats))
+    sites = [Site(hook, load_sae(saes[hook], device=device, dtype=dtype), tuple(f)) for hook, f in feats.items()]
+    res = verify_sites(m, tok, sites, harmful, harmless, base_model=base, base_context=base_ctx, settings=s,
+                       progress=progress, run_id=run_id, step=step)
     if db is not None:
         from ..store import Store
         from ..store.many import is_many, locate

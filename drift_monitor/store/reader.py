@@ -338,21 +338,26 @@ class StoreReader:
 
     def verifications(self, run_id: str | None = None, hook: str | None = None) -> pd.DataFrame:
         """``drift-monitor verify`` results, newest first (empty when there are none, also in a
-        version-1 file no writer has migrated yet: the table comes with migration 2)."""
+        version-1 file no writer has migrated yet: the table comes with migration 2). ``hook``
+        also matches a check over several hooks that includes it (stored as ``h1+h2``)."""
         with self._connection(run_ids=None if run_id is None else [run_id]) as con:
             have = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'verifications'"
                                ).fetchall()[0][0]
             if not have:
                 return pd.DataFrame(columns=list(VERIFICATION_COLUMNS))
             clauses, params = [], []
-            for column, value in (("run_id", run_id), ("hook", hook)):
-                if value is not None:
-                    clauses.append(f"{column} = ?")
-                    params.append(value)
+            if run_id is not None:
+                clauses.append("run_id = ?")
+                params.append(run_id)
+            if hook is not None:  # a check over several hooks is labelled "h1+h2": it is at each of them
+                clauses.append("(hook = ? OR list_contains(string_split(hook, '+'), ?))")
+                params += [hook, hook]
             where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
             return con.execute(f"SELECT * FROM verifications {where} ORDER BY created_at DESC, verify_id, "
                                "CASE condition WHEN 'fine_tuned' THEN 0 WHEN 'ablated' THEN 1 WHEN 'random' THEN 2 "
-                               "WHEN 'base' THEN 3 ELSE 4 END, draw", params).df()
+                               "WHEN 'base' THEN 3 WHEN 'steered_base' THEN 4 "
+                               "WHEN 'direction_ablated' THEN 5 WHEN 'random_direction_ablated' THEN 6 ELSE 7 END, "
+                               "draw", params).df()
 
     def residual_directions(self, run_id: str, hook: str | None = None,
                             steps: Sequence[int] | None = None) -> pd.DataFrame:

@@ -30,6 +30,7 @@ from drift_monitor.records import (
     HookResult,
     Snapshot,
     VerifyResult,
+    feature_label,
 )
 
 from .errors import LabelError
@@ -345,6 +346,9 @@ def _verification_table(res: VerifyResult) -> pa.Table:
         "random_relative_drop": _float(res.random_relative_drop), "steering_gain": _float(res.steering_gain),
         "verdict": res.verdict(), "settings": {k: (list(v) if isinstance(v, tuple) else v)
                                                for k, v in vars(res.settings).items()},
+        "hooks": res.hooks, "site_features": res.site_features, "direction_layers": res.direction_layers,
+        "direction_relative_drop": _float(res.direction_relative_drop),
+        "random_direction_relative_drop": _float(res.random_direction_relative_drop),
     }, default=str)
     draws: dict[str, int] = {}
     rows: dict[str, list[Any]] = {c: [] for c in VERIFICATION_COLUMNS}
@@ -352,7 +356,7 @@ def _verification_table(res: VerifyResult) -> pa.Table:
         draw = draws.get(c.condition, 0)
         draws[c.condition] = draw + 1
         values = (res.verify_id, res.run_id, res.step, res.hook, _ts(res.created_at), c.condition, draw,
-                  ",".join(map(str, c.features)), len(c.features), c.alpha, c.seed, c.harmful_refusal_rate,
+                  feature_label(c), len(c.features), c.alpha, c.seed, c.harmful_refusal_rate,
                   c.harmless_refusal_rate, c.kl_harmless, c.n_harmful, c.n_harmless, json.dumps(c.examples), summary)
         for col, v in zip(VERIFICATION_COLUMNS, values):
             rows[col].append(v)
