@@ -22,19 +22,17 @@ the refusal does not live on one direction per layer here).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..probe.capture import ActivationCapture, normalize_name, replace_output, resolve_module
+from ..probe.capture import ActivationCapture, HookNotFoundError, normalize_name, replace_output, resolve_module
+from ..probe.capture import decoder_layers as layer_names
 from ..probe.generate import batches as _batches
 from ..records import VerifySettings
 from .interventions import VerifyError
-
-_LAYER = re.compile(r"^(.*\.)?(layers|h)\.(\d+)$")
 
 #: Post-instruction tokens read for a prompt without a chat template (as ProbeBatch.post's
 #: ``prompt_end`` does for plain text: the last 4 prompt tokens).
@@ -43,18 +41,15 @@ _SENTINEL = "\x1fDRIFTMONITOR\x1f"
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers in order: the largest stack of modules named ``….layers.N`` (or ``h.N``),
-    found through PEFT/DDP/FSDP wrappers by their normalised names."""
-    stacks: dict[str, dict[int, nn.Module]] = {}
-    for name, mod in model.named_modules():
-        m = _LAYER.match(normalize_name(name)) if name else None
-        if m:
-            stacks.setdefault((m[1] or "") + m[2], {})[int(m[3])] = mod
-    if not stacks:
+    """The decoder layers in order (``probe.capture.decoder_layers``: the longest numbered stack,
+    found through PEFT/DDP/FSDP wrappers by their normalised names)."""
+    try:
+        names = layer_names(model)
+    except HookNotFoundError:
         raise VerifyError(f"no decoder layers (modules named layers.N) in {type(model).__name__}: the direction "
-                          "ablation needs them; switch it off with --no-direction-ablation")
-    best = max(stacks.values(), key=len)
-    return [best[i] for i in sorted(best)]
+                          "ablation needs them; switch it off with --no-direction-ablation") from None
+    modules = {normalize_name(n): m for n, m in model.named_modules() if n}
+    return [modules[n] for n in names]
 
 
 def hook_layer(model: nn.Module, hook: str) -> int:
