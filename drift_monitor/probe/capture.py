@@ -87,10 +87,10 @@ def resolve_module(model: nn.Module, hook: str) -> tuple[str, nn.Module]:
 
 
 #: ``auto`` hooks: decoder layers evenly spaced from a third of the depth to the last but one.
-#: Why there: on the SmolLM2 test bed's calibration runs, the refusal direction's harmful −
-#: harmless separation at the post-instruction tokens moved only from the middle layers on (the
-#: first third stayed within 3% of the start in every run) and most in the last sixth
-#: (``tests/bench/layer_profile.py``); Arditi et al. find the refusal direction mid-to-late.
+#: Why there: on the SmolLM2 test bed's calibration runs (``tests/bench/layer_profile.py``), the
+#: refusal direction's harmful − harmless separation at the post-instruction tokens moved most at
+#: layer 28 of 30 in the aligned start's erosion runs (layer 15 barely moved) and around layer 20
+#: in the base-start runs; Arditi et al. find the refusal direction mid-to-late.
 AUTO_HOOKS = 4
 _LAYER = re.compile(r"^(?:.*\.)?(?:layers|h|blocks)\.(\d+)$")
 
