@@ -96,17 +96,18 @@ def _count_probe_passes(mon) -> list[int]:
 
 def _monitor_results(cache_dir: str) -> dict[str, np.ndarray]:
     """baseline + snapshot, then the same again from the baseline cache (what a restart does)."""
+    from torchrun_harness import ForwardCounter
+
     from drift_monitor import DriftMonitor, MonitorConfig
 
     probes, tok, base, cur, sae = _build_world()
-    forwards = [0]
-    base.model.layers[0].register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    forwards = ForwardCounter(base.model.layers[0])  # the probe pass's forwards, not the start's generation
     cfg = MonitorConfig(saes={HOOK: sae}, baseline_cache_dir=cache_dir,
                         probes={"source": probes, "batch_size": BATCH_SIZE}, outputs={"show_progress": False})
     mon = DriftMonitor(cfg, tok)
     out: dict[str, np.ndarray] = {}
     out.update(_snapshot_arrays("base", mon.baseline(base)))
-    out["base_forwards"] = np.asarray(forwards[0])
+    out["base_forwards"] = np.asarray(forwards.probe)
     out["n_batches"] = np.asarray(len(mon.probes.batches))
     out["my_batches"] = np.asarray([[i, c] for i, c in mon._my_batches()], dtype=np.int64)
     out.update(_snapshot_arrays("snap", mon.snapshot(cur, step=STEP)))
