@@ -469,8 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hook", required=True, action="append",
                    help="the module whose output the SAE reads, e.g. model.layers.15; repeat it or give a comma "
                         "list (model.layers.6,model.layers.10) for one SAE per hook from one activation pass; "
-                        "auto[:N] picks N (4) decoder layers evenly spaced from a third of the depth to the last "
-                        "but one")
+                        "auto[:N]: N (4) decoder layers spread from a third of the depth to the last but one")
     t.add_argument("--out", required=True,
                    help="output folder: the SAE and train_report.json; with several hooks, one SAE folder per "
                         "hook (OUT/model.layers.6/ ...) and a summary OUT/train_report.json")
