@@ -289,3 +289,22 @@ def test_cli_takes_several_hooks(org, tmp_path, capsys):
     assert rc == 0 and "2 SAEs in" in printed and "spilled to disk" in printed
     assert all((out / h / "cfg.json").is_file() for h in HOOKS)
     assert f"--sae {HOOKS[0]}={out / HOOKS[0]} --sae {HOOKS[1]}={out / HOOKS[1]}" in printed
+
+
+def test_cli_auto_picks_the_layers(org, tmp_path, capsys):
+    """``--hook auto:2`` through a whole run: the layers ``probe.capture.auto_hooks`` names are the
+    ones trained, each into its own folder, and the printed ``--sae`` line names them."""
+    from drift_monitor.cli import main
+    from drift_monitor.probe.capture import auto_hooks
+
+    chosen = auto_hooks(org.load_base(), 2)
+    assert len(chosen) == 2
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n"
+                            for p in org.pairs["train"]))
+    out = tmp_path / "saes"
+    rc = main(["train-sae", "--model", str(org.base_dir), "--hook", "auto:2", "--out", str(out), "--data", str(data),
+               "--tokens", "6000", "--train-tokens", "4096", "--batch-size", "1024", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and all((out / h / "cfg.json").is_file() for h in chosen)
+    assert f"--sae {chosen[0]}={out / chosen[0]} --sae {chosen[1]}={out / chosen[1]}" in printed
