@@ -27,7 +27,7 @@ def test_suite_is_split_before_looking_with_every_kind_in_each_half():
 
 def test_no_wording_is_the_monitors_teacher_forced_refusal_and_each_reads_as_a_refusal():
     from drift_monitor.config import MetricSettings
-    from drift_monitor.offline.verify import is_refusal
+    from drift_monitor.probe.generate import is_refusal
     from drift_monitor.records import DEFAULT_REFUSAL_PHRASES, VerifySettings
 
     forced = MetricSettings().refusal_response

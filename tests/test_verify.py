@@ -24,10 +24,10 @@ from drift_monitor.offline.verify import (
     feature_activity,
     features_from_store,
     generate_texts,
-    is_refusal,
     parse_feature_spec,
     verify,
 )
+from drift_monitor.probe.generate import is_refusal
 from drift_monitor.records import ConditionResult, VerifyResult, VerifySettings
 
 HOOK = "model.layers.1"

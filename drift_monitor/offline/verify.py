@@ -43,7 +43,7 @@ from torch import nn
 
 from ..probe.capture import ActivationCapture, resolve_module
 from ..probe.generate import batches as _batches
-from ..probe.generate import generate_texts, is_refusal
+from ..probe.generate import generate_texts, refusal_share
 from ..progress import bar as progress_bar
 from ..records import ConditionResult, VerifyResult, VerifySettings, feature_label, pct
 from .directions_ablation import ablate_directions, random_directions, refusal_directions, resolve_layers
@@ -269,7 +269,7 @@ def _steer_scales(features: list[int], typical: torch.Tensor, alpha: float) -> l
 
 
 def _rate(texts: list[str], s: VerifySettings) -> float:
-    return sum(is_refusal(t, s.refusal_phrases) for t in texts) / max(len(texts), 1)
+    return refusal_share(texts, s.refusal_phrases)
 
 
 class _Bar:

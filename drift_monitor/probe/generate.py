@@ -65,9 +65,13 @@ def generate_texts(model: nn.Module, tok: Any, prompts: Sequence[str], s: Verify
     return out
 
 
+def refusal_share(texts: Sequence[str], phrases: Sequence[str]) -> float:
+    """Share of the texts that contain a refusal phrase (0 for none)."""
+    return sum(is_refusal(t, phrases) for t in texts) / max(len(texts), 1)
+
+
 def refusal_rate(model: nn.Module, tok: Any, prompts: Sequence[str], s: VerifySettings) -> float:
     """Share of the prompts whose greedy answer contains a refusal phrase (``s.refusal_phrases``)."""
     if not prompts:
         return float("nan")
-    texts = generate_texts(model, tok, prompts, s)
-    return sum(is_refusal(t, s.refusal_phrases) for t in texts) / len(texts)
+    return refusal_share(generate_texts(model, tok, prompts, s), s.refusal_phrases)
