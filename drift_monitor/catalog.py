@@ -197,7 +197,7 @@ CATALOG: tuple[MetricSpec, ...] = (
        "typical firing strength.", "score", _NEU, default_alert="sudden_change"),
     _m("n_emerging_refusal_features",
        "Emerging refusal features: among the refusal_top_k best-scoring features, those whose robust z-score "
-       "exceeds refusal_z_threshold, whose score reaches refusal_score_floor and whose activity at the "
+       "exceeds refusal_z_threshold, whose score exceeds refusal_score_floor and whose activity at the "
        "refusal tokens grew at least refusal_min_fold times.", "features", _NEU,
        default_alert="emerging_refusal_features", prometheus_name="emerging_refusal_features"),
     _m("refusal_score_floor",
