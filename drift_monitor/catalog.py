@@ -65,7 +65,7 @@ class MetricSpec:
 
     ``name``: the key in ``HookResult.metrics``; with ``pattern=True`` a template whose
     ``<placeholders>`` stand for names chosen at run time (a direction, a probe category).
-    ``help``: one or two sentences (Prometheus HELP, the README table). ``unit``: what the
+    ``help``: one or two sentences (Prometheus HELP, the table in docs/metrics.md). ``unit``: what the
     value counts or measures. ``direction``: which way is healthier, i.e. closer to the base
     or better read by the base SAE (``neutral``: neither way is a warning by itself).
     ``scope``: which hooks carry it (module docstring). ``panel``: the Run detail chart that
@@ -144,7 +144,7 @@ def _m(name: str, help: str, unit: str, direction: Direction, scope: Scope = "ho
 _EV, _ACT, _MSE, _FEAT, _TOPK, _JS, _RES, _CE = PANELS
 _HI, _LO, _NEU = "higher_is_better", "lower_is_better", "neutral"
 
-#: Every scalar metric, grouped as in docs/metrics.md. Order is display order (README table,
+#: Every scalar metric, grouped as in docs/metrics.md. Order is display order (docs/metrics.md table,
 #: and within a Run detail panel: the first metric of each panel is its key metric).
 CATALOG: tuple[MetricSpec, ...] = (
     # --- reconstruction: the base SAE on the current model
@@ -362,8 +362,8 @@ _WHERE = {"hook": "SAE hook", "direction": "SAE hook", "adapter": "adapter"}
 
 
 def markdown_table() -> str:
-    """The README's metric table (between ``<!-- metrics:start -->`` and ``<!-- metrics:end -->``),
-    one row per catalog entry; tests/test_catalog.py checks README.md holds exactly this."""
+    """The metric table of docs/metrics.md (between ``<!-- metrics:start -->`` and ``<!-- metrics:end -->``),
+    one row per catalog entry; tests/test_catalog.py checks docs/metrics.md holds exactly this."""
     rows = ["| metric | hooks | unit | better | meaning |", "|---|---|---|---|---|"]
     for s in CATALOG:
         where = _WHERE[s.scope]

@@ -103,7 +103,7 @@ def test_every_catalog_metric_is_emitted(emitted):
     agg = set(adapter[ADAPTER_HOOK])
     per_module = set().union(*(m for h, m in adapter.items() if h.startswith(ADAPTER_HOOK_PREFIX)))
     assert agg | per_module == {s.name for s in catalog.by_scope("adapter")}
-    # the hook column of the README table: adapter_* on "adapter", lora_* on "adapter:<module>"
+    # the hook column of the docs/metrics.md table: adapter_* on "adapter", lora_* on "adapter:<module>"
     assert agg == set(ADAPTER_METRICS) and all(k.startswith("adapter_") for k in agg)
     assert per_module == set(LORA_MODULE_METRICS) and all(k.startswith("lora_") for k in per_module)
 

@@ -1,4 +1,4 @@
-"""Direction monitors (README, "Direction monitors"): user direction files, the mean projection per probe
+"""Direction monitors (docs/signals.md, "Direction monitors"): user direction files, the mean projection per probe
 category, the monitor's own base refusal direction, and their way into DuckDB, Prometheus and
 the dashboard.
 

@@ -163,8 +163,8 @@ def _open(root: str) -> duckdb.DuckDBPyConnection:
             if not is_remote(root):
                 raise
             raise DatasetError(f"{root}: cannot read the dataset ({first_line(e)}); check the URL, and that DuckDB "
-                               "has credentials for it (CREATE PERSISTENT SECRET, see the README's Store "
-                               "section)") from None
+                               "has credentials for it (CREATE PERSISTENT SECRET, see docs/store.md, "
+                               "\"Reading a dataset back\")") from None
     except BaseException:
         con.close()
         raise
