@@ -34,7 +34,8 @@ REPO_PATH = re.compile(r"(?<![\w./-])((?:drift_monitor|tests|examples|scripts|ca
                        r"\.(?:py|md|jsonl|json|yml|yaml|png|toml|txt))(?![\w-])(?:::(\w+))?")
 #: a drift-monitor command line: the console script, or ``python -m drift_monitor.cli``
 CLI = re.compile(r"(?:drift-monitor|-m drift_monitor\.cli) ([a-z][a-z-]*)([^\n]*)")
-BENCH = re.compile(r"python (tests/bench/[\w-]+\.py)([^\n]*)")
+#: a script run by path: a benchmark or an example
+SCRIPT = re.compile(r"python ((?:tests/bench|examples)/[\w/-]+\.py)([^\n]*)")
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 SECTIONS = ("probes", "metrics", "cadence", "outputs")
 
@@ -169,7 +170,7 @@ def unknown_settings(text: str) -> list[str]:
 
 
 def unknown_commands(text: str) -> list[str]:
-    """Subcommands and flags of ``drift-monitor`` and ``tests/bench`` scripts that do not exist."""
+    """Subcommands and flags of ``drift-monitor``, ``tests/bench`` and ``examples`` scripts that do not exist."""
     flags, bad = cli_flags(), []
     every_flag = set().union(*flags.values())
     for span in INLINE.findall(FENCE.sub("", text)):  # a flag quoted alone, e.g. `--shard K/N`
@@ -182,7 +183,7 @@ def unknown_commands(text: str) -> list[str]:
                 bad.append(f"drift-monitor {sub}")
                 continue
             bad += [f"drift-monitor {sub} {f}" for f in FLAG.findall(rest) if f not in flags[sub]]
-        for script, rest in BENCH.findall(line):
+        for script, rest in SCRIPT.findall(line):
             path = ROOT / script
             if not path.is_file():
                 bad.append(script)
@@ -279,6 +280,8 @@ def test_the_checkers_flag_typos():
     assert unknown_commands("`python tests/bench/detection_report.py --cahced`") == [
         "tests/bench/detection_report.py --cahced"]
     assert unknown_commands("`python tests/bench/no_such.py`") == ["tests/bench/no_such.py"]
+    assert unknown_commands("`.venv/bin/python examples/planted_drift.py --outt x`") == [
+        "examples/planted_drift.py --outt"]
     assert unknown_commands("`--keep-pushd`, `--keep-pushed`") == ["--keep-pushd"]
     assert missing_paths("see tests/test_docs.py::test_no_such_test and tests/bench/nope.py") == [
         "tests/test_docs.py::test_no_such_test", "tests/bench/nope.py"]
