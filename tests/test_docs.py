@@ -259,6 +259,20 @@ def test_every_link_resolves_inside_the_repository(page):
     assert not broken_links(page, _page(page)), f"{page.name}: {broken_links(page, _page(page))}"
 
 
+def quoted_constants(text: str) -> list[tuple[str, float]]:
+    """``(NAME, value)`` for every "`NAME` (value" the text quotes, for the alert rules' bounds."""
+    return [(n, float(v)) for n, v in re.findall(r"`(REFUSAL_[A-Z]+)` \(([0-9.]+)", text)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_quoted_rule_bounds_are_the_code_s(page):
+    """The docs quote the refusal rules' bounds next to their names; the values must be rules.py's."""
+    from drift_monitor.alerts import rules
+
+    for name, value in quoted_constants(_page(page)):
+        assert value == getattr(rules, name), f"{page.name}: {name} is {getattr(rules, name)}, the docs say {value}"
+
+
 def test_the_benchmark_figures_name_their_scripts():
     """Every script in tests/bench is named by the benchmarks page, so each figure's source is listed."""
     text = _page(ROOT / "docs" / "benchmarks.md")
@@ -285,6 +299,8 @@ def test_the_checkers_flag_typos():
     assert unknown_commands("`--keep-pushd`, `--keep-pushed`") == ["--keep-pushd"]
     assert missing_paths("see tests/test_docs.py::test_no_such_test and tests/bench/nope.py") == [
         "tests/test_docs.py::test_no_such_test", "tests/bench/nope.py"]
+    assert quoted_constants("`REFUSAL_GATE` (0.2, and `REFUSAL_EROSION` (0.871)") == [
+        ("REFUSAL_GATE", 0.2), ("REFUSAL_EROSION", 0.871)]
     readme = ROOT / "README.md"
     assert broken_links(readme, "[a](docs/metrics.md#no-such-heading) [b](docs/nope.md) [c](https://example.org)") == [
         "docs/metrics.md#no-such-heading", "docs/nope.md", "https://example.org (outside the repository)"]
