@@ -7,7 +7,8 @@ be full models or PEFT adapters, some may be broken, and the scan may be interru
 checkpoints are found and validated up front (clear errors, nothing loaded yet); the base is
 loaded once and adapters are swapped onto it (never a base reload per adapter); a
 (run, step, hook) already stored is skipped unless ``force``; one checkpoint failing to load
-is reported and the rest are still scanned; alerts are evaluated over the scanned sequence
+is reported and the rest are still scanned (a bug of ours there keeps its traceback, in
+``<db>.errors.log``: :class:`_CheckpointScan`); alerts are evaluated over the scanned sequence
 exactly as in the callback; aggregates go to a Pushgateway when one is given.
 """
 
