@@ -457,7 +457,7 @@ class _CheckpointScan:
             alerts=[f"{a.rule}:{a.status}" for a in alerts])
 
     def _internal_error(self, ckpt: Checkpoint, e: Exception, seconds: float) -> CheckpointResult:
-        tb = traceback.format_exc()
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         what = f"checkpoint {ckpt.path} (step {ckpt.step})"
         log.debug("scan: internal error scanning %s:\n%s", what, tb)
         saved = save_traceback(self.error_log, f"run {self.rec.run_id}, {what}: internal error", tb)
