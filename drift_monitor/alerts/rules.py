@@ -34,22 +34,22 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 
 from drift_monitor import catalog
 from drift_monitor.errors import DriftMonitorError, first_line, invalid_yaml
+from drift_monitor.records import SEVERITIES  # least severe first; re-exported as the alerts' vocabulary
 from drift_monitor.textfiles import read_utf8
 
 Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite", "change_window"]
-KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite", "change_window")
+KINDS: tuple[str, ...] = get_args(Kind)
 #: ``change_window``: how the change is measured, and which way counts.
 CHANGES: tuple[str, ...] = ("relative", "absolute")
 DIRECTIONS: tuple[str, ...] = ("either", "increase", "decrease")
 #: ``change_window`` defaults: the last 3 snapshots against the 5 before them.
 _WINDOW_DEFAULTS: dict[str, Any] = {"window": 3, "prior": 5, "change": "relative", "direction": "either"}
-SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 
 #: Comparison operators of ``threshold`` rules, with the words used in messages.
 OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {

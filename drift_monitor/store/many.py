@@ -34,6 +34,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from drift_monitor.records import RUN_STATUSES, RunStatus
+
 from .connection import retry_locked
 from .errors import StoreEmpty, StoreNotFound
 from .schema import COLUMNS, MIGRATIONS, V1_DDL, _check_version
@@ -250,6 +252,13 @@ def prefixes(infos: Sequence[FileInfo]) -> dict[Path, str]:
     return out
 
 
+#: How the shards' statuses make a sharded run's: the first of these any shard has, else
+#: ``finished`` (the one status left out). Every other status must be ranked here.
+WORST_FIRST: tuple[RunStatus, ...] = ("running", "failed", "preempted", "interrupted")
+if set(RUN_STATUSES) - set(WORST_FIRST) != {"finished"}:
+    raise ValueError("drift_monitor.store.many: WORST_FIRST must rank every run status but 'finished'")
+
+
 def runs_merged(source: str, extra: str = "") -> str:
     """One row per run of ``source`` (runs columns, ``k``/``n``: the shard number and count,
     ``store_file``): the shard files of one run hold a runs row each. Name, model, config and
@@ -257,8 +266,7 @@ def runs_merged(source: str, extra: str = "") -> str:
     status is 'running' while any shard runs or has not written its file yet, else the first of
     failed/preempted/interrupted any shard has, else 'finished'.
     ``extra``: more aggregate columns (``, expr AS name``)."""
-    worst = " ".join(f"WHEN bool_or(status = '{s}') THEN '{s}'" for s in ("running", "failed", "preempted",
-                                                                           "interrupted"))
+    worst = " ".join(f"WHEN bool_or(status = '{s}') THEN '{s}'" for s in WORST_FIRST)
     agg = {"run_id": "run_id", "created_at": "min(created_at)", "updated_at": "max(updated_at)",
            "status": f"CASE WHEN count(DISTINCT k) < max(n) THEN 'running' WHEN count(*) = 1 THEN first(status) "
                      f"{worst} ELSE 'finished' END",

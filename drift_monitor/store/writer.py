@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from drift_monitor.errors import first_line
-from drift_monitor.records import Alert, Snapshot, VerifyResult
+from drift_monitor.records import RUN_STATUSES, Alert, RunStatus, Snapshot, VerifyResult
 
 from .connection import _connect, _path_lock, _transaction
 from .dataset import refuse_write
@@ -58,10 +58,6 @@ log = logging.getLogger(__name__)
 #: Default number of refusal features stored per (step, hook), besides every emerging one.
 REFUSAL_TOP_N = 200
 
-#: A run's state: ``failed`` (training or the scan raised), ``interrupted`` (KeyboardInterrupt),
-#: ``preempted`` (SIGTERM: a scheduler took the job back).
-RunStatus = Literal["running", "finished", "failed", "interrupted", "preempted"]
-RUN_STATUSES: tuple[str, ...] = ("running", "finished", "failed", "interrupted", "preempted")
 #: ``committed``: in the database. ``spooled``: on disk in the spool, applied by the next write.
 #: ``queued``: in memory only (the database and the spool both failed); retried at every later
 #: write, and dumped to a file by :meth:`Store.close` if it still cannot be written.
