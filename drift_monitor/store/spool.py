@@ -17,10 +17,13 @@ import io
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -153,6 +156,14 @@ def read_dump(path: Path) -> list[_Op]:
         raise CorruptSpoolFile(f"{path}: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class SpoolNotice:
+    """One line of :meth:`SpoolState.notices`: ``level`` says how loud (a dashboard box colour)."""
+
+    level: Literal["warning", "error"]
+    text: str
+
+
 @dataclass
 class SpoolState:
     """What waits outside the database of ``db``, for ``drift-monitor runs`` and the dashboard:
@@ -166,6 +177,33 @@ class SpoolState:
     @property
     def n_pending(self) -> int:
         return sum(self.pending.values())
+
+    def notices(self, db: str | os.PathLike[str], *, markdown: bool = False) -> list[SpoolNotice]:
+        """What to tell the user about this state, with the fix: the waiting writes and the
+        commands that load them (a ``warning``), the quarantined files (an ``error``); none when
+        nothing waits. One text for ``drift-monitor runs`` and the dashboard's Runs page, so the
+        two never say different things; ``markdown`` sets paths and commands as code."""
+        def code(text: object) -> str:
+            return f"`{text}`" if markdown else str(text)
+
+        out: list[SpoolNotice] = []
+        if self.n_pending:
+            beside = f" and {len(self.dumps)} dump files beside it" if self.dumps else ""
+            commands = "".join(f"\n{'- ' if markdown else '  '}{code(replay_command(db, dump))}"
+                               for dump in self.dumps or [None])
+            out.append(SpoolNotice("warning", f"{self.n_pending} writes are not in the database yet (in "
+                                              f"{code(self.spool_dir)}{beside}); load them with:{commands}"))
+        if self.quarantined:
+            out.append(SpoolNotice("error", f"{len(self.quarantined)} quarantined spool files in "
+                                            f"{code(self.quarantined[0].parent)}: "
+                                            f"{', '.join(p.name for p in self.quarantined)}.\n{QUARANTINE_HINT}."))
+        return out
+
+
+def replay_command(db: str | os.PathLike[str], dump: str | os.PathLike[str] | None = None) -> str:
+    """The shell command that loads ``dump`` (or, without it, the spool) into ``db``."""
+    parts = [sys.executable, "-m", "drift_monitor.store.replay", *([str(dump)] if dump else []), "--db", str(db)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 #: A store file's spool folder is the file's name plus this (:func:`spool_dir_of`).

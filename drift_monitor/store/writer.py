@@ -15,8 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +36,7 @@ from .dataset import refuse_write
 from .errors import StoreLocked, StoreUnwritable, is_transient
 from .ops import _APPLY, _apply_once, _Op
 from .schema import _upgrade_schema
-from .spool import DUMP_SUFFIX, CorruptSpoolFile, _Spool, spool_dir_of, write_dump
+from .spool import DUMP_SUFFIX, CorruptSpoolFile, _Spool, replay_command, spool_dir_of, write_dump
 from .tables import (
     _alert_payload,
     _labels_table,
@@ -66,12 +64,6 @@ WriteOutcome = Literal["committed", "spooled", "queued"]
 #: Default bound of the in-memory queue (bytes of Arrow tables); beyond it the oldest writes
 #: are dumped to a file at once.
 MAX_QUEUE_BYTES = 256 << 20
-
-
-def replay_command(db: str | os.PathLike[str], dump: str | os.PathLike[str] | None = None) -> str:
-    """The shell command that loads ``dump`` (or, without it, the spool) into ``db``."""
-    parts = [sys.executable, "-m", "drift_monitor.store.replay", *([str(dump)] if dump else []), "--db", str(db)]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 class _Opening:
