@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
-    "CATALOG", "DIRECTIONS", "PANELS", "SCOPES", "Direction", "MetricSpec", "Scope",
-    "by_scope", "find", "is_known", "markdown_table", "names", "panels", "spec",
+    "ADAPTER_AGGREGATE_PREFIX", "CATALOG", "DIRECTIONS", "PANELS", "SCOPES", "Direction", "MetricSpec", "Scope",
+    "adapter_metrics", "by_scope", "find", "is_known", "markdown_table", "names", "panels", "spec",
 ]
 
 Direction = Literal["higher_is_better", "lower_is_better", "neutral"]
@@ -325,6 +325,18 @@ def by_scope(scope: Scope) -> tuple[MetricSpec, ...]:
     return tuple(s for s in CATALOG if s.scope == scope)
 
 
+#: Name prefix of the adapter metrics of the aggregate hook ``adapter``; the other adapter
+#: metrics (``lora_*``) are per LoRA module, on hooks ``adapter:<module>``.
+ADAPTER_AGGREGATE_PREFIX = "adapter_"
+
+
+def adapter_metrics(*, per_module: bool) -> tuple[str, ...]:
+    """The adapter metrics of the aggregate hook (``per_module=False``) or of each LoRA module's
+    hook, in catalog order: :data:`drift_monitor.records.ADAPTER_METRICS` and
+    ``LORA_MODULE_METRICS`` are these."""
+    return tuple(s.name for s in by_scope("adapter") if s.name.startswith(ADAPTER_AGGREGATE_PREFIX) != per_module)
+
+
 def find(name: str) -> MetricSpec | None:
     """The spec of a metric name, resolving patterns, or None for a name the engine never emits."""
     if not isinstance(name, str):
@@ -368,7 +380,7 @@ def markdown_table() -> str:
     for s in CATALOG:
         where = _WHERE[s.scope]
         if s.scope == "adapter":
-            where = "`adapter`" if s.name.startswith("adapter_") else "`adapter:<module>`"
+            where = "`adapter`" if s.name.startswith(ADAPTER_AGGREGATE_PREFIX) else "`adapter:<module>`"
         help_ = s.help.replace("|", "\\|").replace("*", "\\*")
         rows.append(f"| `{s.name}` | {where} | {s.unit} | {_BETTER[s.direction]} | {help_} |")
     return "\n".join(rows) + "\n"

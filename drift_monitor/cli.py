@@ -45,7 +45,7 @@ def _cmd_probes(args: argparse.Namespace) -> int:
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
-    from .store import QUARANTINE_HINT, StoreReader, replay_command
+    from .store import StoreReader
 
     reader = StoreReader(args.db)
     df = reader.runs()
@@ -60,16 +60,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
             last = reader.notifications(undelivered=True).iloc[0]
             print(f"{waiting} alert notifications are not delivered (last error, {last.target}: {last.last_error}); "
                   "they are retried at the run's next snapshot and at its end")
-    spool = reader.spool_state()
-    if spool.n_pending:
-        print(f"{spool.n_pending} writes are not in the database yet (in {spool.spool_dir}"
-              + (f" and {len(spool.dumps)} dump files beside it" if spool.dumps else "") + "); load them with:")
-        for dump in spool.dumps or [None]:
-            print(f"  {replay_command(args.db, dump)}")
-    if spool.quarantined:
-        print(f"{len(spool.quarantined)} quarantined spool files in {spool.quarantined[0].parent}: "
-              + ", ".join(p.name for p in spool.quarantined))
-        print(QUARANTINE_HINT)
+    for notice in reader.spool_state().notices(args.db):
+        print(notice.text)
     return 0
 
 

@@ -42,6 +42,7 @@ from .probe.capture import (
     resolve_module,
 )
 from .probe.ce import ce_batches, ce_losses
+from .probe.compare import compare
 from .probe.directions import load_hook_directions
 from .probe.dist import on_every_rank, rank_world
 from .probe.fingerprint import weights_digest
@@ -203,8 +204,8 @@ class DriftMonitor:
 
     def _set_base(self, base: dict[str, _HookBase], t0: float) -> Snapshot:
         self._base = base
-        hooks = {h: b.stats.compute(b.stats, h, self.settings, self.directions.get(h),
-                                    refusal=_pair(b.refusal, b.refusal), post=_pair(b.post, b.post))
+        hooks = {h: compare(b.stats, b.stats, h, self.settings, self.directions.get(h),
+                            refusal=_pair(b.refusal, b.refusal), post=_pair(b.post, b.post))
                  for h, b in base.items()}
         self._add_start(hooks)
         self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
@@ -220,9 +221,9 @@ class DriftMonitor:
         modules = self._bind(model)
         stats, _, refusal, post = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
         readers = self._residual_readers(model) if self.settings.residual_directions else {}
-        hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings, self.directions.get(h),
-                                     refusal=_pair(refusal.get(h), self._base[h].refusal),
-                                     post=_pair(post.get(h), self._base[h].post), reader=readers.get(h))
+        hooks = {h: compare(stats[h], self._base[h].stats, h, self.settings, self.directions.get(h),
+                            refusal=_pair(refusal.get(h), self._base[h].refusal),
+                            post=_pair(post.get(h), self._base[h].post), reader=readers.get(h))
                  for h in stats}
         self._add_start(hooks)
         if torch.cuda.is_available():

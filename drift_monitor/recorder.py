@@ -48,15 +48,13 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .config import MonitorConfig
 from .errors import ConfigError, first_line
-from .records import Alert, HookResult, Snapshot
+from .records import Alert, HookResult, RunStatus, Snapshot
 
 log = logging.getLogger("drift_monitor.recorder")
-
-RunStatus = Literal["running", "finished", "failed", "interrupted", "preempted"]
 
 #: The rule name of the alert raised while store writes fail (not a configurable rule: it is
 #: about the monitor's own output, so it needs no metric and fires whatever the rules say).
