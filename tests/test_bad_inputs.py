@@ -35,7 +35,7 @@ from drift_monitor.cli import build_parser, main
 from drift_monitor.errors import ConfigError, DriftMonitorError
 from drift_monitor.offline.loading import load_model
 from drift_monitor.offline.scan import discover
-from drift_monitor.offline.verify import parse_feature_spec
+from drift_monitor.offline.verify_run import parse_feature_spec
 from drift_monitor.probe.probes import ProbeRecord
 from drift_monitor.probe.saes import load_sae
 from drift_monitor.records import VerifySettings

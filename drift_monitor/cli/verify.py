@@ -8,7 +8,10 @@ from .common import model_pair_args, parse_saes, run_args, write_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..records import VerifySettings  # NumPy only: --help stays fast
+    # Defaults from their one home (NumPy only: --help stays fast): the check's knobs from
+    # VerifySettings, the probe categories from the monitor's MetricSettings.
+    from ..records import VerifySettings
+    from ..settings import MetricSettings
 
     alpha = VerifySettings.alpha
     v = subparsers.add_parser(
@@ -39,14 +42,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     v.add_argument("--step", type=int, default=None, help="the step whose refusal features are read (default: last)")
     v.add_argument("--probes", default=None, metavar="harmful|FILE",
                    help="a JSONL probe file, or 'harmful' for the default set (default: the run's probes)")
-    v.add_argument("--harmful-category", default="harmful")
-    v.add_argument("--harmless-category", default="harmless")
+    v.add_argument("--harmful-category", default=MetricSettings.harmful_category)
+    v.add_argument("--harmless-category", default=MetricSettings.harmless_category)
     v.add_argument("--alpha", type=float, default=alpha,
                    help=f"steering strength in units of each feature's typical activation (default {alpha:g})")
-    v.add_argument("--n-random", type=int, default=3, help="random-control draws (density-matched features)")
-    v.add_argument("--max-new-tokens", type=int, default=16)
-    v.add_argument("--batch-size", type=int, default=16)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--n-random", type=int, default=VerifySettings.n_random,
+                   help="random-control draws (density-matched features)")
+    v.add_argument("--max-new-tokens", type=int, default=VerifySettings.max_new_tokens)
+    v.add_argument("--batch-size", type=int, default=VerifySettings.batch_size)
+    v.add_argument("--seed", type=int, default=VerifySettings.seed)
     v.add_argument("--refusal-phrases", default=None, metavar="FILE|a,b,c",
                    help="phrases that mark a refusal (a file, one per line, or comma-separated)")
     run_args(v, "the results")
@@ -56,7 +60,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..offline.verify import format_result, result_json, run_verify
+    from ..offline.verify import format_result, result_json
+    from ..offline.verify_run import VerifyOptions, run_verify
     from ..records import DEFAULT_REFUSAL_PHRASES, VerifySettings
 
     phrases = DEFAULT_REFUSAL_PHRASES
@@ -67,12 +72,13 @@ def run(args: argparse.Namespace) -> int:
     settings = VerifySettings(alpha=args.alpha, n_random=args.n_random, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, seed=args.seed, refusal_phrases=phrases,
                               direction_ablation=not args.no_direction_ablation)
-    res = run_verify(args.model, parse_saes(args.sae) if args.sae else None, args.features or ["emerging"],
-                     adapter=args.adapter, direction_layers=args.direction_layers,
-                     base_model=args.base_model, db=args.db, run=args.run, step=args.step, probes=args.probes,
-                     harmful_category=args.harmful_category, harmless_category=args.harmless_category,
-                     settings=settings, device=args.device, dtype=args.dtype,
-                     trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+    options = VerifyOptions(
+        args.model, parse_saes(args.sae) if args.sae else None, args.features or ["emerging"], adapter=args.adapter,
+        base_model=args.base_model, db=args.db, run=args.run, step=args.step, probes=args.probes,
+        harmful_category=args.harmful_category, harmless_category=args.harmless_category,
+        direction_layers=args.direction_layers, device=args.device, dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code)
+    res = run_verify(options, settings, progress=not args.no_progress)
     print(format_result(res))
     if args.db:
         print(f"stored in {args.db} (verify id {res.verify_id}); see the dashboard's Refusal page")
