@@ -9,6 +9,8 @@ from .common import model_pair_args, run_args, write_json
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..settings import ProbeSettings  # torch-free: the defaults from their one home
+
     dd = subparsers.add_parser(
         "diff-dict", help="a small dictionary of what a fine-tune changed at a hook (real difference vectors)",
         description="Pair the fine-tuned and the base model's activations token by token on the probes, and "
@@ -16,9 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "atom is read by its probes, its source token and the logit lens.")
     model_pair_args(dd, "not needed with --adapter")
     dd.add_argument("--hook", required=True, help="the module whose output is compared, e.g. model.layers.12")
-    dd.add_argument("--probes", default="default", help="a JSONL probe file, or 'default'")
+    dd.add_argument("--probes", default=ProbeSettings.source, help="a JSONL probe file, or 'default'")
     dd.add_argument("--atoms", type=int, default=8, help="most atoms to pick (fewer when the change is explained)")
-    dd.add_argument("--batch-size", type=int, default=16)
+    dd.add_argument("--batch-size", type=int, default=ProbeSettings.batch_size)
     run_args(dd, "the atoms")
     return dd
 

@@ -9,7 +9,7 @@ from .common import parse_directions, parse_saes
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from ..config import FORMATS  # torch-free
+    from ..settings import FORMATS, ProbeSettings  # torch-free
 
     sc = subparsers.add_parser(
         "scan", help="scan saved checkpoints (full models or PEFT adapters) against a base model",
@@ -44,7 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sc.add_argument("--keep-pushed", action="store_true", help="keep the run's Pushgateway group after the scan")
     sc.add_argument("--device", default="cpu")
     sc.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    sc.add_argument("--batch-size", type=int, default=None, help="probes per forward (default: the config's, 16)")
+    sc.add_argument("--batch-size", type=int, default=None, help="probes per forward (default: the config's, "
+                                                                     f"{ProbeSettings.batch_size})")
     sc.add_argument("--force", action="store_true", help="re-scan steps already in the DB")
     sc.add_argument("--shard", default=None, metavar="K/N",
                     help="scan every N-th checkpoint from the K-th into DIR/<run>.shard-K-of-N.duckdb (--db a "
