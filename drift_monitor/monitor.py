@@ -28,7 +28,6 @@ from torch import nn
 from .config import PLAIN_CATEGORIES, MetricSettings, MonitorConfig
 from .errors import ConfigError
 from .filelock import file_lock
-from .probe import metrics as M
 from .probe.baseline_cache import HookBase, cache_path, load_cache, model_fingerprint, save_cache
 from .probe.capture import (
     ActivationCapture,
@@ -44,10 +43,11 @@ from .probe.directions import load_hook_directions
 from .probe.dist import on_every_rank, rank_world
 from .probe.probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
 from .probe.residual import ResidualReader, logit_lens_weights
+from .probe.sae_pass import chunk_tokens, encode_refusal, encode_selected, encode_tokens
 from .probe.saes import HookedSAE, bind_sae, check_d_in
 from .probe.start import measure_start_refusal
 from .probe.stats import HookStats, PairedBatch
-from .probe.tokens import TokenConventions, above_limit, keep_mask, merge_conventions
+from .probe.tokens import TokenConventions, keep_mask, merge_conventions
 from .progress import bar
 from .records import Snapshot
 
@@ -277,6 +277,8 @@ class DriftMonitor:
         has_post = self._has_post()
         post = {s.hook: HookStats(cats, s.d_in, s.d_sae, device, False) for s in self.saes} if has_post else {}
         pairs: dict[str, dict[int, PairedBatch]] = {s.hook: {} for s in self.saes}
+        k_max = self.settings.topk_jaccard_k
+        chunks = {s.hook: chunk_tokens(s.d_sae, self.config.sae_chunk_mb) for s in self.saes}
         forward = _forward_fn(model)
         batches = self._my_batches()
         rank, _ = rank_world()
@@ -311,15 +313,15 @@ class DriftMonitor:
                         keep, limit = pair.keep.to(device), pair.limit
                     x, cat = x_sel[keep], cat_sel[keep]
                     stats[s.hook].count_tokens(cat_sel[~keep], cat, x, limit if pair is not None else None)
-                    kept = self._sae_pass(s, x, cat, pair, stats[s.hook], device)
+                    kept = encode_selected(s, x, cat, pair, stats[s.hook], device, k_max, chunks[s.hook])
                     if pair is None:
                         kept.keep, kept.limit = keep.cpu(), limit
                     if scored:
-                        rkeep = self._refusal_pass(s, acts[s.hook], batch, pair, limit, refusal[s.hook])
+                        rkeep = encode_refusal(s, acts[s.hook], batch, pair, limit, refusal[s.hook])
                         if pair is None:
                             kept.refusal_keep = rkeep.cpu()
                     if has_post:
-                        self._token_pass(s, acts[s.hook], batch.post, batch.category, limit, post[s.hook])
+                        encode_tokens(s, acts[s.hook], batch.post, batch.category, limit, post[s.hook])
                     if pair is None:
                         pairs[s.hook][bi] = kept
         for st in list(stats.values()) + list(refusal.values()) + list(post.values()):
@@ -332,80 +334,6 @@ class DriftMonitor:
         if self._post_tokens is None:
             self._post_tokens = any(bool(b.post.any()) for b in self.probes.batches)
         return self._post_tokens
-
-    @staticmethod
-    def _token_pass(s: HookedSAE, acts: torch.Tensor, mask: torch.Tensor, category: torch.Tensor, limit: float,
-                    stats: HookStats, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """A few tokens per probe (``mask``: the refusal tokens, the post-instruction tokens) into
-        their own statistics, densely encoded (few tokens: at small cost). ``keep`` (the base's
-        mask of these tokens) or else the base's massive-norm ``limit`` leaves tokens out. Returns
-        the keep mask used."""
-        x = acts[mask]
-        cat = category[:, None].expand_as(mask)[mask]
-        if keep is None or keep.numel() != x.shape[0]:
-            keep = ~above_limit(x, limit)
-        keep = keep.to(x.device)
-        x, cat = x[keep], cat[keep]
-        if x.shape[0]:
-            x_in = x.to(s.sae.dtype)
-            codes = s.sae.encode(x_in)
-            stats.update(x_in, s.sae.decode(codes), codes, cat)
-        return keep
-
-    def _refusal_pass(self, s: HookedSAE, acts: torch.Tensor, batch: ProbeBatch, pair: PairedBatch | None,
-                      limit: float, stats: HookStats) -> torch.Tensor:
-        """The refusal scores' tokens (``ProbeBatch.refusal``: by default the teacher-forced refusal
-        response after each harmful/harmless probe) into their own statistics. Massive-norm tokens
-        are excluded where the base has them (its keep mask); when the base read another format
-        whose refusal has another number of tokens, by the base's limit on each model's own tokens."""
-        base_keep = pair.refusal_keep if pair is not None else None
-        return self._token_pass(s, acts, batch.refusal, batch.category, limit, stats, base_keep)
-
-    def _chunk_tokens(self, s: HookedSAE) -> int:
-        """Tokens per SAE chunk: the [tokens, d_sae] code buffers stay within ``sae_chunk_mb``,
-        which bounds peak memory and keeps them cache- and allocator-friendly."""
-        return max(16, int(self.config.sae_chunk_mb * 2**20) // (4 * s.d_sae))
-
-    def _sae_pass(self, s: HookedSAE, x: torch.Tensor, cat: torch.Tensor, pair: PairedBatch | None,
-                  stats: HookStats, device: torch.device) -> PairedBatch | None:
-        """Encode, decode and accumulate one batch's selected tokens, chunk by chunk.
-
-        Without ``pair`` (the base pass) the base pairs with itself, and what later snapshots
-        need for pairing (activations, top-k ids, L0) is returned.
-        """
-        k_max = self.settings.topk_jaccard_k
-        step = self._chunk_tokens(s)
-        kept: list[PairedBatch] = []
-        for lo in range(0, x.shape[0], step):  # chunks of tokens, a handful per batch
-            xc = x[lo:lo + step]
-            x_in = xc.to(s.sae.dtype)
-            codes = s.sae.encode(x_in)
-            l0 = (codes > 0).sum(1)
-            max_l0 = int(l0.max()) if l0.numel() else 0
-            # Wide enough to hold every firing feature when that is still sparse (k ≤ d_sae/8):
-            # then statistics and decode use the n·k top entries only, exactly.
-            k = min(s.d_sae, max(k_max, max_l0))
-            if k != s.d_sae and 8 * k > s.d_sae:
-                k = min(k_max, s.d_sae)
-            vals, top = M.topk_codes(codes, k)
-            complete = max_l0 <= k
-            x_hat = _decode(s, codes, vals, top, complete)
-            cc = cat[lo:lo + step]
-            if pair is None:  # the base pass
-                p = PairedBatch(xc.detach().clone(), top[:, :k_max].contiguous(), l0.to(torch.int32))
-                kept.append(p)
-            else:
-                p = PairedBatch(pair.x[lo:lo + step].to(device), pair.top_idx[lo:lo + step].to(device),
-                                pair.l0[lo:lo + step].to(device))
-            stats.update(x_in, x_hat, codes, cc, pair=p, k_max=k_max, top_idx=top,
-                         top_vals=vals if complete else None, l0=l0)
-        if pair is not None:
-            return None
-        if not kept:  # no token of this batch selected at this hook
-            return PairedBatch(x.new_zeros((0, x.shape[1])), torch.zeros((0, k_max), dtype=torch.int32),
-                               torch.zeros(0, dtype=torch.int32))
-        return PairedBatch(torch.cat([p.x for p in kept]), torch.cat([p.top_idx for p in kept]),
-                           torch.cat([p.l0 for p in kept]))
 
     # ------------------------------------------------------------------ baseline cache
     def _cache_path(self, fingerprint: str) -> Path:
@@ -431,15 +359,6 @@ def _with_config(conv: TokenConventions, config: MonitorConfig) -> TokenConventi
     if conv.outlier_norm is not None:
         return conv
     return replace(conv, outlier_factor=config.probes.outlier_factor)
-
-
-def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Tensor, complete: bool) -> torch.Tensor:
-    """x̂: the sparse decode when every firing feature is in the top-k and the dictionary is wide
-    enough for it to pay (d_sae ≥ 8k: summing k decoder rows per token beats a dense matmul),
-    else the SAE's own decode."""
-    if complete and s.sparse_decode is not None and s.d_sae >= 8 * top.shape[1]:
-        return s.sparse_decode(vals, top)
-    return s.sae.decode(codes)
 
 
 def _forward_fn(model: nn.Module) -> Callable[[ProbeBatch], object]:
