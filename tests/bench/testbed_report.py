@@ -136,10 +136,11 @@ def residual_figures(tb, runs) -> dict:
 
 
 def verify_figures(tb, runs) -> dict:
-    from drift_monitor.offline.verify import result_json, run_verify
+    from drift_monitor.offline.verify import result_json
+    from drift_monitor.offline.verify_run import VerifyOptions, run_verify
 
-    res = run_verify(str(tb.model_dir), None, "emerging", adapter=str(runs.adapter("refusal")), db=str(runs.db),
-                     run=runs.run_ids["refusal"], progress=False)
+    res = run_verify(VerifyOptions(str(tb.model_dir), None, "emerging", adapter=str(runs.adapter("refusal")),
+                                   db=str(runs.db), run=runs.run_ids["refusal"]), progress=False)
     j = result_json(res)
     return {k: j[k] for k in ("features", "rates", "ablation_relative_drop", "random_relative_drop", "verdict")}
 
