@@ -73,6 +73,9 @@ def test_refusal_run_flags_emerging_features_and_control_does_not(runs):
     replayed = {d.name: d.alerts for d in S.run_data([S.cached_run(tb_, S.scenario(n)) for n in T.SUITE_NAMES.values()],
                                                      runs.db)}
     assert "emerging_refusal_features" in replayed[T.SUITE_NAMES["refusal"]]
+    # the refusal run turns the refusal direction (cosine 0.97 / 0.93 / 0.89 / 0.85 at steps 10-40,
+    # cached run) below the shipped threshold; the control's lowest is 0.962
+    assert "refusal_direction" in replayed[T.SUITE_NAMES["refusal"]]
     assert replayed[T.SUITE_NAMES["control"]] == {}, "the benign control raises no alert at all"
     assert set(reader.alerts(run_id=runs.run_ids["refusal"])["rule"]), "the callback stored the alerts it raised"
     assert ref["max_refusal_score"].iloc[-1] > ctl["max_refusal_score"].max()
