@@ -123,10 +123,11 @@ def test_monitor_errors_never_stop_training(tmp_path):
     finally:
         blocker.close()
     assert trainer.state.global_step == 6
-    assert cb.errors >= 1
     assert tf.snapshot_steps(cfg.outputs.db_path) == [0, 2, 4, 6]
     alerts = StoreReader(cfg.outputs.db_path).alerts(cb.run_id)
-    assert "monitor_error" in set(alerts.rule) and "nonfinite_activations" in set(alerts.rule)
+    # every error counted is stored, one monitor_error alert each (the taken port at least)
+    assert cb.errors == (alerts.rule == "monitor_error").sum() >= 1, (cb.errors, alerts)
+    assert "nonfinite_activations" in set(alerts.rule)
     nonfinite = alerts[alerts.rule == "nonfinite_activations"]
     assert (nonfinite.severity == "critical").all()
 
