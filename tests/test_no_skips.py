@@ -23,6 +23,8 @@ def _skips(path: Path) -> list[str]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Attribute) and node.attr in SKIPPING:
             found.append((node.lineno, f"{path.name}:{node.lineno} {node.attr}"))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pytest":
+            found += [(node.lineno, f"{path.name}:{node.lineno} {a.name}") for a in node.names if a.name in SKIPPING]
     return [hit for _, hit in sorted(found)]
 
 
@@ -37,9 +39,11 @@ def test_the_checker_finds_each_skipping_form(tmp_path):
         "@pytest.mark.xfail\n"
         "def test_b(): pass\n"
         "@pytest.mark.skip\n"
-        "def test_c(): pass\n")
+        "def test_c(): pass\n"
+        "from pytest import importorskip\n")
     assert _skips(planted) == ["test_planted.py:2 importorskip", "test_planted.py:3 skipif",
-                               "test_planted.py:4 skip", "test_planted.py:5 xfail", "test_planted.py:7 skip"]
+                               "test_planted.py:4 skip", "test_planted.py:5 xfail", "test_planted.py:7 skip",
+                               "test_planted.py:9 importorskip"]
 
 
 def test_no_test_file_skips():
