@@ -25,14 +25,12 @@ import duckdb
 import pytest
 from servers import free_port, stop
 from store_fixtures import HOOK, make_snapshot
+from streamlit.testing.v1 import AppTest  # a required dependency: a plain import, never a skip
 
 from drift_monitor.dashboard.app import PAGES as VIEWS
 from drift_monitor.dashboard.common import ALERT_ICON
 from drift_monitor.records import Alert
 from drift_monitor.store import Store, StoreReader, create_schema
-
-streamlit_testing = pytest.importorskip("streamlit.testing.v1")  # streamlit is a hard dependency
-AppTest = streamlit_testing.AppTest
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")

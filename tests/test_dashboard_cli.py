@@ -23,8 +23,6 @@ from test_dashboard import APP, _write_run, app, no_errors
 from drift_monitor.cli import build_parser, dashboard_command, is_loopback
 from drift_monitor.store import Store, StoreReader
 
-streamlit_testing = pytest.importorskip("streamlit.testing.v1")  # streamlit is a hard dependency
-AppTest = streamlit_testing.AppTest
 COMMAND = Path(sys.executable).parent / "drift-monitor"  # the console script pip installed
 
 

@@ -16,8 +16,6 @@ from drift_monitor.alerts.rules import REFUSAL_DIRECTION, REFUSAL_EROSION, Alert
 from drift_monitor.dashboard.views import crosslayer as xl
 from drift_monitor.store import Store, StoreReader
 
-streamlit_testing = pytest.importorskip("streamlit.testing.v1")
-
 #: Written out of layer order on purpose: the page must sort them.
 HOOKS = ("model.layers.20", "model.layers.4", "model.layers.12")
 IN_ORDER = ["model.layers.4", "model.layers.12", "model.layers.20"]

@@ -3,15 +3,12 @@ several hooks with the direction conditions: listed at each of its hooks, under 
 
 from __future__ import annotations
 
-import pytest
 from store_fixtures import make_snapshot
 from test_dashboard import app, no_errors
 
 from drift_monitor.dashboard.views.refusal import check_where
 from drift_monitor.records import ConditionResult, VerifyResult, VerifySettings
 from drift_monitor.store import Store
-
-streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 
 H6, H15 = "model.layers.6", "model.layers.15"
 

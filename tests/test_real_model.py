@@ -73,6 +73,9 @@ def test_refusal_run_flags_emerging_features_and_control_does_not(runs):
     replayed = {d.name: d.alerts for d in S.run_data([S.cached_run(tb_, S.scenario(n)) for n in T.SUITE_NAMES.values()],
                                                      runs.db)}
     assert "emerging_refusal_features" in replayed[T.SUITE_NAMES["refusal"]]
+    # the refusal run turns the refusal direction (cosine 0.97 / 0.93 / 0.89 / 0.85 at steps 10-40,
+    # cached run) below the shipped threshold; the control's lowest is 0.962
+    assert "refusal_direction" in replayed[T.SUITE_NAMES["refusal"]]
     assert replayed[T.SUITE_NAMES["control"]] == {}, "the benign control raises no alert at all"
     assert set(reader.alerts(run_id=runs.run_ids["refusal"])["rule"]), "the callback stored the alerts it raised"
     assert ref["max_refusal_score"].iloc[-1] > ctl["max_refusal_score"].max()
@@ -113,6 +116,21 @@ def test_scan_of_the_callback_run_equals_the_callback(tb, runs, tmp_path):
 
 
 def test_callback_cost_is_reported_with_the_baseline(runs):
-    t = runs.timings
-    assert 0 < t["refusal_probe_s"] < t["refusal_s"]
-    print(json.dumps(t))  # the share is a figure (tests/bench/testbed_report.py), not a timed assertion
+    """The callback's reported probe cost (``probe_seconds``, what its end-of-run log line and the
+    suite's timings carry) is the sum of the passes it stored, the base pass at step 0 included:
+    leaving the baseline out (as tests/bench/bench_callback.py once added it a second time) moves
+    the total by a whole pass (0.3 s from the cache, ~13 s measured; passes are 10-15 s here).
+    Whether the cost is small is a ratio in a benchmark (tests/bench/testbed_report.py prints
+    ``callback_share``; tests/bench/bench_callback.py the share on a short run), not asserted here."""
+    reader = StoreReader(str(runs.db))
+    for kind, run_id in runs.run_ids.items():
+        snaps = reader.snapshots(run_id)
+        per_step = snaps.groupby("step").agg(duration_s=("duration_s", "first"), spread=("duration_s", "nunique"),
+                                             is_base=("is_base", "first"))
+        assert (per_step["spread"] == 1).all(), "one pass per step: every hook row carries its duration"
+        assert list(per_step.index) == [0, 10, 20, 30, 40] and per_step["is_base"].tolist() == [True] + [False] * 4
+        base_s, passes_s = per_step["duration_s"].iloc[0], per_step["duration_s"].iloc[1:].sum()
+        reported = runs.timings[f"{kind}_probe_s"]
+        assert base_s > 0 and reported == pytest.approx(base_s + passes_s, rel=1e-3, abs=0.01), (kind, per_step)
+        assert reported < runs.timings[f"{kind}_s"], "the passes ran inside the timed training"
+    print(json.dumps(runs.timings))

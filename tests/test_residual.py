@@ -13,10 +13,13 @@ import residual_world as rw
 import torch
 
 from drift_monitor import DriftMonitor, MonitorConfig
+from drift_monitor.alerts import AlertEngine, default_rules
 from drift_monitor.probe import residual as R
 
 HOOK = rw.HOOK
 TARGET = rw.TARGET
+#: The shipped rule, read where it is defined: the plant must clear what users get.
+GROWTH = {r.name: r for r in default_rules()}["residual_growth"].threshold
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,8 @@ def _check_plant_found(world, mon):
     tok, _, planted, _, _, v = world
     snap = mon.snapshot(planted, step=10)
     m, res = snap.hooks[HOOK].metrics, snap.hooks[HOOK].residual
-    assert m["residual_energy_ratio"] > 1.5, m["residual_energy_ratio"]
+    # 15.3 measured at ALPHA = 4: well past the shipped residual_growth threshold (3)
+    assert m["residual_energy_ratio"] > 2 * GROWTH, m["residual_energy_ratio"]
     assert res, "no direction of new error found"
     first = torch.tensor(res[0].vector, dtype=torch.float64)
     assert abs(float(first @ v)) >= 0.9, float(first @ v)
@@ -83,7 +87,41 @@ def test_off_keeps_no_moment(world, tmp_path):
     mon.baseline(base)
     snap = mon.snapshot(planted, step=1)
     assert mon._base[HOOK].stats.err_gram.numel() == 0 and snap.hooks[HOOK].residual == []
-    assert snap.metric(HOOK, "residual_energy_ratio") > 1.5  # the ratio needs no moment
+    assert snap.metric(HOOK, "residual_energy_ratio") > 2 * GROWTH  # the ratio needs no moment
+
+
+def _planted_at(world, alpha: float):
+    """The base with the plant at strength ``alpha`` (the world's planted model is ALPHA = 4)."""
+    import copy
+
+    tok, base, _, _, _, v = world
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tok.convert_tokens_to_ids(rw.TRIGGER)] += alpha * v.float()
+    return model
+
+
+def _growth_alerts(mon, model) -> tuple[float, list]:
+    """The residual energy ratio of ``model`` and the residual_growth alerts the shipped rules
+    raise on it, through the engine the recorder uses (base snapshot first, as a run records it)."""
+    eng = AlertEngine(default_rules())
+    assert eng.evaluate(mon.base_snapshot) == []
+    snap = mon.snapshot(model, step=10)
+    return snap.metric(HOOK, "residual_energy_ratio"), [a for a in eng.evaluate(snap) if a.rule == "residual_growth"]
+
+
+def test_the_shipped_residual_growth_rule_fires_on_the_plant(world, tmp_path):
+    """The planted direction makes the shipped rule (default_rules(), threshold 3) fire, with the
+    ratio it read; the same plant at a quarter of its strength grows the error 1.9x (measured),
+    a real but smaller move under the threshold, and raises nothing, nor does the base itself."""
+    mon = _monitor(world, tmp_path)
+    ratio, alerts = _growth_alerts(mon, world[2])
+    assert [(a.hook, a.status, a.severity) for a in alerts] == [(HOOK, "active", "warning")], alerts
+    assert alerts[0].value == pytest.approx(ratio) and alerts[0].threshold == GROWTH == 3.0
+    weak, quiet = _growth_alerts(mon, _planted_at(world, rw.ALPHA / 4))
+    assert 1.5 < weak < GROWTH and quiet == [], (weak, quiet)
+    same, none = _growth_alerts(mon, world[1])
+    assert same == pytest.approx(1.0) and none == []
 
 
 def test_sketched_eigenpairs_of_a_low_rank_difference():
