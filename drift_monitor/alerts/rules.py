@@ -333,8 +333,9 @@ def default_rules(emerging_refusal_severity: str = "warning") -> list[AlertRule]
         AlertRule("sudden_change", "sudden_change", severity="warning",
                   description=f"a step-to-step change far outside the run's earlier changes (robust z > {sudden:g}): "
                               "a phase transition"),
-        # 3: the organism demo's benign control reaches 1.64 (its SAE leaves 1.6% of the variance, so a
-        # small absolute change is a large ratio), its refusal run 8-32; SmolLM2's runs 1.20 and 1.27
+        # 3: the organism demo's benign controls reach 1.54-2.46 (its SAE leaves 1.6% of the variance, so a
+        # small absolute change is a large ratio), its refusal runs 5.4-12.6, over seven seeds
+        # (tests/bench/organism_seeds.py); SmolLM2's runs 1.20 and 1.27
         AlertRule("residual_growth", "threshold", metric="residual_energy_ratio", op=">", threshold=3.0,
                   severity="warning",
                   description="the base SAE's error tripled: the model holds directions the base SAE cannot "
