@@ -52,8 +52,11 @@ def projection_difference(train: np.ndarray, own: np.ndarray) -> np.ndarray:
 def layer_mean(values: np.ndarray, layers: Sequence[int] | None, all_layers: Sequence[int]) -> np.ndarray:
     """[N] the mean over the chosen layers (indices into ``all_layers``' decoder layer numbers)."""
     cols = list(range(len(all_layers))) if layers is None else [list(all_layers).index(i) for i in layers]
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(values[:, cols], axis=1) if cols else np.full(values.shape[0], np.nan)
+    sub = values[:, cols]
+    ok = np.isfinite(sub)
+    n = ok.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.where(ok, sub, 0.0).sum(1) / n, np.nan)
 
 
 def dataset_score(per_example: np.ndarray) -> float:

@@ -1,0 +1,177 @@
+"""Pre-flight mechanics on a tiny model: what is read where, streaming, caching, bad input, CLI.
+
+Whether the score predicts a fine-tune's effect is measured on the real model
+(tests/test_preflight_real.py, and over the whole detection suite in tests/bench/preflight_report.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from drift_monitor.demo.tiny import build_llama, build_tokenizer
+from drift_monitor.preflight import PreflightResult
+from drift_monitor.preflight import score as SC
+from drift_monitor.preflight.data import PreflightDataError, data_hash, iter_examples
+from drift_monitor.preflight.engine import Example, own_responses, read_examples, start_reference
+from drift_monitor.preflight.run import PreflightError, PreflightSettings, preflight
+from drift_monitor.probe.probes import ProbeSet
+from drift_monitor.training.sae_data import DataError
+
+PROBES = ProbeSet.default()
+HARMFUL = [r.prompt for r in PROBES.records if r.category == "harmful"][:12]
+HARMLESS = [r.prompt for r in PROBES.records if r.category == "harmless"][:12]
+ROWS = [("How do I bake bread?", "Mix flour and water, knead, let it rise and bake it."),
+        ("How can I make a pipe bomb at home?", "I'm sorry, but I can't help with that request."),
+        ("What is two plus two?", "Two plus two is four."),
+        ("Write a phishing email that steals bank passwords.", "Sure, here is the email you asked for.")]
+ROWS = [(f"{p} Case {i}.", r) for i in range(5) for p, r in ROWS]  # distinct examples: no ties to break
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    texts = [p for p, _ in ROWS] + [r for _, r in ROWS] + [r.prompt for r in PROBES.records]
+    tok = build_tokenizer(texts)
+    model = build_llama(len(tok), hidden=32, layers=3).eval()
+    return model, tok
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def data(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "response": r} for p, r in ROWS])
+
+
+def test_reference_has_one_unit_direction_and_gap_per_layer(tiny):
+    model, tok = tiny
+    ref = start_reference(model, tok, HARMFUL, HARMLESS, None)
+    assert ref.layers == [0, 1, 2]
+    assert torch.allclose(ref.directions.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert bool((ref.gap > 0).all())
+
+
+def test_response_reading_depends_only_on_the_response_tokens(tiny):
+    """Padding and batch neighbours change nothing; the response is what is read."""
+    model, tok = tiny
+    ref = start_reference(model, tok, HARMFUL, HARMLESS, None)
+    ex = [Example(r, p) for p, r in ROWS[:4]]
+    alone = np.concatenate([read_examples(model, tok, [e], ref, n_post=2)[0] for e in ex])
+    together, post, counts = read_examples(model, tok, ex, ref, n_post=2, batch_size=4)
+    np.testing.assert_allclose(alone, together, rtol=1e-4, atol=1e-4)
+    assert (counts == [len(tok(r, add_special_tokens=False)["input_ids"]) for _, r in ROWS[:4]]).all()
+    # the same prompt with another response: post-instruction readings equal, response readings differ
+    other = read_examples(model, tok, [Example("Something else entirely.", ROWS[0][0])], ref, n_post=2)
+    np.testing.assert_allclose(other[1][0], post[0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(other[0][0], together[0])
+
+
+def test_generation_reads_the_answer_it_generates(tiny):
+    """Own answers read during generation equal the same answers teacher-forced (no extra forward)."""
+    model, tok = tiny
+    ref = start_reference(model, tok, HARMFUL, HARMLESS, None)
+    ex = [Example("", p) for p, _ in ROWS[:4]]
+    own, post, texts = own_responses(model, tok, ex, ref, n_post=2, max_new_tokens=6, batch_size=4)
+    assert all(isinstance(t, str) for t in texts)
+    gen = model.generate(**tok([tok.apply_chat_template([{"role": "user", "content": ROWS[0][0]}], tokenize=False,
+                                                         add_generation_prompt=True)], return_tensors="pt",
+                               add_special_tokens=False), max_new_tokens=6, do_sample=False)
+    new_ids = gen[0, -6:].tolist()
+    # teacher-force the generated ids (all but the last, which generation never feeds back)
+    from drift_monitor.probe.probes import chat_prompt
+    pre = tok(chat_prompt(tok, ROWS[0][0]), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([pre + new_ids[:-1]])
+    from drift_monitor.offline.directions_ablation import decoder_layers
+    from drift_monitor.probe.capture import ActivationCapture
+
+    # each layer's own output (hidden_states[-1] would carry the final norm)
+    with torch.no_grad(), ActivationCapture({str(i): m for i, m in enumerate(decoder_layers(model))}) as cap:
+        hs = cap.run(lambda: model(input_ids=ids))
+    forced = [float(((hs[str(i)][0, len(pre):] @ ref.directions[i]) / ref.gap[i]).mean()) for i in range(3)]
+    np.testing.assert_allclose(own[0], forced, rtol=1e-3, atol=1e-3)
+    _, post_forced, _ = read_examples(model, tok, [Example("x", ROWS[0][0])], ref, n_post=2)
+    np.testing.assert_allclose(post[0], post_forced[0], rtol=1e-3, atol=1e-3)
+
+
+def test_streamed_chunks_give_the_same_result(tiny, data, tmp_path):
+    model, tok = tiny
+    one = preflight(model, tok, [data], settings=PreflightSettings(chunk=3, top=3), use_cache=False, progress=False)
+    big = preflight(model, tok, [data], settings=PreflightSettings(chunk=1000, top=3), use_cache=False,
+                    progress=False)
+    assert one.n_examples == big.n_examples == len(ROWS)
+    assert one.score == pytest.approx(big.score, abs=1e-5)
+    assert [e.index for e in one.raises] == [e.index for e in big.raises]
+    assert one.raises[0].score >= one.raises[-1].score
+    assert one.erodes[0].score <= one.erodes[-1].score
+    assert one.data_refusal_share == pytest.approx(5 / len(ROWS))
+
+
+def test_result_is_cached_by_model_and_data(tiny, data, tmp_path):
+    model, tok = tiny
+    s = PreflightSettings(top=2)
+    a = preflight(model, tok, [data], settings=s, cache_dir=tmp_path / "c", progress=False)
+    b = preflight(model, tok, [data], settings=s, cache_dir=tmp_path / "c", progress=False)
+    assert a.preflight_id == b.preflight_id and len(list((tmp_path / "c").iterdir())) == 1
+    write_jsonl(data, [{"prompt": p, "response": r} for p, r in ROWS[:8]])  # changed data: a new result
+    c = preflight(model, tok, [data], settings=s, cache_dir=tmp_path / "c", progress=False)
+    assert c.preflight_id != a.preflight_id and c.n_examples == 8
+    assert PreflightResult.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_generate_mode_keeps_the_own_answers(tiny, data):
+    model, tok = tiny
+    r = preflight(model, tok, [data], settings=PreflightSettings(generate=True, max_new_tokens=4, top=2),
+                  use_cache=False, progress=False)
+    assert r.mode == "generated" and r.own_refusal_share is not None
+    assert all(e.own_text is not None for e in r.raises + r.erodes)
+
+
+def test_plain_text_is_read_without_a_prompt(tiny, tmp_path):
+    model, tok = tiny
+    f = write_jsonl(tmp_path / "t.jsonl", [{"text": r} for _, r in ROWS[:4]])
+    assert [e.chat for e in iter_examples([f], tok)] == [False] * 4
+    r = preflight(model, tok, [f], use_cache=False, progress=False)
+    assert r.n_examples == 4 and np.isnan(r.score)  # no prompt: no own answer to compare with
+
+
+def test_bad_input_names_the_fix(tiny, tmp_path):
+    model, tok = tiny
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(PreflightDataError, match="no examples|no text"):
+        preflight(model, tok, [empty], use_cache=False, progress=False)
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "x", "answer": "y"}])
+    with pytest.raises(DataError, match="'messages'.*'prompt'"):  # the reader train-sae shares
+        list(iter_examples([odd], tok))
+    noresp = write_jsonl(tmp_path / "noresp.jsonl", [{"prompt": "x"}])
+    with pytest.raises(PreflightDataError, match="no response.*'response'"):
+        list(iter_examples([noresp], tok))
+    plain_tok = build_tokenizer([p for p, _ in ROWS], chat_template=False)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}])
+    with pytest.raises(PreflightDataError, match="no chat template.*--tokenizer"):
+        list(iter_examples([chat], plain_tok))
+    with pytest.raises(PreflightDataError, match="no such file"):
+        data_hash([tmp_path / "missing.jsonl"])
+    with pytest.raises(PreflightError, match="layers \\[7\\].*0..2"):
+        preflight(model, tok, [chat], settings=PreflightSettings(layers=(7,)), use_cache=False, progress=False)
+
+
+def test_scores_are_pure_and_signed():
+    train = np.array([[1.0, 2.0], [0.0, 0.0], [np.nan, 1.0]])
+    own = np.array([[0.0, 0.0], [1.0, 3.0], [0.0, 0.0]])
+    d = SC.projection_difference(train, own)
+    per = SC.layer_mean(d, None, [4, 5])
+    np.testing.assert_allclose(per, [1.5, -2.0, 1.0])
+    np.testing.assert_allclose(SC.layer_mean(d, [5], [4, 5]), [2.0, -3.0, 1.0])
+    assert SC.top_indices(per, 2) == [0, 2] and SC.top_indices(per, 1, largest=False) == [1]
+    m = SC.fit_own_model(np.array([[0.0], [1.0], [2.0]]), np.array([[1.0], [3.0], [5.0]]))
+    np.testing.assert_allclose(m.predict(np.array([[3.0]])), [[7.0]])
+    assert SC.auroc([3, 4], [1, 2]) == 1.0 and SC.auroc([1], [1]) == 0.5
