@@ -24,7 +24,8 @@ Modelled on TRL's ``LogCompletionsCallback`` and transformers' tracker integrati
   fingerprint and keeps the run id, and the store's replace semantics mean no step is stored
   twice. A job requeued before its first checkpoint (same output folder, training from step 0
   again) keeps its run id too: ``drift_monitor_run.json`` in the output folder names the run
-  until it finishes, and the run's steps are measured again over the stored ones.
+  until it finishes, and the run's steps are measured again over the stored ones (both files:
+  :mod:`drift_monitor.resume`, which the scan's resuming shares).
 * **Adapter signals (LoRA).** With ``adapter_signals`` on ("auto": when the model has LoRA
   modules), rank 0 records the A/B norms, ‖scaling·BA‖ and the local cosine of the B trajectory
   (:mod:`drift_monitor.probe.adapters`) at the base and every ``adapter_every_n_steps`` steps. At a step
@@ -37,26 +38,20 @@ Modelled on TRL's ``LogCompletionsCallback`` and transformers' tracker integrati
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from drift_monitor import resume
 from drift_monitor.config import MonitorConfig
-from drift_monitor.recorder import guarded
+from drift_monitor.recorder import guarded, merge_adapter_signals
 from drift_monitor.records import ADAPTER_HOOK_PREFIX, Snapshot, is_adapter_hook
-from drift_monitor.textfiles import write_json_atomic
 
 log = logging.getLogger("drift_monitor.callback")
 
-STATE_FILE = "drift_monitor.json"
-#: In the output folder while a run is unfinished: a requeued job that starts over continues it.
-RUN_FILE = "drift_monitor_run.json"
 LOG_PREFIX = "drift_monitor"
 
 
@@ -140,28 +135,29 @@ class DriftMonitorCallback(TrainerCallback):
         if model is None:
             raise ValueError("the trainer passed no model to the callback")
         self.monitor = DriftMonitor(self.config, tokenizer)
-        resumed = self._resume_state(args, state)
+        resumed = resume.read_checkpoint_state(args.output_dir, state.global_step, self.monitor.probe_hash)
         if resumed is not None:
-            self.run_id = resumed["run_id"]
-            self.base_fingerprint = resumed["base_fingerprint"]
-            self.done_steps = {s for s in resumed.get("done_steps", []) if s <= state.global_step}
+            self.run_id = resumed.run_id
+            self.base_fingerprint = resumed.base_fingerprint
+            self.done_steps = {s for s in resumed.done_steps if s <= state.global_step}
             base = self.monitor.load_baseline(self.base_fingerprint)
             log.info("drift-monitor: resumed run %s at step %d", self.run_id, state.global_step)
         else:
             if state.global_step > 0:
                 log.warning("drift-monitor: resuming at step %d without %s in the checkpoint; the current "
-                            "weights become the base of a new run", state.global_step, STATE_FILE)
+                            "weights become the base of a new run", state.global_step, resume.STATE_FILE)
             t0 = time.perf_counter()
             base = self.monitor.baseline(model)
             self.probe_seconds += time.perf_counter() - t0  # the baseline is part of the monitor's cost
             self.base_fingerprint = self.monitor.base_fingerprint
             if self.run_id is None and state.global_step == 0:
-                self.run_id = self._requeued_run(args)
+                self.run_id = resume.requeued_run(args.output_dir, self.monitor.probe_hash, self.base_fingerprint)
         self.done_steps.add(0)
         if not self._is_zero:
             return
         self._open_outputs(args, model, resumed)
-        self._guard("run file", self._write_run_file, args)
+        self._guard("run file", resume.write_run_file, args.output_dir, self.run_id, self.monitor.probe_hash,
+                    self.base_fingerprint)
         self._guard("adapter signals", self._start_adapters, model)
         if resumed is None:
             self._record(self._with_adapters(base, model), state)
@@ -172,7 +168,7 @@ class DriftMonitorCallback(TrainerCallback):
         self.recorder = RunRecorder.open(
             self.config, probe_hash=self.monitor.probe_hash, run_id=self.run_id,
             run_name=self.config.outputs.run_name or getattr(args, "run_name", None), model_name=_model_name(model),
-            alert_state=(resumed or {}).get("alerts"), fallback_dirs=[args.output_dir])
+            alert_state=resumed.alerts if resumed is not None else None, fallback_dirs=[args.output_dir])
         self.run_id = self.recorder.run_id
 
     # the recorder's outputs, for users and tests that reach them through the callback
@@ -235,7 +231,7 @@ class DriftMonitorCallback(TrainerCallback):
         extra: dict = {}
         if self._adapter_due(snap.step):
             self._guard("adapter signals", lambda: extra.update(self._adapter_hooks(model, snap.step)))
-        return replace(snap, hooks={**snap.hooks, **extra}) if extra else snap
+        return merge_adapter_signals(snap, extra)
 
     def _adapter_hooks(self, model, step: int) -> dict:
         self.adapter_steps.add(step)  # before the work: a failing step is not retried
@@ -268,49 +264,10 @@ class DriftMonitorCallback(TrainerCallback):
             state.log_history.append({**logs, "step": int(state.global_step)})
 
     def _write_checkpoint_state(self, args, state) -> None:
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not ckpt.is_dir():
-            log.warning("drift-monitor: checkpoint folder %s not found; state not saved", ckpt)
-            return
-        data = {"run_id": self.run_id, "base_fingerprint": self.base_fingerprint,
-                "probe_hash": self.monitor.probe_hash, "done_steps": sorted(self.done_steps),
-                "alerts": self.recorder.alert_state() if self.recorder is not None else None}
-        write_json_atomic(ckpt / STATE_FILE, data)
-
-    def _requeued_run(self, args) -> str | None:
-        """The unfinished run this output folder names, when this job starts it over from the same
-        base with the same probes (a requeued job); None otherwise (a new run)."""
-        path = Path(args.output_dir) / RUN_FILE
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if (data.get("probe_hash"), data.get("base_fingerprint")) != (self.monitor.probe_hash, self.base_fingerprint):
-            log.info("drift-monitor: %s names run %s of another base or probe set; starting a new run",
-                     path, data.get("run_id"))
-            return None
-        log.info("drift-monitor: continuing the unfinished run %s named by %s (a requeued job starting over)",
-                 data.get("run_id"), path)
-        return str(data["run_id"]) if data.get("run_id") else None
-
-    def _write_run_file(self, args) -> None:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / RUN_FILE, {"run_id": self.run_id, "probe_hash": self.monitor.probe_hash,
-                                           "base_fingerprint": self.base_fingerprint})
-
-    def _resume_state(self, args, state) -> dict | None:
-        if state.global_step == 0:
-            return None
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        if data.get("probe_hash") != self.monitor.probe_hash:
-            log.warning("drift-monitor: the probe set changed since the checkpoint (%s -> %s); starting a new run",
-                        data.get("probe_hash"), self.monitor.probe_hash)
-            return None
-        return data
+        resume.write_checkpoint_state(args.output_dir, state.global_step, resume.CheckpointState(
+            run_id=self.run_id, base_fingerprint=self.base_fingerprint, probe_hash=self.monitor.probe_hash,
+            done_steps=sorted(self.done_steps),
+            alerts=self.recorder.alert_state() if self.recorder is not None else None))
 
     def _finish(self, state, output_dir: str | None = None) -> None:
         if not self._is_zero:
@@ -322,7 +279,7 @@ class DriftMonitorCallback(TrainerCallback):
         if self.recorder is not None:
             self.recorder.finish("finished")
         if output_dir is not None:  # finished: the next training in this folder is a new run
-            (Path(output_dir) / RUN_FILE).unlink(missing_ok=True)
+            resume.end_run_file(output_dir)
 
     # ------------------------------------------------------------------ never break training
     def _guard(self, what: str, fn, *args) -> None:

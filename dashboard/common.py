@@ -27,6 +27,7 @@ import pandas as pd
 import streamlit as st
 
 from drift_monitor import catalog
+from drift_monitor.alerts import SEVERITIES
 from drift_monitor.records import is_adapter_hook
 from drift_monitor.store import (
     SchemaVersionError,
@@ -211,9 +212,17 @@ def _frame(body: Callable[[PageContext], None], key: str | None, hook: bool) -> 
 
 #: The alert banner's icon (tests tell the banner from an error message by it).
 ALERT_ICON = ":material/notifications_active:"
+#: The look of each alert severity: its banner box and its colour in charts. The severities and
+#: their rank are the alerts' (:data:`drift_monitor.alerts.SEVERITIES`); a severity added there
+#: without a look here fails at import, not on the first such alert.
+_LOOK: dict[str, tuple[Callable[..., object], str]] = {
+    "info": (st.info, "#4c78a8"), "warning": (st.warning, "#f58518"), "critical": (st.error, "#e45756")}
+#: Alert severities, worst first: the banner's order and the Alerts page's filter.
+SEVERITIES_WORST_FIRST: tuple[str, ...] = tuple(reversed(SEVERITIES))
+#: Chart colour per severity (the run detail's alert markers).
+SEVERITY_COLOURS: dict[str, str] = {sev: _LOOK[sev][1] for sev in SEVERITIES}
 #: Banner order and look: the worst active severity decides (st.error / st.warning / st.info).
-_BANNERS: tuple[tuple[str, Callable[..., object]], ...] = (
-    ("critical", st.error), ("warning", st.warning), ("info", st.info))
+_BANNERS: tuple[tuple[str, Callable[..., object]], ...] = tuple((sev, _LOOK[sev][0]) for sev in SEVERITIES_WORST_FIRST)
 
 
 def alert_banner(r: StoreReader, run_id: str, limit: int = 5) -> None:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
-    "CATALOG", "DIRECTIONS", "PANELS", "SCOPES", "Direction", "MetricSpec", "Scope",
-    "by_scope", "find", "is_known", "markdown_table", "names", "panels", "spec",
+    "ADAPTER_AGGREGATE_PREFIX", "CATALOG", "DIRECTIONS", "PANELS", "SCOPES", "Direction", "MetricSpec", "Scope",
+    "adapter_metrics", "by_scope", "find", "is_known", "markdown_table", "names", "panels", "spec",
 ]
 
 Direction = Literal["higher_is_better", "lower_is_better", "neutral"]
@@ -65,7 +65,7 @@ class MetricSpec:
 
     ``name``: the key in ``HookResult.metrics``; with ``pattern=True`` a template whose
     ``<placeholders>`` stand for names chosen at run time (a direction, a probe category).
-    ``help``: one or two sentences (Prometheus HELP, the README table). ``unit``: what the
+    ``help``: one or two sentences (Prometheus HELP, the table in docs/metrics.md). ``unit``: what the
     value counts or measures. ``direction``: which way is healthier, i.e. closer to the base
     or better read by the base SAE (``neutral``: neither way is a warning by itself).
     ``scope``: which hooks carry it (module docstring). ``panel``: the Run detail chart that
@@ -144,7 +144,7 @@ def _m(name: str, help: str, unit: str, direction: Direction, scope: Scope = "ho
 _EV, _ACT, _MSE, _FEAT, _TOPK, _JS, _RES, _CE = PANELS
 _HI, _LO, _NEU = "higher_is_better", "lower_is_better", "neutral"
 
-#: Every scalar metric, grouped as in docs/metrics.md. Order is display order (README table,
+#: Every scalar metric, grouped as in docs/metrics.md. Order is display order (docs/metrics.md table,
 #: and within a Run detail panel: the first metric of each panel is its key metric).
 CATALOG: tuple[MetricSpec, ...] = (
     # --- reconstruction: the base SAE on the current model
@@ -197,7 +197,7 @@ CATALOG: tuple[MetricSpec, ...] = (
        "typical firing strength.", "score", _NEU, default_alert="sudden_change"),
     _m("n_emerging_refusal_features",
        "Emerging refusal features: among the refusal_top_k best-scoring features, those whose robust z-score "
-       "exceeds refusal_z_threshold, whose score reaches refusal_score_floor and whose activity at the "
+       "exceeds refusal_z_threshold, whose score exceeds refusal_score_floor and whose activity at the "
        "refusal tokens grew at least refusal_min_fold times.", "features", _NEU,
        default_alert="emerging_refusal_features", prometheus_name="emerging_refusal_features"),
     _m("refusal_score_floor",
@@ -325,6 +325,18 @@ def by_scope(scope: Scope) -> tuple[MetricSpec, ...]:
     return tuple(s for s in CATALOG if s.scope == scope)
 
 
+#: Name prefix of the adapter metrics of the aggregate hook ``adapter``; the other adapter
+#: metrics (``lora_*``) are per LoRA module, on hooks ``adapter:<module>``.
+ADAPTER_AGGREGATE_PREFIX = "adapter_"
+
+
+def adapter_metrics(*, per_module: bool) -> tuple[str, ...]:
+    """The adapter metrics of the aggregate hook (``per_module=False``) or of each LoRA module's
+    hook, in catalog order: :data:`drift_monitor.records.ADAPTER_METRICS` and
+    ``LORA_MODULE_METRICS`` are these."""
+    return tuple(s.name for s in by_scope("adapter") if s.name.startswith(ADAPTER_AGGREGATE_PREFIX) != per_module)
+
+
 def find(name: str) -> MetricSpec | None:
     """The spec of a metric name, resolving patterns, or None for a name the engine never emits."""
     if not isinstance(name, str):
@@ -362,13 +374,13 @@ _WHERE = {"hook": "SAE hook", "direction": "SAE hook", "adapter": "adapter"}
 
 
 def markdown_table() -> str:
-    """The README's metric table (between ``<!-- metrics:start -->`` and ``<!-- metrics:end -->``),
-    one row per catalog entry; tests/test_catalog.py checks README.md holds exactly this."""
+    """The metric table of docs/metrics.md (between ``<!-- metrics:start -->`` and ``<!-- metrics:end -->``),
+    one row per catalog entry; tests/test_catalog.py checks docs/metrics.md holds exactly this."""
     rows = ["| metric | hooks | unit | better | meaning |", "|---|---|---|---|---|"]
     for s in CATALOG:
         where = _WHERE[s.scope]
         if s.scope == "adapter":
-            where = "`adapter`" if s.name.startswith("adapter_") else "`adapter:<module>`"
+            where = "`adapter`" if s.name.startswith(ADAPTER_AGGREGATE_PREFIX) else "`adapter:<module>`"
         help_ = s.help.replace("|", "\\|").replace("*", "\\*")
         rows.append(f"| `{s.name}` | {where} | {s.unit} | {_BETTER[s.direction]} | {help_} |")
     return "\n".join(rows) + "\n"

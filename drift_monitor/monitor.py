@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,7 @@ from torch import nn
 from .config import PLAIN_CATEGORIES, MetricSettings, MonitorConfig
 from .errors import ConfigError
 from .filelock import file_lock
-from .probe import metrics as M
+from .probe.baseline_cache import HookBase, cache_path, load_cache, model_fingerprint, save_cache
 from .probe.capture import (
     ActivationCapture,
     hidden_size,
@@ -42,50 +39,20 @@ from .probe.capture import (
     resolve_module,
 )
 from .probe.ce import ce_batches, ce_losses
+from .probe.compare import compare
 from .probe.directions import load_hook_directions
 from .probe.dist import on_every_rank, rank_world
-from .probe.fingerprint import weights_digest
 from .probe.probes import PreparedProbes, ProbeBatch, ProbeSet, RefusalProbing, check_paired, prepare_probes
 from .probe.residual import ResidualReader, logit_lens_weights
-from .probe.saes import HookedSAE, bind_sae, check_d_in, sae_fingerprint
+from .probe.sae_pass import chunk_tokens, encode_refusal, encode_selected, encode_tokens
+from .probe.saes import HookedSAE, bind_sae, check_d_in
 from .probe.start import measure_start_refusal
-from .probe.stats import STATE_LAYOUT, HookStats, PairedBatch
-from .probe.tokens import TokenConventions, above_limit, keep_mask, merge_conventions
+from .probe.stats import HookStats, PairedBatch
+from .probe.tokens import TokenConventions, keep_mask, merge_conventions
 from .progress import bar
 from .records import Snapshot
 
 log = logging.getLogger(__name__)
-
-CACHE_VERSION = "5"  # bump when what the cache holds changes (HookStats' states are keyed by STATE_LAYOUT)
-
-
-@dataclass
-class _HookBase:
-    """The base model's state at one hook: its sums and, per batch, what pairing needs."""
-
-    stats: HookStats
-    pairs: dict[int, PairedBatch]  # batch index -> base tensors at that batch's selected tokens
-    refusal: HookStats | None = None  # the base at the refusal tokens (ProbeBatch.refusal)
-    post: HookStats | None = None  # the base at the post-instruction tokens (ProbeBatch.post)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """The identity of a model's weights that keys its baseline cache: config, class, and every
-    parameter's name, dtype, shape and exact projection (:func:`~drift_monitor.probe.fingerprint.weights_digest`).
-
-    Why every weight: a fingerprint of sampled values reused a stale baseline for a different base
-    whose changes missed the samples. The projection runs on the weights' device and brings back
-    one integer per tensor, so it reads the weights once and copies none of them to the host.
-    """
-    h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_json_string"):
-        h.update(cfg.to_json_string(use_diff=False).encode())
-    h.update(type(model).__name__.encode())
-    with torch.no_grad():
-        h.update(weights_digest(model.named_parameters()).encode())
-    return h.hexdigest()[:16]
-
 
 class DriftMonitor:
     """Runs the probe pass and turns it into :class:`~drift_monitor.records.Snapshot` records."""
@@ -112,17 +79,15 @@ class DriftMonitor:
             if {st.harmful_category, st.harmless_category} <= cats_present else (),
             positions=st.refusal_positions, response=st.refusal_response)
         pc = config.probes
-        prep = dict(batch_size=pc.batch_size, max_length=pc.max_length, selector_for=pc.selector_for,
-                    prompt_end_tokens=pc.prompt_end_tokens, include_bos=pc.include_bos,
-                    conventions=conv, categories=categories, refusal=refusal)
-        self.probes: PreparedProbes = prepare_probes(self.probe_set, tokenizer, format_for=pc.format_for, **prep)
+        self.probes: PreparedProbes = prepare_probes(self.probe_set, tokenizer, pc, conventions=conv,
+                                                     categories=categories, refusal=refusal)
         #: The base model's probes: the same tokens, or, when base_formats differ (a base model read
         #: in its own format against a chat model), the same content in the base's format, batched
         #: in the same order and checked to pair token by token.
         self.base_probes: PreparedProbes = self.probes
         if any(pc.format_for(c) != pc.format_for(c, base=True) for c in self.probes.categories):
-            self.base_probes = prepare_probes(self.probe_set, tokenizer, order=self.probes.order,
-                                              format_for=lambda c: pc.format_for(c, base=True), **prep)
+            self.base_probes = prepare_probes(self.probe_set, tokenizer, pc, base=True, order=self.probes.order,
+                                              conventions=conv, categories=categories, refusal=refusal)
             check_paired(self.probes, self.base_probes)
         # The CE-loss metrics predict the general (plain-text) probes' tokens
         self._ce_batches = ce_batches([r.prompt for r in self.probe_set.records if r.category in PLAIN_CATEGORIES],
@@ -132,7 +97,7 @@ class DriftMonitor:
         # of the baseline cache key: projections are computed from the cached sums at compute().
         self.directions: dict[str, dict[str, torch.Tensor]] = load_hook_directions(
             config.directions, {s.hook: s.d_in for s in self.saes})
-        self._base: dict[str, _HookBase] | None = None
+        self._base: dict[str, HookBase] | None = None
         self._announced = False  # the first snapshot's pass logs its estimate too, later ones do not
         self._refusal_tokens: bool | None = None  # _scores_refusal(), decided on first use
         self._post_tokens: bool | None = None  # _has_post(), decided on first use
@@ -173,12 +138,12 @@ class DriftMonitor:
                 base = None
             if base is None:
                 stats, pairs, refusal, post = self._probe_pass(base_model, modules, base=None, desc="baseline")
-                base = {h: _HookBase(stats[h], pairs[h], refusal.get(h), post.get(h)) for h in stats}
+                base = {h: HookBase(stats[h], pairs[h], refusal.get(h), post.get(h)) for h in stats}
                 pc = self.config.probes
                 start = measure_start_refusal(base_model, self.tokenizer, self.probe_set, self.settings,
                                               batch_size=pc.batch_size, max_length=pc.max_length)
                 if path is not None:
-                    self._save_cache(path, base, start)
+                    save_cache(path, base, start)
             else:
                 log.info("baseline loaded from cache %s", path)
         self.start_refusal = start
@@ -201,10 +166,10 @@ class DriftMonitor:
         self.base_fingerprint = fingerprint
         return self._set_base(base, t0)
 
-    def _set_base(self, base: dict[str, _HookBase], t0: float) -> Snapshot:
+    def _set_base(self, base: dict[str, HookBase], t0: float) -> Snapshot:
         self._base = base
-        hooks = {h: b.stats.compute(b.stats, h, self.settings, self.directions.get(h),
-                                    refusal=_pair(b.refusal, b.refusal), post=_pair(b.post, b.post))
+        hooks = {h: compare(b.stats, b.stats, h, self.settings, self.directions.get(h),
+                            refusal=_pair(b.refusal, b.refusal), post=_pair(b.post, b.post))
                  for h, b in base.items()}
         self._add_start(hooks)
         self.base_snapshot = Snapshot(step=0, hooks=hooks, probe_hash=self.probe_hash,
@@ -220,9 +185,9 @@ class DriftMonitor:
         modules = self._bind(model)
         stats, _, refusal, post = self._probe_pass(model, modules, base=self._base, desc=f"step {step}")
         readers = self._residual_readers(model) if self.settings.residual_directions else {}
-        hooks = {h: stats[h].compute(self._base[h].stats, h, self.settings, self.directions.get(h),
-                                     refusal=_pair(refusal.get(h), self._base[h].refusal),
-                                     post=_pair(post.get(h), self._base[h].post), reader=readers.get(h))
+        hooks = {h: compare(stats[h], self._base[h].stats, h, self.settings, self.directions.get(h),
+                            refusal=_pair(refusal.get(h), self._base[h].refusal),
+                            post=_pair(post.get(h), self._base[h].post), reader=readers.get(h))
                  for h in stats}
         self._add_start(hooks)
         if torch.cuda.is_available():
@@ -298,7 +263,7 @@ class DriftMonitor:
         return self._refusal_tokens
 
     @torch.no_grad()
-    def _probe_pass(self, model: nn.Module, modules: dict[str, nn.Module], base: dict[str, _HookBase] | None,
+    def _probe_pass(self, model: nn.Module, modules: dict[str, nn.Module], base: dict[str, HookBase] | None,
                     desc: str) -> tuple[dict[str, HookStats], dict[str, dict[int, PairedBatch]], dict[str, HookStats],
                                         dict[str, HookStats]]:
         device = torch.device(self.config.device) if self.config.device else model_device(model)
@@ -313,6 +278,8 @@ class DriftMonitor:
         has_post = self._has_post()
         post = {s.hook: HookStats(cats, s.d_in, s.d_sae, device, False) for s in self.saes} if has_post else {}
         pairs: dict[str, dict[int, PairedBatch]] = {s.hook: {} for s in self.saes}
+        k_max = self.settings.topk_jaccard_k
+        chunks = {s.hook: chunk_tokens(s.d_sae, self.config.sae_chunk_mb) for s in self.saes}
         forward = _forward_fn(model)
         batches = self._my_batches()
         rank, _ = rank_world()
@@ -347,15 +314,15 @@ class DriftMonitor:
                         keep, limit = pair.keep.to(device), pair.limit
                     x, cat = x_sel[keep], cat_sel[keep]
                     stats[s.hook].count_tokens(cat_sel[~keep], cat, x, limit if pair is not None else None)
-                    kept = self._sae_pass(s, x, cat, pair, stats[s.hook], device)
+                    kept = encode_selected(s, x, cat, pair, stats[s.hook], device, k_max, chunks[s.hook])
                     if pair is None:
                         kept.keep, kept.limit = keep.cpu(), limit
                     if scored:
-                        rkeep = self._refusal_pass(s, acts[s.hook], batch, pair, limit, refusal[s.hook])
+                        rkeep = encode_refusal(s, acts[s.hook], batch, pair, limit, refusal[s.hook])
                         if pair is None:
                             kept.refusal_keep = rkeep.cpu()
                     if has_post:
-                        self._token_pass(s, acts[s.hook], batch.post, batch.category, limit, post[s.hook])
+                        encode_tokens(s, acts[s.hook], batch.post, batch.category, limit, post[s.hook])
                     if pair is None:
                         pairs[s.hook][bi] = kept
         for st in list(stats.values()) + list(refusal.values()) + list(post.values()):
@@ -369,158 +336,16 @@ class DriftMonitor:
             self._post_tokens = any(bool(b.post.any()) for b in self.probes.batches)
         return self._post_tokens
 
-    @staticmethod
-    def _token_pass(s: HookedSAE, acts: torch.Tensor, mask: torch.Tensor, category: torch.Tensor, limit: float,
-                    stats: HookStats, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """A few tokens per probe (``mask``: the refusal tokens, the post-instruction tokens) into
-        their own statistics, densely encoded (few tokens: at small cost). ``keep`` (the base's
-        mask of these tokens) or else the base's massive-norm ``limit`` leaves tokens out. Returns
-        the keep mask used."""
-        x = acts[mask]
-        cat = category[:, None].expand_as(mask)[mask]
-        if keep is None or keep.numel() != x.shape[0]:
-            keep = ~above_limit(x, limit)
-        keep = keep.to(x.device)
-        x, cat = x[keep], cat[keep]
-        if x.shape[0]:
-            x_in = x.to(s.sae.dtype)
-            codes = s.sae.encode(x_in)
-            stats.update(x_in, s.sae.decode(codes), codes, cat)
-        return keep
-
-    def _refusal_pass(self, s: HookedSAE, acts: torch.Tensor, batch: ProbeBatch, pair: PairedBatch | None,
-                      limit: float, stats: HookStats) -> torch.Tensor:
-        """The refusal scores' tokens (``ProbeBatch.refusal``: by default the teacher-forced refusal
-        response after each harmful/harmless probe) into their own statistics. Massive-norm tokens
-        are excluded where the base has them (its keep mask); when the base read another format
-        whose refusal has another number of tokens, by the base's limit on each model's own tokens."""
-        base_keep = pair.refusal_keep if pair is not None else None
-        return self._token_pass(s, acts, batch.refusal, batch.category, limit, stats, base_keep)
-
-    def _chunk_tokens(self, s: HookedSAE) -> int:
-        """Tokens per SAE chunk: the [tokens, d_sae] code buffers stay within ``sae_chunk_mb``,
-        which bounds peak memory and keeps them cache- and allocator-friendly."""
-        return max(16, int(self.config.sae_chunk_mb * 2**20) // (4 * s.d_sae))
-
-    def _sae_pass(self, s: HookedSAE, x: torch.Tensor, cat: torch.Tensor, pair: PairedBatch | None,
-                  stats: HookStats, device: torch.device) -> PairedBatch | None:
-        """Encode, decode and accumulate one batch's selected tokens, chunk by chunk.
-
-        Without ``pair`` (the base pass) the base pairs with itself, and what later snapshots
-        need for pairing (activations, top-k ids, L0) is returned.
-        """
-        k_max = self.settings.topk_jaccard_k
-        step = self._chunk_tokens(s)
-        kept: list[PairedBatch] = []
-        for lo in range(0, x.shape[0], step):  # chunks of tokens, a handful per batch
-            xc = x[lo:lo + step]
-            x_in = xc.to(s.sae.dtype)
-            codes = s.sae.encode(x_in)
-            l0 = (codes > 0).sum(1)
-            max_l0 = int(l0.max()) if l0.numel() else 0
-            # Wide enough to hold every firing feature when that is still sparse (k ≤ d_sae/8):
-            # then statistics and decode use the n·k top entries only, exactly.
-            k = min(s.d_sae, max(k_max, max_l0))
-            if k != s.d_sae and 8 * k > s.d_sae:
-                k = min(k_max, s.d_sae)
-            vals, top = M.topk_codes(codes, k)
-            complete = max_l0 <= k
-            x_hat = _decode(s, codes, vals, top, complete)
-            cc = cat[lo:lo + step]
-            if pair is None:  # the base pass
-                p = PairedBatch(xc.detach().clone(), top[:, :k_max].contiguous(), l0.to(torch.int32))
-                kept.append(p)
-            else:
-                p = PairedBatch(pair.x[lo:lo + step].to(device), pair.top_idx[lo:lo + step].to(device),
-                                pair.l0[lo:lo + step].to(device))
-            stats.update(x_in, x_hat, codes, cc, pair=p, k_max=k_max, top_idx=top,
-                         top_vals=vals if complete else None, l0=l0)
-        if pair is not None:
-            return None
-        if not kept:  # no token of this batch selected at this hook
-            return PairedBatch(x.new_zeros((0, x.shape[1])), torch.zeros((0, k_max), dtype=torch.int32),
-                               torch.zeros(0, dtype=torch.int32))
-        return PairedBatch(torch.cat([p.x for p in kept]), torch.cat([p.top_idx for p in kept]),
-                           torch.cat([p.l0 for p in kept]))
-
     # ------------------------------------------------------------------ baseline cache
     def _cache_path(self, fingerprint: str) -> Path:
-        rank, world = rank_world()
-        root = Path(self.config.baseline_cache_dir or os.environ.get("DRIFT_MONITOR_CACHE")
-                    or Path.home() / ".cache" / "drift_monitor" / "baselines")
-        key = json.dumps({"v": CACHE_VERSION, "states": STATE_LAYOUT, "model": fingerprint, "probes": self.probe_hash,
-                          "saes": {s.hook: sae_fingerprint(s.sae) for s in self.saes},
-                          "k": self.settings.topk_jaccard_k, "batch": self.config.probes.batch_size,
-                          "residual": self.settings.residual_directions > 0,
-                          "early": str(self.config.early_stop), "world": world}, sort_keys=True)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        return root / digest / f"rank{rank}.safetensors"
+        return cache_path(self.config, fingerprint, self.probe_hash, self.saes)
 
-    def _save_cache(self, path: Path, base: dict[str, _HookBase], start: dict[str, float]) -> None:
-        from safetensors.torch import save_file
-
-        tensors: dict[str, torch.Tensor] = {}
-        for i, (_hook, b) in enumerate(base.items()):
-            for name, t in b.stats.state_dict().items():
-                tensors[f"{i}/stats/{name}"] = t.contiguous()
-            if b.refusal is not None:
-                for name, t in b.refusal.state_dict().items():
-                    tensors[f"{i}/refusal/{name}"] = t.contiguous()
-            if b.post is not None:
-                for name, t in b.post.state_dict().items():
-                    tensors[f"{i}/post/{name}"] = t.contiguous()
-            for bi, p in b.pairs.items():
-                tensors[f"{i}/pair/{bi}/x"] = p.x.cpu().contiguous()
-                tensors[f"{i}/pair/{bi}/top"] = p.top_idx.cpu().contiguous()
-                tensors[f"{i}/pair/{bi}/l0"] = p.l0.cpu().contiguous()
-                tensors[f"{i}/pair/{bi}/keep"] = p.keep.cpu().contiguous()
-                tensors[f"{i}/pair/{bi}/limit"] = torch.tensor([p.limit], dtype=torch.float64)
-                if p.refusal_keep is not None:
-                    tensors[f"{i}/pair/{bi}/rkeep"] = p.refusal_keep.cpu().contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"hooks": json.dumps(list(base)), "start": json.dumps(start)})
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
-
-    def _load_cache(self, path: Path) -> tuple[dict[str, _HookBase] | None, dict[str, float]]:
-        """(the cached base statistics, the start's refusal rates), or (None, {}) on a miss."""
-        if not path.is_file():
-            return None, {}
-        from safetensors import safe_open
-
-        try:
-            out: dict[str, _HookBase] = {}
-            with safe_open(str(path), framework="pt") as fh:
-                keys = set(fh.keys())
-                start = {k: float(v) for k, v in json.loads(fh.metadata()["start"]).items()}
-                for i, s in enumerate(self.saes):
-                    state = {k.split("/")[-1]: fh.get_tensor(k) for k in keys if k.startswith(f"{i}/stats/")}
-                    st = HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, state)
-                    pairs = {}
-                    for bi, _ in self._my_batches():
-                        pfx = f"{i}/pair/{bi}/"
-                        if pfx + "x" in keys:
-                            pairs[bi] = PairedBatch(fh.get_tensor(pfx + "x"), fh.get_tensor(pfx + "top"),
-                                                    fh.get_tensor(pfx + "l0"), fh.get_tensor(pfx + "keep"),
-                                                    float(fh.get_tensor(pfx + "limit")[0]),
-                                                    fh.get_tensor(pfx + "rkeep") if pfx + "rkeep" in keys else None)
-                    dstate = {k.split("/")[-1]: fh.get_tensor(k) for k in keys if k.startswith(f"{i}/refusal/")}
-                    dec = HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, dstate) if dstate else None
-                    if (dec is None) == self._scores_refusal():
-                        raise ValueError("the cache was written with other refusal positions")
-                    pstate = {k.split("/")[-1]: fh.get_tensor(k) for k in keys if k.startswith(f"{i}/post/")}
-                    post = (HookStats.from_state_dict(self.probes.categories, s.d_in, s.d_sae, pstate)
-                            if pstate else None)
-                    if (post is None) == self._has_post():
-                        raise ValueError("the cache was written without post-instruction statistics")
-                    out[s.hook] = _HookBase(st, pairs, dec, post)
-            return out, start
-        except Exception as e:  # noqa: BLE001 - a corrupt cache is recomputed, never fatal
-            log.warning("ignoring unreadable baseline cache %s (%s)", path, e)
-            return None, {}
+    def _load_cache(self, path: Path) -> tuple[dict[str, HookBase] | None, dict[str, float]]:
+        return load_cache(path, self.saes, self.probes.categories, [bi for bi, _ in self._my_batches()],
+                          scores_refusal=self._scores_refusal(), has_post=self._has_post())
 
     @staticmethod
-    def _n_tokens(base: dict[str, _HookBase]) -> int:
+    def _n_tokens(base: dict[str, HookBase]) -> int:
         return int(next(iter(base.values())).stats.n.sum()) if base else 0
 
 
@@ -535,15 +360,6 @@ def _with_config(conv: TokenConventions, config: MonitorConfig) -> TokenConventi
     if conv.outlier_norm is not None:
         return conv
     return replace(conv, outlier_factor=config.probes.outlier_factor)
-
-
-def _decode(s: HookedSAE, codes: torch.Tensor, vals: torch.Tensor, top: torch.Tensor, complete: bool) -> torch.Tensor:
-    """x̂: the sparse decode when every firing feature is in the top-k and the dictionary is wide
-    enough for it to pay (d_sae ≥ 8k: summing k decoder rows per token beats a dense matmul),
-    else the SAE's own decode."""
-    if complete and s.sparse_decode is not None and s.d_sae >= 8 * top.shape[1]:
-        return s.sparse_decode(vals, top)
-    return s.sae.decode(codes)
 
 
 def _forward_fn(model: nn.Module) -> Callable[[ProbeBatch], object]:

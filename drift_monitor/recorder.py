@@ -45,18 +45,16 @@ import time
 import traceback
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .config import MonitorConfig
 from .errors import ConfigError, first_line
-from .records import Alert, Snapshot
+from .records import Alert, HookResult, RunStatus, Snapshot
 
 log = logging.getLogger("drift_monitor.recorder")
-
-RunStatus = Literal["running", "finished", "failed", "interrupted", "preempted"]
 
 #: The rule name of the alert raised while store writes fail (not a configurable rule: it is
 #: about the monitor's own output, so it needs no metric and fires whatever the rules say).
@@ -69,6 +67,14 @@ def status_for(exc: BaseException | None) -> RunStatus:
     if exc is None:
         return "finished"
     return "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+
+
+def merge_adapter_signals(snap: Snapshot, hooks: Mapping[str, HookResult]) -> Snapshot:
+    """``snap`` plus the adapter hooks (``adapter``/``adapter:<module>``) measured at its step,
+    as one snapshot: one store transaction, one alert evaluation. The callback and the scan both
+    merge through here, so their rows for one checkpoint are the same. A copy when there is
+    anything to add (the monitor's cached base snapshot is never modified), else ``snap`` itself."""
+    return replace(snap, hooks={**snap.hooks, **hooks}) if hooks else snap
 
 
 @dataclass

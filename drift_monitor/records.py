@@ -11,10 +11,11 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
+from . import catalog
 from .errors import ConfigError
 
 #: Per-feature columns of a category's feature table, in store order.
@@ -35,10 +36,10 @@ ADAPTER_HOOK = "adapter"
 #: Prefix of the per-LoRA-module hooks: ``"adapter:<normalised module name>"``.
 ADAPTER_HOOK_PREFIX = "adapter:"
 #: Metric names of the aggregate hook. Per-module hooks use LORA_MODULE_METRICS, different
-#: names on purpose: the default ``sudden_change`` rule watches the aggregates only.
-ADAPTER_METRICS = ("adapter_A_norm", "adapter_B_norm", "adapter_BA_norm", "adapter_B_local_cosine",
-                   "adapter_B_local_cosine_max", "adapter_B_local_cosine_global")
-LORA_MODULE_METRICS = ("lora_A_norm", "lora_B_norm", "lora_BA_norm", "lora_B_local_cosine")
+#: names on purpose: the default ``sudden_change`` rule watches the aggregates only. Both are
+#: read from the catalog (its ``adapter`` scope), where each name is declared once.
+ADAPTER_METRICS: tuple[str, ...] = catalog.adapter_metrics(per_module=False)
+LORA_MODULE_METRICS: tuple[str, ...] = catalog.adapter_metrics(per_module=True)
 
 
 def is_adapter_hook(hook: str) -> bool:
@@ -230,7 +231,15 @@ class Snapshot:
         return {(h, n): v for h, r in self.hooks.items() for n, v in r.metrics.items()}
 
 
+#: An alert's severity, least severe first (the order the dashboard and rules rank them by).
 Severity = Literal["info", "warning", "critical"]
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)
+
+#: A run's state: ``failed`` (training or the scan raised), ``interrupted`` (KeyboardInterrupt),
+#: ``preempted`` (SIGTERM: a scheduler took the job back). Declared here, once, because the
+#: recorder sets it, the store writes and checks it and the many-file reader ranks it.
+RunStatus = Literal["running", "finished", "failed", "interrupted", "preempted"]
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
 
 
 @dataclass

@@ -22,6 +22,12 @@ from typing import Any
 from .errors import ConfigError
 from .records import ALL as ALL_CATEGORY  # the aggregate over every category
 
+#: The probe categories the refusal metrics contrast, by default (the default probe set's): the
+#: one home of these defaults, for ``metrics.harmful_category``/``harmless_category`` and for
+#: ``drift-monitor verify``'s ``--harmful-category``/``--harmless-category``.
+HARMFUL_CATEGORY = "harmful"
+HARMLESS_CATEGORY = "harmless"
+
 POSITION_SELECTORS = ("all", "prompt_end", "response")
 #: How a probe can be formatted: the model's chat template, a ``User:``/``Assistant:`` transcript,
 #: or the bare text. Defined here (torch-free) so the CLI can offer them without importing torch.
@@ -250,8 +256,8 @@ class MetricSettings(_Section):
     #: that never refused, so the ``refusal_erosion`` rule waits for one that does. 0: not measured
     #: (and that rule is then never held back).
     start_refusal_tokens: int = setting(16, integer(0))
-    harmful_category: str = setting("harmful", text())
-    harmless_category: str = setting("harmless", text())
+    harmful_category: str = setting(HARMFUL_CATEGORY, text())
+    harmless_category: str = setting(HARMLESS_CATEGORY, text())
 
     def validate(self) -> None:
         for name in ("harmful_category", "harmless_category"):

@@ -29,7 +29,7 @@ def write_loop(db: str, d_sae: int, base_step: int) -> None:
     store = import_store_only()
     assert "torch" not in sys.modules, "drift_monitor.store imported torch"
     if os.environ.get("STORE_WORKER_NO_TRANSACTION") == "1":  # to check the test can fail
-        store.writer._transaction = lambda con: contextlib.nullcontext()
+        store.writer.transaction = lambda con: contextlib.nullcontext()
     snap = make_snapshot(0, d_sae=d_sae, dead_frac=0.0, seed=base_step)
     s = store.Store(db, run_id="killed-run", retry_timeout_s=10.0)
     s.start_run("killed run")

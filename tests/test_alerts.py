@@ -28,7 +28,7 @@ CALM = {
     "act_cosine": 0.98, "nonfinite_fraction": 0.0, "n_tokens": 1000.0,
 }
 
-#: The opt-in features_drifted rule (no default since the detection suite: README, alerts), with the
+#: The opt-in features_drifted rule (no default since the detection suite: docs/alerts.md), with the
 #: defaults: the engine tests below use it as their plain threshold rule.
 DRIFTED = A.AlertRule("features_drifted", "threshold", metric="features_drifted_ratio", op=">", threshold=0.25,
                       severity="warning")

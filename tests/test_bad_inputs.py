@@ -35,7 +35,7 @@ from drift_monitor.cli import build_parser, main
 from drift_monitor.errors import ConfigError, DriftMonitorError
 from drift_monitor.offline.loading import load_model
 from drift_monitor.offline.scan import discover
-from drift_monitor.offline.verify import parse_feature_spec
+from drift_monitor.offline.verify_run import parse_feature_spec
 from drift_monitor.probe.probes import ProbeRecord
 from drift_monitor.probe.saes import load_sae
 from drift_monitor.records import VerifySettings
@@ -434,12 +434,12 @@ def test_one_line_also_in_a_real_process(tmp_path):
 # -------------------------------------------------------------------------- our bugs stay loud
 @pytest.mark.parametrize("exc", [ZeroDivisionError, ValueError, KeyError, OSError])
 def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys, exc):
-    import drift_monitor.cli as cli
+    import drift_monitor.cli.probes as probes_command
 
     def broken(args):
         raise exc("a bug of ours")
 
-    monkeypatch.setattr(cli, "_cmd_probes", broken)
+    monkeypatch.setattr(probes_command, "run", broken)
     assert main(["probes"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and f"{exc.__name__}: " in err and "a bug of ours" in err

@@ -1,4 +1,4 @@
-"""The baseline cache key depends on every weight (README, "Reliability").
+"""The baseline cache key depends on every weight (docs/reliability.md).
 
 The key used to read ~1,024 strided values per tensor, so a different base model whose changes
 missed those values reused the first model's cached baseline (EV 0.41 from the cache vs -3.63

@@ -2,7 +2,7 @@
 
 (a) the catalog equals what the engine emits: a tiny monitor run with direction monitors and a
     LoRA adapter's signals, every emitted scalar resolves in the catalog and every catalog entry
-    is emitted; (b) the README's metric table is the catalog's; (c) alert rules accept exactly
+    is emitted; (b) docs/metrics.md's metric table is the catalog's; (c) alert rules accept exactly
     the catalog's names; (d) every Prometheus family of a metric has the catalog's help text.
 """
 
@@ -103,7 +103,7 @@ def test_every_catalog_metric_is_emitted(emitted):
     agg = set(adapter[ADAPTER_HOOK])
     per_module = set().union(*(m for h, m in adapter.items() if h.startswith(ADAPTER_HOOK_PREFIX)))
     assert agg | per_module == {s.name for s in catalog.by_scope("adapter")}
-    # the hook column of the README table: adapter_* on "adapter", lora_* on "adapter:<module>"
+    # the hook column of the docs/metrics.md table: adapter_* on "adapter", lora_* on "adapter:<module>"
     assert agg == set(ADAPTER_METRICS) and all(k.startswith("adapter_") for k in agg)
     assert per_module == set(LORA_MODULE_METRICS) and all(k.startswith("lora_") for k in per_module)
 
@@ -140,23 +140,23 @@ def test_catalog_imports_no_torch():
     assert r.returncode == 0, r.stderr
 
 
-# --------------------------------------------------------------------------- (b) README
-def test_readme_metric_table_is_the_catalog():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+# --------------------------------------------------------------------------- (b) the docs' tables
+def test_documented_metric_table_is_the_catalog():
+    text = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- metrics:start -->\n(.*?)<!-- metrics:end -->", text, re.DOTALL)
-    assert m, "README.md has no <!-- metrics:start --> ... <!-- metrics:end --> block"
+    assert m, "docs/metrics.md has no <!-- metrics:start --> ... <!-- metrics:end --> block"
     assert m.group(1) == catalog.markdown_table(), (
-        "README.md's metric table differs from the catalog; paste the output of "
+        "docs/metrics.md's metric table differs from the catalog; paste the output of "
         "python -c 'from drift_monitor import catalog; print(catalog.markdown_table())' between the markers")
 
 
-def test_readme_prometheus_table_names_every_family():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_documented_prometheus_table_names_every_family():
+    text = (ROOT / "docs" / "prometheus.md").read_text(encoding="utf-8")
     section = text[text.index("## Prometheus metrics"):]
     section = section[:section.index("\n## ", 1)]
     listed = set(re.findall(r"`(drift_monitor_[a-z0-9_]+)`", section))
     missing = sorted(PREFIX + s.exported for s in catalog.CATALOG if PREFIX + s.exported not in listed)
-    assert not missing, f"README.md's Prometheus table lacks {missing}"
+    assert not missing, f"docs/prometheus.md's Prometheus table lacks {missing}"
 
 
 # --------------------------------------------------------------------------- (c) alert rules

@@ -1,4 +1,4 @@
-"""`drift-monitor dashboard` itself (README, "Dashboard" and "Reliability"): it serves with nothing on standard
+"""`drift-monitor dashboard` itself (docs/dashboard.md, docs/reliability.md): it serves with nothing on standard
 input, ``--read-only`` takes away the controls that write (and normal mode says what they write
 where), and binding off loopback warns on stderr.
 

@@ -1,4 +1,4 @@
-"""Direction monitors (README, "Direction monitors"): user direction files, the mean projection per probe
+"""Direction monitors (docs/signals.md, "Direction monitors"): user direction files, the mean projection per probe
 category, the monitor's own base refusal direction, and their way into DuckDB, Prometheus and
 the dashboard.
 
@@ -363,6 +363,7 @@ def test_dashboard_directions_page(world, tmp_path):
 def test_scan_cli_passes_directions(monkeypatch):
     import drift_monitor.offline.scan as scan_mod
     from drift_monitor import cli
+    from drift_monitor.cli.common import parse_directions
 
     seen: dict = {}
 
@@ -376,7 +377,7 @@ def test_scan_cli_passes_directions(monkeypatch):
     assert rc == 2
     assert seen["config"].directions == {HOOK: ["a.npy", "b.safetensors"]}
     with pytest.raises(ValueError, match="HOOK=PATH"):
-        cli._parse_directions(["no-equals-sign"])
+        parse_directions(["no-equals-sign"])
 
 
 def test_mean_projections_from_sums_equal_per_token_means():

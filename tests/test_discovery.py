@@ -24,7 +24,7 @@ def test_a_real_prometheus_discovers_two_live_exporters_through_file_sd(tmp_path
         port = exp.serve(port=0)
         write_target(sd, "127.0.0.1", port)
         exporters.append(exp)
-    # README's scrape config: honor_labels keeps run_info's own hostname/job_id (the same values as
+    # docs/prometheus.md's scrape config: honor_labels keeps run_info's own hostname/job_id (the same values as
     # the target's) instead of renaming them to exported_hostname/exported_job_id
     proc, base, log = start_prometheus(tmp_path, "  - job_name: drift_monitor\n    honor_labels: true\n"
                                                  "    file_sd_configs:\n"
@@ -36,7 +36,7 @@ def test_a_real_prometheus_discovers_two_live_exporters_through_file_sd(tmp_path
         assert {r["metric"]["job_id"] for r in result} == {"4242"}
         assert {r["metric"]["hostname"] for r in result} == {target_labels()["hostname"]}
         assert not [r for r in result if "run" in r["metric"]]
-        # the join of README's Prometheus section gives each run's series its run label
+        # the join of docs/prometheus.md gives each run's series its run label
         joined = prom_query(base, "drift_monitor_explained_variance * on(instance) group_left(run) "
                                   "drift_monitor_run_info", want=2)
         got = {r["metric"]["run"]: (r["metric"]["instance"], float(r["value"][1])) for r in joined}

@@ -26,7 +26,7 @@ PKG = ROOT / "drift_monitor"
 TORCH_FREE = ("drift_monitor.catalog", "drift_monitor.store", "drift_monitor.alerts", "drift_monitor.exporters",
               "drift_monitor.recorder", "drift_monitor.records", "drift_monitor.config", "drift_monitor.robust",
               "drift_monitor.notify", "drift_monitor.settings", "drift_monitor.errors", "drift_monitor.progress",
-              "drift_monitor.textfiles")
+              "drift_monitor.textfiles", "drift_monitor.resume")
 HEAVY = ("torch", "transformers", "sae_lens", "peft", "trl")
 #: What may import the demo and test builders: the CLI (it runs the demo) and the demo itself.
 DEMO_USERS = ("drift_monitor.cli", "drift_monitor.demo")
@@ -104,3 +104,116 @@ def test_torch_free_packages_import_without_torch_in_a_fresh_interpreter():
             + f"bad = [m for m in {HEAVY!r} if m in sys.modules]\nassert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+#: Folders whose modules may not reach into each other's private names.
+PRIVATE_CHECKED = (PKG, ROOT / "dashboard", ROOT / "callbacks")
+
+
+def _project_module(node: ast.ImportFrom) -> bool:
+    return bool(node.level) or (node.module or "").split(".")[0] == "drift_monitor"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_uses(path: Path) -> list[str]:
+    """``from <project module> import _name``, and ``<imported project name>._name``, in ``path``:
+    a name with a leading underscore belongs to its module, so one that another module needs is
+    made public there (or given a public function) instead."""
+    tree = ast.parse(path.read_text())
+    imported: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and _project_module(node):
+            found += [f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import {a.name}"
+                      for a in node.names if _private(a.name)]
+            imported.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update((a.asname or a.name).split(".")[0] for a in node.names
+                            if a.name.split(".")[0] == "drift_monitor")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in imported:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    bad = {str(p.relative_to(ROOT)): uses for folder in PRIVATE_CHECKED for p in sorted(folder.rglob("*.py"))
+           if (uses := _private_uses(p))}
+    assert not bad, f"private names used across modules (make them public where they live): {bad}"
+
+
+def test_the_private_name_check_can_fail(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from .points import _enc\nfrom drift_monitor.alerts import points\n"
+                   "import drift_monitor.store.writer\nx = points._dec(1)\n"
+                   "y = drift_monitor.store.writer._connect\nz = obj._private\n")
+    assert sorted(u.split(":", 1)[1].strip() for u in _private_uses(src)) == [
+        "drift_monitor.store.writer._connect", "from .points import _enc", "points._dec"]
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports. Not counted: a module's import of a package it
+    sits in (``from . import metrics`` names the package, and the package's ``__init__`` importing
+    its own modules is how a package works, not a cycle)."""
+    return {name: {m for m in _imports(name, path) if m in MODULES and m != name and not name.startswith(m + ".")}
+            for name, path in MODULES.items()}
+
+
+#: Cycles that are known and not yet broken; the test fails when one goes (remove it here) or a
+#: new one comes. The test bed's monitored runs (``testbed.build_runs``) are the detection
+#: suite's scenarios, and the suite builds on the test bed's model and data.
+KNOWN_CYCLES = [["drift_monitor.demo.suite", "drift_monitor.demo.testbed"]]
+
+
+def test_no_import_cycles_between_modules():
+    """Why: a cycle makes two modules one unit in disguise (neither can be read, tested or moved
+    alone) and breaks the moment one is imported first at module level. Every import counts,
+    lazy and TYPE_CHECKING ones too: a cycle hidden inside a function is still a cycle."""
+    assert sorted(_cycles(_module_graph())) == KNOWN_CYCLES
+
+
+def test_the_cycle_check_can_fail():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
+    assert _cycles(graph) == [["a", "b", "c"]]

@@ -20,6 +20,7 @@ from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
 from drift_monitor.config import MetricSettings
 from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer
 from drift_monitor.probe import metrics as M
+from drift_monitor.probe.compare import compare
 from drift_monitor.probe.stats import HookStats, PairedBatch
 
 TOL = 1e-5
@@ -82,7 +83,7 @@ def test_stats_match_naive_reference_on_random_tensors():
     N, d = x.shape
     S = f.shape[1]
     cur, base = _stream(x, xh, f, x0, xh0, f0, cat, S, d, [0, 13, 200, 201, 512, N])
-    result = cur.compute(base, "h", MetricSettings())
+    result = compare(cur, base, "h", MetricSettings())
     ref = reference(x, xh, f, x0, xh0, f0, [CATS[i] for i in cat], CATS)
     assert ref["features_drifted_ratio"] > 0.05, "the case must exercise drift"
     assert ref["emerging"], "the case must have an emerging refusal feature"
@@ -94,7 +95,7 @@ def test_base_against_itself_is_identity():
     x, xh, f, x0, xh0, f0, cat, sae = _random_case(seed=3)
     N, d = x.shape
     _, base = _stream(x, xh, f, x0, xh0, f0, cat, f.shape[1], d, [0, 300, N])
-    r = base.compute(base, "h", MetricSettings()).metrics
+    r = compare(base, base, "h", MetricSettings()).metrics
     assert r["act_relative_mse"] == 0 and r["act_cosine"] == pytest.approx(1) and r["topk_jaccard"] == 1
     assert r["features_drifted_ratio"] == 0 and r["density_js"] == 0 and r["explained_variance_delta"] == 0
 
@@ -106,8 +107,8 @@ def test_merged_shards_equal_one_pass():
     whole, base = _stream(x, xh, f, x0, xh0, f0, cat, S, d, [0, N])
     a, _ = _stream(x[:250], xh[:250], f[:250], x0[:250], xh0[:250], f0[:250], cat[:250], S, d, [0, 250])
     b, _ = _stream(x[250:], xh[250:], f[250:], x0[250:], xh0[250:], f0[250:], cat[250:], S, d, [0, N - 250])
-    merged = a.merge(b).compute(base, "h", MetricSettings())
-    one = whole.compute(base, "h", MetricSettings())
+    merged = compare(a.merge(b), base, "h", MetricSettings())
+    one = compare(whole, base, "h", MetricSettings())
     for k, v in one.metrics.items():
         _assert_close(k, merged.metrics[k], v, tol=1e-9)
 

@@ -105,7 +105,7 @@ def test_demo_writes_both_runs_to_one_db(demo):
     assert {"organism-refusal", "organism-control"} <= set(runs["name"])
 
 
-# ------------------------------------------------------------------------------ causal check (README, "Causal check")
+# ----------------------------------------------------------------------- causal check (docs/offline.md, "Causal check")
 def _refusal_run(summary):
     return summary["tool"]["refusal"]["run_id"]
 

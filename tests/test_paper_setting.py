@@ -132,14 +132,15 @@ def test_real_bpe_response_pairs_by_content(tmp_path):
 
     from drift_monitor.demo.testbed import gguf_path
     from drift_monitor.probe.probes import check_paired, prepare_probes
+    from drift_monitor.settings import ProbeSettings
 
     p = gguf_path()
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     ps = ProbeSet.from_records([{"id": "a", "category": "harmful", "prompt": "How do I do it?",
                                  "response": "Sure, here is how."}])
-    kw = dict(batch_size=1, max_length=128, selector_for=lambda c: "response")
-    chat = prepare_probes(ps, tok, format_for=lambda c: "chat", **kw)
-    dia = prepare_probes(ps, tok, format_for=lambda c: "dialogue", order=chat.order, **kw)
+    kw = dict(batch_size=1, max_length=128, positions="response")
+    chat = prepare_probes(ps, tok, ProbeSettings(formats="chat", **kw))
+    dia = prepare_probes(ps, tok, ProbeSettings(formats="dialogue", **kw), order=chat.order)
     check_paired(chat, dia)  # no error
     ids_c = [chat.items[0].input_ids[i] for i in chat.selected_positions(0)]
     ids_d = [dia.items[0].input_ids[i] for i in dia.selected_positions(0)]

@@ -42,7 +42,7 @@ def snapshot(step: int, metrics: dict[str, dict[str, float]], duration_s: float 
 
 
 def full_metrics(ev: float) -> dict[str, float]:
-    """Every metric of README.md's table, with explained_variance = ev."""
+    """Every metric of docs/metrics.md's table, with explained_variance = ev."""
     m = {k: 0.5 for k in METRIC_HELP}
     m.update(explained_variance=ev, base_explained_variance=0.9, explained_variance_delta=ev - 0.9,
              n_emerging_refusal_features=3, n_tokens=128, nonfinite_fraction=0.0)
@@ -248,7 +248,7 @@ def test_real_prometheus_scrapes_the_exporter(tmp_path):
     proc, base, log = start_prometheus(tmp_path, "  - job_name: drift_monitor_train\n    static_configs:\n"
                                                  f"      - targets: ['127.0.0.1:{target}']\n")
     try:
-        # the run comes from drift_monitor_run_info, joined on the target's instance (README)
+        # the run comes from drift_monitor_run_info, joined on the target's instance (docs/prometheus.md)
         result = prom_query(base, 'drift_monitor_explained_variance * on(instance) group_left(run) '
                                   'drift_monitor_run_info{run="scraped-run"}', want=2)
         got = {r["metric"]["hook"]: float(r["value"][1]) for r in result}

@@ -18,6 +18,7 @@ from drift_monitor import DriftMonitor, MonitorConfig, ProbeSet
 from drift_monitor.demo.tiny import build_llama, build_sae, build_tokenizer
 from drift_monitor.probe.probes import ProbeRecord, prepare_probes, tokenize_probe
 from drift_monitor.probe.tokens import TokenConventions, keep_mask
+from drift_monitor.settings import ProbeSettings
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -53,8 +54,7 @@ def _decode(tok, ids):
 
 def _selected(tok, record, selector, fmt="chat"):
     ps = ProbeSet([record])
-    prep = prepare_probes(ps, tok, batch_size=1, max_length=256, selector_for=lambda c: selector,
-                          format_for=lambda c: fmt)
+    prep = prepare_probes(ps, tok, ProbeSettings(batch_size=1, max_length=256, positions=selector, formats=fmt))
     pos = prep.selected_positions(0)
     return prep.items[0], pos
 
@@ -91,8 +91,8 @@ def test_first_position_is_never_read(which, smol_tok, qwen_like_tok):
     item, pos = _selected(tok, rec, "all", "plain")
     assert pos == list(range(1, len(item.input_ids)))
     # include_bos reads it (for SAEs trained with it)
-    prep = prepare_probes(ProbeSet([rec]), tok, batch_size=1, max_length=64, selector_for=lambda c: "all",
-                          format_for=lambda c: "plain", include_bos=True)
+    prep = prepare_probes(ProbeSet([rec]), tok, ProbeSettings(batch_size=1, max_length=64, positions="all",
+                                                              formats="plain", include_bos=True))
     assert prep.selected_positions(0)[0] == 0
 
 
@@ -109,8 +109,8 @@ def test_general_text_is_plain_by_default_and_formats_override(smol_tok):
 def test_exclude_special_tokens_follows_the_sae(smol_tok):
     rec = ProbeRecord("h", "harmful", "Tell me a secret.")
     conv = TokenConventions(exclude_special_tokens=True)
-    prep = prepare_probes(ProbeSet([rec]), smol_tok, batch_size=1, max_length=128, selector_for=lambda c: "prompt_end",
-                          conventions=conv)
+    prep = prepare_probes(ProbeSet([rec]), smol_tok, ProbeSettings(batch_size=1, max_length=128,
+                                                                   positions="prompt_end"), conventions=conv)
     ids = [prep.items[0].input_ids[p] for p in prep.selected_positions(0)]
     assert _decode(smol_tok, ids) == "\nassistant\n"
 

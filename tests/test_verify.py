@@ -22,11 +22,10 @@ from drift_monitor.offline.interventions import intervene
 from drift_monitor.offline.verify import (
     density_matched,
     feature_activity,
-    features_from_store,
     generate_texts,
-    parse_feature_spec,
     verify,
 )
+from drift_monitor.offline.verify_run import features_from_store, parse_feature_spec
 from drift_monitor.probe.generate import is_refusal
 from drift_monitor.records import ConditionResult, VerifyResult, VerifySettings
 
@@ -285,7 +284,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_the_run_sae_is_found_when_the_run_stored_a_list_of_sae_folders():
     """MonitorConfig(saes=[folder]) stores a list (the SAE names its hook); verify pairs it with
     the run's one probe hook (adapter hooks aside), and asks for --sae when it cannot."""
-    from drift_monitor.offline.verify import _run_saes
+    from drift_monitor.offline.verify_run import _run_saes
 
     class Reader:
         def __init__(self, hooks):

@@ -31,10 +31,10 @@ from drift_monitor.offline.verify import (
     feature_activity,
     format_result,
     generate_texts,
-    parse_site_specs,
     verify,
     verify_sites,
 )
+from drift_monitor.offline.verify_run import parse_site_specs
 from drift_monitor.probe.generate import formatted
 from drift_monitor.records import VerifySettings
 
@@ -263,7 +263,7 @@ def test_cli_takes_several_saes_and_feature_specs(tmp_path, capsys):
 def test_the_runs_saes_are_every_folder_named_by_its_hook(tmp_path):
     """A run configured with several SAE folders: each folder's cfg.json names its hook, so
     ``verify --db --run`` checks every monitored hook without --sae."""
-    from drift_monitor.offline.verify import _run_saes
+    from drift_monitor.offline.verify_run import _run_saes
 
     for name, hook in (("a", H0), ("b", H1)):
         (tmp_path / name).mkdir()

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from drift_monitor.dashboard.common import PageContext, render_page
+from drift_monitor.dashboard.common import SEVERITIES_WORST_FIRST, PageContext, render_page
 from drift_monitor.store import Store
-
-SEVERITIES = ["critical", "warning", "info"]
 
 
 def acknowledge(db: str, alert_id: str) -> str:
@@ -25,7 +23,7 @@ def body(ctx: PageContext) -> None:
     run = c1.selectbox("Run", ["(all runs)", *names], key="al_run",
                        format_func=lambda i: i if i == "(all runs)" else f"{names.get(i) or i}")
     status = c2.selectbox("Status", ["active", "resolved", "(all)"], key="al_status")
-    sev = c3.multiselect("Severity", SEVERITIES, default=SEVERITIES, key="al_sev")
+    sev = c3.multiselect("Severity", list(SEVERITIES_WORST_FIRST), default=list(SEVERITIES_WORST_FIRST), key="al_sev")
     df = r.alerts(run_id=None if run == "(all runs)" else run, status=None if status == "(all)" else status)
     rules = sorted(df["rule"].dropna().unique().tolist()) if not df.empty else []
     rule = c4.multiselect("Rule", rules, key="al_rule", placeholder="every rule")

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from drift_monitor import catalog
-from drift_monitor.dashboard.common import PageContext, render_page
+from drift_monitor.dashboard.common import SEVERITY_COLOURS, PageContext, render_page
 
 #: Chart title -> metrics drawn together (each catalog metric's ``panel``, drift_monitor.catalog).
 PANELS: dict[str, tuple[str, ...]] = catalog.panels()
@@ -28,7 +28,7 @@ def metric_chart(series: pd.DataFrame, alerts: pd.DataFrame, title: str) -> alt.
         alt.Chart(alerts)
         .mark_rule(strokeDash=[4, 3])
         .encode(x="step:Q", color=alt.Color("severity:N", scale=alt.Scale(
-                    domain=["info", "warning", "critical"], range=["#4c78a8", "#f58518", "#e45756"])),
+                    domain=list(SEVERITY_COLOURS), range=list(SEVERITY_COLOURS.values()))),
                 tooltip=["step", "rule", "severity", "status", "message"])
     )
     return alt.layer(lines, marks).resolve_scale(color="independent")

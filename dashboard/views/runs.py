@@ -31,16 +31,10 @@ def runs_table(r: StoreReader) -> pd.DataFrame:
 
 
 def spool_notice(r: StoreReader) -> None:
-    """Writes waiting outside the database, and quarantined spool files, with the fix."""
-    from drift_monitor.store import QUARANTINE_HINT, replay_command
-
-    spool = r.spool_state()
-    if spool.n_pending:
-        st.warning(f"{spool.n_pending} writes are not in the database yet. Load them with "
-                   f"`{replay_command(r.path, spool.dumps[0] if spool.dumps else None)}`.")
-    if spool.quarantined:
-        st.error(f"{len(spool.quarantined)} quarantined spool files in `{spool.quarantined[0].parent}`: "
-                 + ", ".join(p.name for p in spool.quarantined) + ". " + QUARANTINE_HINT + ".")
+    """Writes waiting outside the database, and quarantined spool files, with the fix: the same
+    text ``drift-monitor runs`` prints (:meth:`~drift_monitor.store.SpoolState.notices`)."""
+    for notice in r.spool_state().notices(r.path, markdown=True):
+        (st.error if notice.level == "error" else st.warning)(notice.text)
 
 
 def body(ctx: PageContext) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 from drift_monitor.records import Alert, Snapshot, is_adapter_hook
 
 from .conditions import evaluate
-from .points import MetricPoint, _dec, _enc
-from .rules import AlertRule, RulesSource, _suggest, load_rules
+from .points import MetricPoint, decode_float, encode_float
+from .rules import AlertRule, RulesSource, load_rules, suggest
 
 log = logging.getLogger("drift_monitor.alerts")  # the name it had as one module: log filters keep working
 
@@ -233,16 +233,16 @@ class AlertEngine:
                     self._warned_hooks.add((r.name, h))
                     log.warning("alert rule %r names hook %r, which the snapshot at step %d does not have "
                                 "(hooks: %s)%s", r.name, h, point.step, ", ".join(point.metrics),
-                                _suggest(h, point.metrics))
+                                suggest(h, point.metrics))
 
 
 def _alert_to_json(a: Alert) -> dict[str, Any]:
     d = dataclasses.asdict(a)
-    d["value"], d["threshold"] = _enc(a.value), _enc(a.threshold)
+    d["value"], d["threshold"] = encode_float(a.value), encode_float(a.threshold)
     return d
 
 
 def _alert_from_json(d: Mapping[str, Any]) -> Alert:
     return Alert(rule=d["rule"], severity=d["severity"], step=int(d["step"]), hook=d["hook"], message=d["message"],
-                 value=_dec(d.get("value")), threshold=_dec(d.get("threshold")), status=d.get("status", "active"),
-                 created_at=float(d.get("created_at", 0.0)))
+                 value=decode_float(d.get("value")), threshold=decode_float(d.get("threshold")),
+                 status=d.get("status", "active"), created_at=float(d.get("created_at", 0.0)))

@@ -9,8 +9,9 @@ history can be saved in a training checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -19,7 +20,7 @@ from drift_monitor.records import Snapshot
 _EMERGING_IN_MESSAGE = 5  # emerging feature ids named in a message
 
 
-def _enc(v: float) -> float | str | None:
+def encode_float(v: float) -> float | str | None:
     """A float as JSON-safe value: NaN -> None, ±inf -> "inf"/"-inf"."""
     v = float(v)
     if math.isnan(v):
@@ -29,7 +30,7 @@ def _enc(v: float) -> float | str | None:
     return v
 
 
-def _dec(v: Any) -> float:
+def decode_float(v: Any) -> float:
     if v is None:
         return math.nan
     return float(v)  # float("inf") / float("-inf") parse the strings
@@ -55,9 +56,18 @@ class MetricPoint:
         if isinstance(snap, MetricPoint):
             return snap
         metrics = {h: {k: float(v) for k, v in r.metrics.items()} for h, r in snap.hooks.items()}
-        emerging = {h: [int(i) for i in r.refusal.emerging[:_EMERGING_IN_MESSAGE]]
-                    for h, r in snap.hooks.items() if r.refusal is not None}
-        return cls(int(snap.step), metrics, bool(snap.is_base) or int(snap.step) == 0, emerging)
+        emerging = {h: r.refusal.emerging for h, r in snap.hooks.items() if r.refusal is not None}
+        return cls.of(int(snap.step), metrics, emerging, is_base=bool(snap.is_base))
+
+    @classmethod
+    def of(cls, step: int, metrics: dict[str, dict[str, float]], emerging: Mapping[str, Iterable[int]],
+           is_base: bool = False) -> MetricPoint:
+        """The point of ``step`` from its metrics and each hook's emerging refusal feature ids,
+        best first (all of them: the point keeps the few messages name). A live snapshot
+        (:meth:`from_snapshot`) and a run rebuilt from the store (``offline.shards``) both come
+        through here, so their alerts name the same features. Step 0 is the base."""
+        first = {h: [int(i) for i in itertools.islice(ids, _EMERGING_IN_MESSAGE)] for h, ids in emerging.items()}
+        return cls(int(step), metrics, is_base or int(step) == 0, first)
 
     def value(self, hook: str, name: str) -> float | None:
         """The metric, or None when the hook or metric is missing or the value is NaN."""
@@ -73,12 +83,12 @@ class MetricPoint:
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "is_base": self.is_base,
-                "metrics": {h: {k: _enc(v) for k, v in m.items()} for h, m in self.metrics.items()},
+                "metrics": {h: {k: encode_float(v) for k, v in m.items()} for h, m in self.metrics.items()},
                 "emerging": self.emerging}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> MetricPoint:
-        return cls(int(d["step"]), {h: {k: _dec(v) for k, v in m.items()} for h, m in d["metrics"].items()},
+        return cls(int(d["step"]), {h: {k: decode_float(v) for k, v in m.items()} for h, m in d["metrics"].items()},
                    bool(d.get("is_base", False)), {h: [int(i) for i in v] for h, v in d.get("emerging", {}).items()})
 
 

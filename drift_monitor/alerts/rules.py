@@ -34,22 +34,22 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 
 from drift_monitor import catalog
 from drift_monitor.errors import DriftMonitorError, first_line, invalid_yaml
+from drift_monitor.records import SEVERITIES  # least severe first; re-exported as the alerts' vocabulary
 from drift_monitor.textfiles import read_utf8
 
 Kind = Literal["threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite", "change_window"]
-KINDS: tuple[str, ...] = ("threshold", "ev_drop", "emerging_refusal", "sudden_change", "nonfinite", "change_window")
+KINDS: tuple[str, ...] = get_args(Kind)
 #: ``change_window``: how the change is measured, and which way counts.
 CHANGES: tuple[str, ...] = ("relative", "absolute")
 DIRECTIONS: tuple[str, ...] = ("either", "increase", "decrease")
 #: ``change_window`` defaults: the last 3 snapshots against the 5 before them.
 _WINDOW_DEFAULTS: dict[str, Any] = {"window": 3, "prior": 5, "change": "relative", "direction": "either"}
-SEVERITIES: tuple[str, ...] = ("info", "warning", "critical")
 
 #: Comparison operators of ``threshold`` rules, with the words used in messages.
 OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {
@@ -91,7 +91,7 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 #: ``python tests/bench/detection_report.py`` (docs/metrics.md, "Refusal gained and lost"): 1.25×
 #: beyond the worst calibration control. features_drifted is no default rule: the calibration half
 #: would put it at 0.142, and the organism demo's benign control (another model and SAE) reaches
-#: 0.32, so no bound holds on both; it is an opt-in rule (README, "Alerts").
+#: 0.32, so no bound holds on both; it is an opt-in rule (docs/alerts.md).
 REFUSAL_EROSION = 0.871
 REFUSAL_DIRECTION = 0.953
 #: refusal_erosion waits for a start that refuses at least this share of the harmful probes
@@ -126,7 +126,7 @@ class Requirement:
         return f"{self.metric} {self.op} {self.threshold:g}"
 
 
-def _suggest(name: str, known: Iterable[str]) -> str:
+def suggest(name: str, known: Iterable[str]) -> str:
     match = difflib.get_close_matches(str(name), list(known), 1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -172,7 +172,7 @@ class AlertRule:
             raise AlertRuleError(f"alert rule name must be a non-empty string, got {self.name!r}")
         where = f"alert rule {self.name!r}"
         if self.kind not in KINDS:
-            raise AlertRuleError(f"{where}: unknown kind {self.kind!r}{_suggest(self.kind, KINDS)}; "
+            raise AlertRuleError(f"{where}: unknown kind {self.kind!r}{suggest(self.kind, KINDS)}; "
                                  f"use one of {', '.join(KINDS)}")
         d = _KIND_DEFAULTS[self.kind]
         if self.severity is None:
@@ -276,7 +276,7 @@ class AlertRule:
         for key, allowed in (("change", CHANGES), ("direction", DIRECTIONS)):
             v = getattr(self, key)
             if v not in allowed:
-                raise AlertRuleError(f"{where}: unknown {key} {v!r}{_suggest(str(v), allowed)}; use one of "
+                raise AlertRuleError(f"{where}: unknown {key} {v!r}{suggest(str(v), allowed)}; use one of "
                                      f"{', '.join(allowed)}")
 
     def _str_list(self, key: str, v: Any) -> list[str] | None:
@@ -292,7 +292,7 @@ class AlertRule:
         # Direction monitors are named by the user's config, so they are accepted by pattern:
         # direction_projection[_delta]:<direction>:<category>, e.g. direction_projection:refusal:harmful.
         if not (isinstance(m, str) and catalog.is_known(m)):
-            raise AlertRuleError(f"alert rule {self.name!r}: unknown metric {m!r}{_suggest(m, KNOWN_METRICS)}; "
+            raise AlertRuleError(f"alert rule {self.name!r}: unknown metric {m!r}{suggest(m, KNOWN_METRICS)}; "
                                  f"known metrics: {', '.join(KNOWN_METRICS)}, or {' and '.join(METRIC_PATTERNS)}")
         return m
 
@@ -409,7 +409,7 @@ def _parse_rules(data: Any, origin: str) -> list[AlertRule]:
     top = ("defaults", "overrides", "rules")
     for key in data:
         if key not in top:
-            raise AlertRuleError(f"{origin}: unknown key {key!r}{_suggest(key, top)}; "
+            raise AlertRuleError(f"{origin}: unknown key {key!r}{suggest(key, top)}; "
                                  f"allowed top-level keys: {', '.join(top)}")
     use_defaults = data.get("defaults", "rules" not in data)
     if not isinstance(use_defaults, bool):
@@ -428,7 +428,7 @@ def _parse_rules(data: Any, origin: str) -> list[AlertRule]:
             label += f" ({entry['name']!r})"
         for key in entry:
             if key not in _RULE_FIELDS:
-                raise AlertRuleError(f"{origin}: {label}: unknown key {key!r}{_suggest(key, _RULE_FIELDS)}; "
+                raise AlertRuleError(f"{origin}: {label}: unknown key {key!r}{suggest(key, _RULE_FIELDS)}; "
                                      f"allowed: {', '.join(_RULE_FIELDS)}")
         for key in ("name", "kind"):
             if key not in entry:
@@ -448,7 +448,7 @@ def _parse_rules(data: Any, origin: str) -> list[AlertRule]:
     for name, changes in overrides.items():
         if name not in rules:
             hint = "" if use_defaults else " (defaults: false, so only the file's own rules can be overridden)"
-            raise AlertRuleError(f"{origin}: overrides: unknown rule {name!r}{_suggest(name, rules)}{hint}; "
+            raise AlertRuleError(f"{origin}: overrides: unknown rule {name!r}{suggest(name, rules)}{hint}; "
                                  f"rules: {', '.join(rules) or '(none)'}")
         if not isinstance(changes, Mapping):
             raise AlertRuleError(f"{origin}: overrides: {name!r} must map fields to values, got {changes!r}")
@@ -462,7 +462,7 @@ def _parse_rules(data: Any, origin: str) -> list[AlertRule]:
                 raise AlertRuleError(f"{origin}: overrides: {name!r}: {key} cannot be overridden; "
                                      "define a new rule under rules: instead")
             if key not in _RULE_FIELDS:
-                raise AlertRuleError(f"{origin}: overrides: {name!r}: unknown key {key!r}{_suggest(key, allowed)}; "
+                raise AlertRuleError(f"{origin}: overrides: {name!r}: unknown key {key!r}{suggest(key, allowed)}; "
                                      f"allowed: {', '.join(allowed)}")
         if not enabled:
             del rules[name]

@@ -144,7 +144,8 @@ def run_probe_bench(size: str = "tiny", device: str | None = None, repeats: int 
                     dtype: str = "float32") -> BenchResult:
     from dataclasses import replace
 
-    from ..monitor import DriftMonitor, model_fingerprint
+    from ..monitor import DriftMonitor
+    from ..probe.baseline_cache import model_fingerprint
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tdtype = getattr(torch, dtype)

@@ -480,10 +480,11 @@ def run_demo(out: str | Path = "runs/demo", size: str = "full", *, prometheus_po
 
     _progress("causal check: drift-monitor verify on the refusal run's emerging refusal features", quiet)
     t3 = time.perf_counter()
-    from ..offline.verify import result_json, run_verify
+    from ..offline.verify import result_json
+    from ..offline.verify_run import VerifyOptions, run_verify
 
-    check = run_verify(str(org.base_dir), None, "emerging", adapter=str(out / "refusal" / "adapter"),
-                       db=str(db), run=cb.run_id, probes=str(org.probes_path), progress=False)
+    check = run_verify(VerifyOptions(str(org.base_dir), None, "emerging", adapter=str(out / "refusal" / "adapter"),
+                                     db=str(db), run=cb.run_id, probes=str(org.probes_path)), progress=False)
     timings["verify_s"] = time.perf_counter() - t3
     summary = {"size": size, "db": str(db), "timings": {**timings, "total_s": time.perf_counter() - t0},
                "behaviour": behaviour, "tool": tool,

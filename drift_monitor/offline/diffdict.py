@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -78,8 +78,7 @@ def paired_differences(model: nn.Module, base: nn.Module | None, tokenizer: Any,
     position 0, formatted as the monitor does). The base is ``base``, or ``model`` inside
     ``base_context()`` (a PEFT model with its adapter off)."""
     s = settings or ProbeSettings()
-    prep = prepare_probes(probes, tokenizer, batch_size=s.batch_size, max_length=s.max_length,
-                          selector_for=lambda _c: "all", format_for=s.format_for, include_bos=False)
+    prep = prepare_probes(probes, tokenizer, replace(s, positions="all", include_bos=False))
     deltas, where, tokens = [], [], []
     for b in bar(prep.batches, desc="diff-dict", unit="batch", enabled=progress):
         b = b.to(device)

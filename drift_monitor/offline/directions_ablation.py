@@ -34,9 +34,6 @@ from ..probe.generate import batches as _batches
 from ..records import VerifySettings
 from .interventions import VerifyError
 
-#: Post-instruction tokens read for a prompt without a chat template (as ProbeBatch.post's
-#: ``prompt_end`` does for plain text: the last 4 prompt tokens).
-PLAIN_POST_TOKENS = 4
 _SENTINEL = "\x1fDRIFTMONITOR\x1f"
 
 
@@ -78,11 +75,16 @@ def post_instruction_tokens(tok: Any) -> int:
     """How many tokens end every formatted prompt after the user's words: the chat template's
     text after the message (``<|im_end|>\\n<|im_start|>assistant\\n``), tokenised alone. The same
     positions as ProbeBatch.post (``prompt_end``) for templates that end the user turn with a special
-    token, without tokenising every probe with offsets; PLAIN_POST_TOKENS without a template."""
-    from ..probe.probes import chat_prompt
+    token, without tokenising every probe with offsets; without a template, the last
+    ``PLAIN_PROMPT_END_TOKENS``, as ``prompt_end`` reads plain text.
+
+    Why not ProbeBatch.post itself: those masks belong to the monitor's preparation (its formats,
+    ``ProbeSettings.max_length``, length-sorted batches); the directions are read on the check's
+    own prompt batches (``probe.generate.batches``, ``VerifySettings``), and their means would move."""
+    from ..probe.probes import PLAIN_PROMPT_END_TOKENS, chat_prompt
 
     if not getattr(tok, "chat_template", None):
-        return PLAIN_POST_TOKENS
+        return PLAIN_PROMPT_END_TOKENS
     text = chat_prompt(tok, _SENTINEL)
     at = text.rfind(_SENTINEL)
     suffix = text[at + len(_SENTINEL):] if at >= 0 else ""

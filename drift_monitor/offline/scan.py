@@ -7,7 +7,8 @@ be full models or PEFT adapters, some may be broken, and the scan may be interru
 checkpoints are found and validated up front (clear errors, nothing loaded yet); the base is
 loaded once and adapters are swapped onto it (never a base reload per adapter); a
 (run, step, hook) already stored is skipped unless ``force``; one checkpoint failing to load
-is reported and the rest are still scanned; alerts are evaluated over the scanned sequence
+is reported and the rest are still scanned (a bug of ours there keeps its traceback, in
+``<db>.errors.log``: :class:`_CheckpointScan`); alerts are evaluated over the scanned sequence
 exactly as in the callback; aggregates go to a Pushgateway when one is given.
 """
 
@@ -18,14 +19,17 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 import time
+import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DriftMonitorError, first_line
 from ..progress import bar
+from ..resume import changed_settings, existing_run_id, stored_config, stored_steps
 from ..store.many import exists as store_exists
 from ..store.many import run_file
 from . import shards
@@ -38,6 +42,8 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+#: Beside the store file (``<db>.errors.log``): the tracebacks of checkpoints failed by a bug of ours.
+ERROR_LOG_SUFFIX = ".errors.log"
 
 
 class ScanError(DriftMonitorError, ValueError):
@@ -58,6 +64,8 @@ class CheckpointResult:
     seconds: float = 0.0
     load_seconds: float = 0.0
     error: str | None = None
+    #: an internal error's traceback (a bug in drift-monitor; also in the error log the error names)
+    traceback: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     emerging: dict[str, list[int]] = field(default_factory=dict)
     alerts: list[str] = field(default_factory=list)
@@ -188,11 +196,12 @@ class _AdapterSwapper:
 
         name = f"step{ckpt.step}"
         try:
-            if self.model is None:
-                self.model = PeftModel.from_pretrained(self.base, str(ckpt.path), adapter_name=name)
-            else:
-                self.model.load_adapter(str(ckpt.path), adapter_name=name)
-                self.model.set_adapter(name)
+            with load_errors("checkpoint", ckpt.path, "adapter"):
+                if self.model is None:
+                    self.model = PeftModel.from_pretrained(self.base, str(ckpt.path), adapter_name=name)
+                else:
+                    self.model.load_adapter(str(ckpt.path), adapter_name=name)
+                    self.model.set_adapter(name)
         except RuntimeError as e:
             if "size mismatch" in str(e) or "shape" in str(e):
                 detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), first_line(e))
@@ -254,7 +263,7 @@ def scan(
     db_path, run_name, progress = cfg.outputs.db_path, cfg.outputs.run_name, cfg.outputs.show_progress
     device = cfg.device or "cpu"
     base_path, ckpts = _inputs(base_model, checkpoints, models)
-    run_id = _existing_run_id(db_path, run_name) or run_id_for(run_name, base_model, ckpts)
+    run_id = existing_run_id(db_path, run_name) or run_id_for(run_name, base_model, ckpts)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard or Shard.from_env()
     own = db_path  # what this process reads back: its own shard file in a sharded scan
     if shard is not None:
@@ -281,18 +290,18 @@ def scan(
         base = load_model(base_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                           what="--base-model")
         base_snap = mon.baseline(base)  # once per base: a second shard waits for the cache and loads it
-        done = _stored_steps(own, run_id)
+        done = stored_steps(own, run_id)
         if shard is None or shard.first:  # of a sharded scan's files, shard 1's holds the base
             if force or not all((0, h) in done for h in hooks):
                 rec.record(base_snap)
             else:
                 rec.observe(base_snap)
-        swapper = _AdapterSwapper(base)
-        tracker = None
+        one = _CheckpointScan(mon, _AdapterSwapper(base), rec, device, dtype, trust_remote_code,
+                              error_log=error_log_path(own))
         if cfg.cadence.adapter_signals is not False and any(c.kind == "adapter" for c in ckpts):
             from ..probe.adapters import AdapterTracker
 
-            tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
+            one.tracker = AdapterTracker()  # LoRA norms and B-trajectory cosines over the scanned adapters
         history = shards.stored_points([own], run_id, hooks) if shard is None and store_exists(own) else {}
         for ckpt in bar(ckpts, desc="scan", unit="ckpt", enabled=progress):
             if not force and all((ckpt.step, h) in done for h in hooks):
@@ -300,7 +309,7 @@ def scan(
                     rec.observe(history[ckpt.step])
                 results.append(CheckpointResult(ckpt, "skipped"))
                 continue
-            results.append(_scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker))
+            results.append(one(ckpt))
     except BaseException as e:
         # interrupted (Ctrl-C) or failed; SIGTERM is recorded as preempted by the recorder's
         # RunEndWatch. Every stored snapshot is whole (one transaction each); a rerun skips
@@ -343,11 +352,11 @@ def resolve_config(base_model: str, *, db_path: str, run_name: str | None = None
     file) < ``overrides`` (flat settings, e.g. from command-line flags)."""
     from ..config import MonitorConfig, flatten, nest
 
-    run_id = _existing_run_id(db_path, run_name) or run_name
+    run_id = existing_run_id(db_path, run_name) or run_name
     if run_id is None and store_exists(db_path):  # a scan without --run-name: its id comes from the inputs
         run_id = run_id_for(None, base_model, _inputs(base_model, checkpoints, models)[1])
     settings: dict[str, Any] = {}
-    stored = _stored_config(db_path, run_id) if run_id else {}
+    stored = stored_config(db_path, run_id) if run_id else {}
     if stored:
         settings.update(MonitorConfig.stored_settings(stored))
         log.info("scan: using the stored configuration of run %s (explicit settings override it)", run_id)
@@ -367,95 +376,99 @@ def resolve_config(base_model: str, *, db_path: str, run_name: str | None = None
 
 def _check_resumable(db_path: str, run_id: str, cfg: Any, probe_hash: str) -> None:
     """Refuse to add steps to a stored run measured with other probes, SAEs or settings."""
-    from ..config import MonitorConfig
-    from ..store import StoreError, StoreReader
-
-    if not store_exists(db_path):
-        return
-    try:
-        runs = StoreReader(db_path).runs()
-    except StoreError:
-        return
-    row = runs[runs.run_id == run_id]
-    if not len(row) or not _stored_steps(db_path, run_id):
-        return
-    stored_hash = row["probe_hash"].iloc[0] if "probe_hash" in row else None
-    raw = row["config_json"].iloc[0] if "config_json" in row else None
-    before = MonitorConfig.stored_settings(json.loads(raw)) if raw else {}
-    now = MonitorConfig.stored_settings(cfg.to_dict())
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if stored_hash and stored_hash != probe_hash:
-        changed.insert(0, "the probes (their tokens)")
+    changed = changed_settings(db_path, run_id, cfg, probe_hash)
     if changed:
         raise ScanError(f"run {run_id} in {db_path} was measured with other settings ({', '.join(changed)}); "
                         "scanning into it would mix steps that do not compare: give a new --run-name, or --force "
                         "to rescan every step with these settings")
 
 
-def _stored_steps(db_path: str, run_id: str) -> set[tuple[int, str]]:
-    """(step, hook) pairs already stored for ``run_id``."""
-    from ..store import StoreNotFound, StoreReader
-
-    try:
-        snaps = StoreReader(db_path).snapshots(run_id)
-    except StoreNotFound:
-        return set()
-    return {(int(s), str(h)) for s, h in zip(snaps.step, snaps.hook)}
+def error_log_path(db_path: str | Path) -> Path:
+    """Where a scan into ``db_path`` appends the tracebacks of internal errors: ``<db>.errors.log``
+    beside the store file (inside a store directory). Beside the data it concerns, like the
+    spool, so it is found, and kept, with it."""
+    db = Path(db_path)
+    return db / f"drift_monitor{ERROR_LOG_SUFFIX}" if db.is_dir() else db.with_name(db.name + ERROR_LOG_SUFFIX)
 
 
-def _existing_run_id(db_path: str, run_name: str | None) -> str | None:
-    """The id of the run named ``run_name`` in ``db_path`` (a callback run has a uuid id), if any."""
-    from ..store import StoreError, StoreReader
-
-    if not run_name or not store_exists(db_path):
-        return None
-    try:
-        runs = StoreReader(db_path).runs()
-    except StoreError:
-        return None
-    hit = runs[(runs.run_id == run_name) | (runs.name == run_name)]
-    return str(hit.run_id.iloc[0]) if len(hit) else None
-
-
-def _stored_config(db_path: str, run_id: str) -> dict[str, Any]:
-    """The stored ``config_json`` of ``run_id`` (a name or id) in ``db_path``; {} when absent."""
-    from ..store import StoreError, StoreReader
-
-    if not store_exists(db_path):
-        return {}
-    try:
-        runs = StoreReader(db_path).runs()
-        row = runs[runs.run_id == run_id]
-        raw = row["config_json"].iloc[0] if len(row) else None
-        return json.loads(raw) if raw else {}
-    except (StoreError, ValueError, KeyError):
-        return {}
+def save_traceback(path: Path, header: str, text: str) -> Path | None:
+    """Append ``header`` and the traceback ``text`` to ``path`` (else to the same name in the temp
+    folder, when ``path``'s folder cannot take it); the file written, or None when neither could."""
+    for target in (path, Path(tempfile.gettempdir()) / path.name):
+        try:
+            with target.open("a", encoding="utf-8") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {header}\n{text.rstrip()}\n\n")
+        except OSError:
+            continue
+        return target
+    return None
 
 
-def _scan_one(ckpt, mon, swapper, rec, device, dtype, trust_remote_code, tracker=None) -> CheckpointResult:
-    t0 = time.perf_counter()
-    try:
-        if ckpt.kind == "adapter":
-            model = swapper.load(ckpt)
-        else:
-            model = load_model(ckpt.path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        t_load = time.perf_counter() - t0
-        snap = mon.snapshot(model, ckpt.step)
-        if tracker is not None and ckpt.kind == "adapter":
-            # the adapter signals of the callback, with k = the checkpoint spacing (hooks adapter/adapter:<module>)
-            snap = replace(snap, hooks={**snap.hooks, **tracker.record(model, ckpt.step)})
-    except ScanError as e:
-        return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=str(e))
-    except Exception as e:  # noqa: BLE001 - report it, scan the rest
-        return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=f"{type(e).__name__}: {first_line(e)}")
-    alerts = rec.record(snap)
-    if ckpt.kind == "full":
-        del model
-    return CheckpointResult(
-        ckpt, "scanned", time.perf_counter() - t0, load_seconds=t_load,
-        metrics={h: dict(r.metrics) for h, r in snap.hooks.items()},
-        emerging={h: list(r.refusal.emerging) if r.refusal else [] for h, r in snap.hooks.items()},
-        alerts=[f"{a.rule}:{a.status}" for a in alerts])
+@dataclass
+class _CheckpointScan:
+    """Scans one checkpoint at a time (``one(ckpt)``) with what every checkpoint of a scan shares.
+
+    Why the error split: a checkpoint that cannot be loaded or does not fit (a
+    :class:`~drift_monitor.errors.DriftMonitorError`, whose message names it and the fix) is the
+    input's fault, so it is one line and the rest are scanned. Anything else is a bug of ours
+    that would read like a bad checkpoint on one line: the checkpoint fails too (the rest are
+    still scanned), but the whole traceback is appended to the error log (:func:`error_log_path`)
+    always, logged at DEBUG (so ``--debug`` prints it on stderr), and stored as a
+    ``monitor_error`` alert that says where the traceback is."""
+
+    mon: Any  # drift_monitor.monitor.DriftMonitor
+    swapper: _AdapterSwapper
+    rec: Any  # drift_monitor.recorder.RunRecorder
+    device: str
+    dtype: str | None
+    trust_remote_code: bool
+    error_log: Path
+    tracker: Any = None  # drift_monitor.probe.adapters.AdapterTracker, when adapter signals are on
+
+    def __call__(self, ckpt: Checkpoint) -> CheckpointResult:
+        from ..recorder import merge_adapter_signals
+
+        t0 = time.perf_counter()
+        try:
+            if ckpt.kind == "adapter":
+                model = self.swapper.load(ckpt)
+            else:
+                model = load_model(ckpt.path, device=self.device, dtype=self.dtype,
+                                   trust_remote_code=self.trust_remote_code)
+            t_load = time.perf_counter() - t0
+            snap = self.mon.snapshot(model, ckpt.step)
+            if self.tracker is not None and ckpt.kind == "adapter":
+                # the adapter signals of the callback, with k = the checkpoint spacing (hooks adapter/adapter:<module>)
+                snap = merge_adapter_signals(snap, self.tracker.record(model, ckpt.step))
+        except ScanError as e:
+            return CheckpointResult(ckpt, "failed", time.perf_counter() - t0, error=str(e))
+        except DriftMonitorError as e:
+            return CheckpointResult(ckpt, "failed", time.perf_counter() - t0,
+                                    error=f"{type(e).__name__}: {first_line(e)}")
+        except Exception as e:  # noqa: BLE001 - a bug of ours: its traceback is kept, the rest is scanned
+            return self._internal_error(ckpt, e, time.perf_counter() - t0)
+        alerts = self.rec.record(snap)
+        if ckpt.kind == "full":
+            del model
+        return CheckpointResult(
+            ckpt, "scanned", time.perf_counter() - t0, load_seconds=t_load,
+            metrics={h: dict(r.metrics) for h, r in snap.hooks.items()},
+            emerging={h: list(r.refusal.emerging) if r.refusal else [] for h, r in snap.hooks.items()},
+            alerts=[f"{a.rule}:{a.status}" for a in alerts])
+
+    def _internal_error(self, ckpt: Checkpoint, e: Exception, seconds: float) -> CheckpointResult:
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        what = f"checkpoint {ckpt.path} (step {ckpt.step})"
+        log.debug("scan: internal error scanning %s:\n%s", what, tb)
+        saved = save_traceback(self.error_log, f"run {self.rec.run_id}, {what}: internal error", tb)
+        where = f"its traceback is in {saved}" if saved else \
+            f"its traceback could not be saved ({self.error_log} and the temp folder refused it)"
+        if saved is None:
+            log.error("scan: internal error scanning %s:\n%s", what, tb)  # kept somewhere: the log itself
+        self.rec.record_error(f"scan of {what}, internal error ({where})", e, step=ckpt.step)
+        return CheckpointResult(ckpt, "failed", seconds, traceback=tb,
+                                error=f"internal error {type(e).__name__}: {first_line(e)} (a bug in drift-monitor, "
+                                      f"not in the checkpoint; {where}: please report it)")
 
 
 def format_summary(result: ScanResult, hooks: Sequence[str]) -> str:

@@ -207,7 +207,6 @@ def stored_points(files: Sequence[Path | str], run_id: str, hooks: Sequence[str]
     import pandas as pd
 
     from ..alerts import MetricPoint
-    from ..alerts.points import _EMERGING_IN_MESSAGE
     from ..store import StoreNotFound, StoreReader
 
     series, refusal = [], []
@@ -230,9 +229,7 @@ def stored_points(files: Sequence[Path | str], run_id: str, hooks: Sequence[str]
     for step, grp in metrics.groupby("step"):
         s = int(step)
         em = emerging[emerging.step == s]
-        points[s] = MetricPoint(
-            step=s, metrics={h: dict(zip(g.name, g.value)) for h, g in grp.groupby("hook") if h in hooks},
-            is_base=s == 0,
-            emerging={h: [int(i) for i in g.feature[:_EMERGING_IN_MESSAGE]] for h, g in em.groupby("hook")
-                      if h in hooks})
+        points[s] = MetricPoint.of(
+            s, metrics={h: dict(zip(g.name, g.value)) for h, g in grp.groupby("hook") if h in hooks},
+            emerging={h: g.feature for h, g in em.groupby("hook") if h in hooks})
     return points

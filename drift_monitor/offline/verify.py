@@ -34,8 +34,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -175,6 +174,48 @@ def verify_sites(model: nn.Module, tokenizer: Any, sites: Sequence[Site], harmfu
     size at that site; ``steered_base`` adds every site's steering vector.
     """
     s = settings or VerifySettings()
+    sites = _checked_inputs(sites, tokenizer, harmful, harmless)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    for site in sites:
+        site.sae.eval()
+    has_base = base_model is not None or base_context is not None
+    bar = _Bar(2 + s.n_random + (2 if has_base else 0) + (2 if s.direction_ablation else 0), progress)
+    layers: list[int] = []
+    chosen = [list(site.features) for site in sites]
+    try:
+        prompts = list(harmful) + list(harmless)
+        activity = [feature_activity(model, tokenizer, site.sae, site.hook, prompts, s) for site in sites]
+        scales = [_steer_scales(list(site.features), typical, s.alpha) for site, (_, typical) in zip(sites, activity)]
+        run = _Conditions(tokenizer, sites, harmful, harmless, s, scales, bar)
+        run.measure("fine_tuned", model, None, [])
+        run.measure("ablated", model, run.at_sites(model, chosen), chosen)
+        rng = random.Random(s.seed)
+        for i in range(s.n_random):
+            rand = [density_matched(site.features, density, s.random_pool, rng)
+                    for site, (density, _) in zip(sites, activity)]
+            run.measure("random", model, run.at_sites(model, rand), rand, seed=s.seed + i)
+        if has_base:
+            bm = base_model if base_model is not None else model
+            with (base_context or contextlib.nullcontext)():
+                run.measure("base", bm, None, [])
+                run.measure("steered_base", bm, run.at_sites(bm, steer=True), chosen, alpha=s.alpha)
+        if s.direction_ablation:
+            layers = run.direction_conditions(model)
+    finally:
+        bar.close()
+        model.train(was_training)
+    label = "+".join(site.hook for site in sites)
+    return VerifyResult(label, [i for f in chosen for i in f], run.rows, s, [v for sc in scales for v in sc],
+                        run_id=run_id, step=step, duration_s=time.perf_counter() - t0,
+                        site_features={site.hook: list(site.features) for site in sites} if len(sites) > 1 else {},
+                        direction_layers=layers)
+
+
+def _checked_inputs(sites: Sequence[Site], tokenizer: Any, harmful: Sequence[str],
+                    harmless: Sequence[str]) -> list[Site]:
+    """The sites checked (features, hooks once each) and prompts present, before any forward."""
     sites = [_check_site(site) for site in sites]
     if not sites:
         raise VerifyError("verify needs at least one hook with features")
@@ -187,77 +228,63 @@ def verify_sites(model: nn.Module, tokenizer: Any, sites: Sequence[Site], harmfu
     if getattr(tokenizer, "pad_token", None) is None:
         log.warning("tokenizer has no pad token; using eos (%r)", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
-    t0 = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    for site in sites:
-        site.sae.eval()
-    has_base = base_model is not None or base_context is not None
-    bar = _Bar(2 + s.n_random + (2 if has_base else 0) + (2 if s.direction_ablation else 0), progress)
-    rng = random.Random(s.seed)
-    multi = len(sites) > 1
-    layers: list[int] = []
-    try:
-        prompts = list(harmful) + list(harmless)
-        activity = [feature_activity(model, tokenizer, site.sae, site.hook, prompts, s) for site in sites]
-        scales = [_steer_scales(list(site.features), typical, s.alpha) for site, (_, typical) in zip(sites, activity)]
-        rows: list[ConditionResult] = []
+    return sites
 
-        def measure(name: str, m: nn.Module, ctx: Callable[[], contextlib.AbstractContextManager] | None,
-                    feats: list[list[int]], seed: int | None = None, alpha: float | None = None) -> None:
-            with (ctx() if ctx else contextlib.nullcontext()):
-                harm_txt = generate_texts(m, tokenizer, harmful, s)
-                safe_txt = generate_texts(m, tokenizer, harmless, s)
-            kl = harmless_kl(m, tokenizer, harmless, s, ctx) if ctx else 0.0
-            by_hook = {site.hook: f for site, f in zip(sites, feats)} if multi and feats else {}
-            rows.append(ConditionResult(
-                name, [i for f in feats for i in f], _rate(harm_txt, s), _rate(safe_txt, s), kl, len(harm_txt),
-                len(safe_txt), seed, alpha, examples=harm_txt[:s.n_examples], by_hook=by_hook))
-            bar.step(f"{name}: harmful refusal {rows[-1].harmful_refusal_rate:.0%}")
 
-        def at_sites(m: nn.Module, ablate: list[list[int]] | None = None,
-                     steer: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
-            """One context entering every site's intervention hook (ablation or steering)."""
-            @contextlib.contextmanager
-            def ctx() -> Iterator[None]:
-                with contextlib.ExitStack() as stack:
-                    for i, site in enumerate(sites):
-                        if steer:
-                            stack.enter_context(intervene(m, site.hook, site.sae, steer=site.features,
-                                                          steer_scales=scales[i],
-                                                          steer_prompt_only=s.steer_prompt_only))
-                        else:
-                            stack.enter_context(intervene(m, site.hook, site.sae, ablate=ablate[i]))
-                    yield
-            return ctx
+@dataclass
+class _Conditions:
+    """What every condition of one check shares, and the rows measured so far."""
 
-        chosen = [list(site.features) for site in sites]
-        measure("fine_tuned", model, None, [])
-        measure("ablated", model, at_sites(model, chosen), chosen)
-        for i in range(s.n_random):
-            rand = [density_matched(site.features, density, s.random_pool, rng)
-                    for site, (density, _) in zip(sites, activity)]
-            measure("random", model, at_sites(model, rand), rand, seed=s.seed + i)
-        if has_base:
-            bm = base_model if base_model is not None else model
-            with (base_context or contextlib.nullcontext)():
-                measure("base", bm, None, [])
-                measure("steered_base", bm, at_sites(bm, steer=True), chosen, alpha=s.alpha)
-        if s.direction_ablation:
-            layers = resolve_layers(model, s.direction_layers)
-            r_hat = refusal_directions(model, tokenizer, harmful, harmless, s, layers)
-            rand_dirs = random_directions(len(layers), r_hat.shape[1], s.seed)
-            measure("direction_ablated", model, lambda: ablate_directions(model, layers, r_hat), [])
-            measure("random_direction_ablated", model, lambda: ablate_directions(model, layers, rand_dirs), [],
-                    seed=s.seed)
-    finally:
-        bar.close()
-        model.train(was_training)
-    label = "+".join(site.hook for site in sites)
-    return VerifyResult(label, [i for f in chosen for i in f], rows, s, [v for sc in scales for v in sc],
-                        run_id=run_id, step=step, duration_s=time.perf_counter() - t0,
-                        site_features={site.hook: list(site.features) for site in sites} if multi else {},
-                        direction_layers=layers)
+    tokenizer: Any
+    sites: list[Site]
+    harmful: Sequence[str]
+    harmless: Sequence[str]
+    s: VerifySettings
+    scales: list[list[float]]  # per site, each feature's steering scale
+    bar: _Bar
+    rows: list[ConditionResult] = field(default_factory=list)
+
+    def measure(self, name: str, m: nn.Module, ctx: Callable[[], contextlib.AbstractContextManager] | None,
+                feats: list[list[int]], seed: int | None = None, alpha: float | None = None) -> None:
+        """One row: refusal rates on both prompt sets under ``ctx`` and the harmless KL it causes."""
+        s, tok = self.s, self.tokenizer
+        with (ctx() if ctx else contextlib.nullcontext()):
+            harm_txt = generate_texts(m, tok, self.harmful, s)
+            safe_txt = generate_texts(m, tok, self.harmless, s)
+        kl = harmless_kl(m, tok, self.harmless, s, ctx) if ctx else 0.0
+        by_hook = {site.hook: f for site, f in zip(self.sites, feats)} if len(self.sites) > 1 and feats else {}
+        self.rows.append(ConditionResult(
+            name, [i for f in feats for i in f], _rate(harm_txt, s), _rate(safe_txt, s), kl, len(harm_txt),
+            len(safe_txt), seed, alpha, examples=harm_txt[:s.n_examples], by_hook=by_hook))
+        self.bar.step(f"{name}: harmful refusal {self.rows[-1].harmful_refusal_rate:.0%}")
+
+    def at_sites(self, m: nn.Module, ablate: list[list[int]] | None = None,
+                 steer: bool = False) -> Callable[[], contextlib.AbstractContextManager]:
+        """One context entering every site's intervention hook (ablation or steering)."""
+        @contextlib.contextmanager
+        def ctx() -> Iterator[None]:
+            with contextlib.ExitStack() as stack:
+                for i, site in enumerate(self.sites):
+                    if steer:
+                        stack.enter_context(intervene(m, site.hook, site.sae, steer=site.features,
+                                                      steer_scales=self.scales[i],
+                                                      steer_prompt_only=self.s.steer_prompt_only))
+                    else:
+                        stack.enter_context(intervene(m, site.hook, site.sae, ablate=ablate[i]))
+                yield
+        return ctx
+
+    def direction_conditions(self, model: nn.Module) -> list[int]:
+        """The reference (the refusal direction removed at every chosen layer) and its random
+        control; returns the layers."""
+        s = self.s
+        layers = resolve_layers(model, s.direction_layers)
+        r_hat = refusal_directions(model, self.tokenizer, self.harmful, self.harmless, s, layers)
+        rand_dirs = random_directions(len(layers), r_hat.shape[1], s.seed)
+        self.measure("direction_ablated", model, lambda: ablate_directions(model, layers, r_hat), [])
+        self.measure("random_direction_ablated", model, lambda: ablate_directions(model, layers, rand_dirs), [],
+                     seed=s.seed)
+        return layers
 
 
 def _steer_scales(features: list[int], typical: torch.Tensor, alpha: float) -> list[float]:
@@ -349,225 +376,3 @@ def result_json(res: VerifyResult) -> dict[str, Any]:
              direction_relative_drop=res.direction_relative_drop,
              random_direction_relative_drop=res.random_direction_relative_drop)
     return json.loads(json.dumps(d, default=float))
-
-
-# ----------------------------------------------------------------------------- from paths (the CLI)
-def parse_feature_spec(spec: str) -> list[int] | tuple[str, int]:
-    """``"12,345"`` -> [12, 345]; ``"top:K"`` -> ("top", K); ``"emerging"`` -> ("emerging", 0)."""
-    spec = str(spec).strip()
-    if spec == "emerging":
-        return ("emerging", 0)
-    if spec.startswith("top:"):
-        try:
-            k = int(spec[4:])
-        except ValueError:
-            k = 0
-        if k < 1:
-            raise VerifyError(f"--features {spec!r}: top:K needs a positive integer K, e.g. top:5")
-        return ("top", k)
-    try:
-        ids = [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError:
-        raise VerifyError(f"--features {spec!r}: give feature ids (12,345), top:K or emerging") from None
-    if not ids:
-        raise VerifyError("--features is empty: give feature ids (12,345), top:K or emerging")
-    return ids
-
-
-def features_from_store(reader: Any, run_id: str, hook: str, step: int, spec: tuple[str, int]) -> list[int]:
-    """The run's refusal features at ``step``: emerging ones first (by rank), then by rank.
-
-    ``top:K`` takes K of them (with a warning when fewer than K are emerging), ``emerging`` all
-    the emerging ones.
-    """
-    df = reader.refusal_features(run_id, hook, steps=[step])
-    if df.empty:
-        raise VerifyError(f"run {run_id} has no refusal features stored for hook {hook!r} at step {step} "
-                         "(they need harmful and harmless probes); give --features 12,345 instead")
-    df = df.assign(emerging=df["emerging"].fillna(False).astype(bool)).sort_values(
-        ["emerging", "rank"], ascending=[False, True], na_position="last")
-    emerging = df[df["emerging"]]["feature"].astype(int).tolist()
-    kind, k = spec
-    if kind == "emerging":
-        if not emerging:
-            raise VerifyError(f"no emerging refusal features at step {step} of run {run_id}; use top:K")
-        return emerging
-    if len(emerging) < k:
-        log.warning("only %d emerging refusal features at step %d; top:%d adds the next by refusal score",
-                    len(emerging), step, k)
-    return df["feature"].astype(int).tolist()[:k]
-
-
-def _run_config(reader: Any, run_id: str) -> dict[str, Any]:
-    runs = reader.runs()
-    raw = runs[runs.run_id == run_id]["config_json"]
-    try:
-        return json.loads(raw.iloc[0]) if len(raw) and raw.iloc[0] else {}
-    except (TypeError, ValueError):
-        return {}
-
-
-def _prompts(probes: str | None, run_cfg: dict[str, Any], harmful_cat: str,
-             harmless_cat: str) -> tuple[list[str], list[str]]:
-    from ..probe.probes import ProbeSet
-
-    if probes in (None, ""):
-        stored = run_cfg.get("probes")
-        probes = stored if isinstance(stored, str) and (stored == "default" or Path(stored).is_file()) else "default"
-    if probes == "harmful":  # the issue's shorthand: the default set's harmful probes
-        probes = "default"
-    ps = ProbeSet.resolve(probes)
-    harmful = [r.prompt for r in ps.records if r.category == harmful_cat]
-    harmless = [r.prompt for r in ps.records if r.category == harmless_cat]
-    if not harmful or not harmless:
-        raise VerifyError(f"probe set {ps.name!r} has {len(harmful)} {harmful_cat!r} and {len(harmless)} "
-                         f"{harmless_cat!r} probes; verify needs both (categories: {ps.categories})")
-    return harmful, harmless
-
-
-def _run_saes(run_cfg: dict[str, Any], reader: Any, run_id: str | None) -> dict[str, str]:
-    """The run's SAEs as {hook: source}. A run configured with a list of SAE folders stored the
-    list (each SAE names its hook in its metadata); with one SAE, its hook is the run's one probe
-    hook in the store."""
-    stored = run_cfg.get("saes") or {}
-    if isinstance(stored, dict):
-        return {k: v for k, v in stored.items() if isinstance(v, str)}
-    sources = [v for v in stored if isinstance(v, str)]
-    named = {h: src for src in sources if (h := _folder_hook(src))}
-    if len(sources) > 1 and len(named) == len(sources):
-        return named
-    if len(sources) == 1 and reader is not None:
-        from ..records import is_adapter_hook
-
-        hooks = [h for h in reader.hooks(run_id) if not is_adapter_hook(h)]
-        if len(hooks) == 1:
-            return {hooks[0]: sources[0]}
-    return {}
-
-
-def _folder_hook(source: str) -> str | None:
-    """The hook an SAE folder's cfg.json names (sae-lens ``metadata.hook_name``), read without loading it."""
-    try:
-        cfg = json.loads((Path(source) / "cfg.json").read_text())
-    except (OSError, ValueError):
-        return None
-    name = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
-    return name if isinstance(name, str) and name else None
-
-
-def parse_site_specs(specs: Sequence[str] | str, hooks: Sequence[str]) -> dict[str, list[int] | tuple[str, int]]:
-    """``--features`` values -> {hook: spec} over the SAEs' ``hooks``.
-
-    A bare spec (``12,345``, ``top:K``, ``emerging``) applies to every hook (ids only when there
-    is one hook); ``HOOK:SPEC`` (repeatable) to that hook alone, and when only such specs are
-    given, only their hooks are checked.
-    """
-    specs = [specs] if isinstance(specs, str) else list(specs) or ["emerging"]
-    bare: list[int] | tuple[str, int] | None = None
-    per_hook: dict[str, list[int] | tuple[str, int]] = {}
-    for raw in specs:
-        head, sep, rest = str(raw).strip().partition(":")
-        if sep and head != "top":
-            if head not in hooks:
-                raise VerifyError(f"--features {raw!r}: no SAE at hook {head!r} (the SAEs are at {list(hooks)})")
-            if head in per_hook:
-                raise VerifyError(f"--features names hook {head!r} twice")
-            per_hook[head] = parse_feature_spec(rest)
-        elif bare is not None:
-            raise VerifyError("--features: give one spec for every hook, or HOOK:SPEC per hook")
-        else:
-            bare = parse_feature_spec(raw)
-    if bare is None:
-        return per_hook
-    if isinstance(bare, list) and len(hooks) - len(per_hook) > 1:
-        raise VerifyError(f"--features {','.join(map(str, bare))}: feature ids belong to one SAE, and there are "
-                          f"{len(hooks)} ({list(hooks)}); write HOOK:IDS, e.g. --features {hooks[0]}:12,345")
-    return {h: per_hook.get(h, bare) for h in hooks}
-
-
-def run_verify(model: str, saes: dict[str, str] | None, features: str | Sequence[str], *,
-               adapter: str | None = None,
-               base_model: str | None = None, db: str | None = None, run: str | None = None,
-               step: int | None = None, probes: str | None = None, harmful_category: str = "harmful",
-               harmless_category: str = "harmless", settings: VerifySettings | None = None, device: str = "cpu",
-               dtype: str | None = None, trust_remote_code: bool = False, progress: bool = True,
-               direction_layers: str | None = None) -> VerifyResult:
-    """``drift-monitor verify``: load everything from paths, run :func:`verify`, store the table.
-
-    ``model`` is the fine-tuned model, or with ``adapter`` the base the adapter loads onto (then
-    the base conditions switch the adapter off). ``db`` + ``run``: where ``top:K`` features come
-    from and where the results go; the SAE and probes default to the run's own config.
-    """
-    from ..probe.saes import load_sae
-    from .loading import load_pair
-
-    s = settings or VerifySettings()
-    if direction_layers not in (None, "", "all", "hooks"):
-        try:
-            s = replace(s, direction_layers=tuple(int(i) for i in str(direction_layers).split(",") if i.strip()))
-        except ValueError:
-            raise VerifyError(f"--direction-layers {direction_layers!r}: give all, hooks or layer indices "
-                              "(0,5,10)") from None
-    reader = run_id = None
-    run_cfg: dict[str, Any] = {}
-    if db is not None:
-        if run is None:
-            raise VerifyError("--db needs --run: the run whose features are checked and to which results belong")
-        from ..store import StoreReader
-        from ..store.dataset import refuse_write
-
-        refuse_write(db, "verify --db stores its result in the run's store")  # before any model is loaded
-
-        reader = StoreReader(db)
-        run_id = reader.resolve_run(run)
-        run_cfg = _run_config(reader, run_id)
-    else:
-        for raw in [features] if isinstance(features, str) else list(features) or ["emerging"]:
-            head, sep, rest = str(raw).strip().partition(":")
-            if isinstance(parse_feature_spec(rest if sep and head != "top" else raw), tuple):
-                raise VerifyError(f"--features {raw}: reading features from a run needs --db and --run")
-    saes = saes or _run_saes(run_cfg, reader, run_id)
-    if not saes:
-        raise VerifyError("no SAE to check: give --sae HOOK=SOURCE (repeatable), or --db/--run of a run whose "
-                          "SAEs' hooks are known")
-    specs = parse_site_specs(features, list(saes))
-    if reader is not None and step is None:
-        steps = sorted(set().union(*(reader.steps(run_id, h) for h in specs)))
-        if not steps:
-            raise VerifyError(f"run {run_id} has no snapshots at hooks {list(specs)}")
-        step = max(steps)
-    feats: dict[str, list[int]] = {}
-    for hook, spec in specs.items():
-        if isinstance(spec, list):
-            feats[hook] = spec
-            continue
-        try:
-            feats[hook] = features_from_store(reader, run_id, hook, int(step), spec)
-        except VerifyError as e:
-            if len(specs) == 1:
-                raise
-            log.warning("verify: %s; %s is left out", e, hook)
-    if not feats:
-        raise VerifyError(f"no features to check at step {step} of run {run_id} at any of {list(specs)}")
-    harmful, harmless = _prompts(probes, run_cfg, harmful_category, harmless_category)
-
-    tok, m, base, base_ctx = load_pair(model, adapter=adapter, base_model=base_model, device=device, dtype=dtype,
-                                       trust_remote_code=trust_remote_code)
-    if base is None and base_ctx is None:
-        log.warning("no --adapter or --base-model: the base and steered_base conditions are skipped")
-    if direction_layers == "hooks":
-        from .directions_ablation import hook_layer
-
-        s = replace(s, direction_layers=tuple(hook_layer(m, h) for h in feats))
-    sites = [Site(hook, load_sae(saes[hook], device=device, dtype=dtype), tuple(f)) for hook, f in feats.items()]
-    res = verify_sites(m, tok, sites, harmful, harmless, base_model=base, base_context=base_ctx, settings=s,
-                       progress=progress, run_id=run_id, step=step)
-    if db is not None:
-        from ..store import Store
-        from ..store.many import is_many, locate
-
-        # over many store files (a store directory), the result goes to the run's own file
-        target, rid = locate(reader.runs(), run_id) if is_many(db) else (db, run_id)
-        Store(target, run_id=rid).write_verification(replace(res, run_id=rid) if rid != run_id else res)
-    return res
-

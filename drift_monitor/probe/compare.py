@@ -29,11 +29,10 @@ from ..records import (
 from . import metrics as M
 from . import residual as R
 from .residual import ResidualReader
+from .stats import HookStats
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from .stats import HookStats
 
 
 def compare(cur: HookStats, base: HookStats, hook: str, settings: MetricSettings,

@@ -3,7 +3,7 @@
 One job: turn ``MonitorConfig.directions`` ({hook: source}) into ``{hook: {name: unit vector}}``
 (float64, CPU), checked against the width of each hook, failing at start-up with a message that
 names the fix (docs/metrics.md, direction monitors). The projections themselves are computed from the streaming sums
-in ``stats.HookStats.compute`` (by linearity, no per-token work), see ``metrics.mean_projections``.
+in ``compare.compare`` (by linearity, no per-token work), see ``metrics.mean_projections``.
 
 A source is a path to ``.safetensors`` (every named tensor a [d] vector or an [n, d] matrix),
 ``.pt``/``.pth`` (loaded with ``weights_only=True``: a tensor or a dict of tensors), ``.npy``

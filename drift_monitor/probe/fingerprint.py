@@ -2,7 +2,7 @@
 
 Why not a sample: the baseline cache is keyed by the base model's fingerprint, and a fingerprint
 that read ~1,024 values per tensor took a different base model, whose changes missed the
-samples, for the first one and reused its baseline (README, "Reliability").
+samples, for the first one and reused its baseline (docs/reliability.md).
 
 How: per tensor, an integer projection of the raw bits onto a fixed pseudo-random vector ``r``,
 on the tensor's own device; only one int64 per tensor comes back to the host. Why integers

@@ -24,10 +24,15 @@ import torch
 from ..config import FORMATS
 from ..errors import DriftMonitorError
 from ..records import ALL
+from ..settings import ProbeSettings
 from ..textfiles import jsonl
 from .tokens import TokenConventions
 
 log = logging.getLogger(__name__)
+
+#: ``prompt_end`` reads the last this-many prompt tokens of plain text (no template marks where
+#: the user's words end); the direction ablation reads as many (offline.directions_ablation).
+PLAIN_PROMPT_END_TOKENS = 4
 
 class ProbeError(DriftMonitorError, ValueError):
     """A malformed or empty probe set, with the file and line that is wrong."""
@@ -400,13 +405,9 @@ def ensure_pad_token(tokenizer: Any) -> int:
 def prepare_probes(
     probe_set: ProbeSet,
     tokenizer: Any,
+    settings: ProbeSettings,
     *,
-    batch_size: int,
-    max_length: int,
-    selector_for: Any,  # Callable[[str], str]
-    format_for: Any = None,  # Callable[[str], str]; None: chat everywhere
-    prompt_end_tokens: int | None = None,
-    include_bos: bool = False,
+    base: bool = False,
     conventions: TokenConventions | None = None,
     categories: Sequence[str] | None = None,
     order: Sequence[int] | None = None,
@@ -414,20 +415,27 @@ def prepare_probes(
 ) -> PreparedProbes:
     """Tokenise, sort by length, pad into batches and build the selection masks, once.
 
-    Sorting by length keeps padding (computed and thrown away, at the cost of a real token)
-    small. Padding is on the right, which leaves every real token's position unchanged.
-    ``order`` (record indices) imposes another preparation's batches, so that two formats of
-    the same probes pair batch by batch. ``include_bos`` reads position 0 (the attention sink)
-    despite ``conventions.skip_first``. ``refusal`` says which categories' tokens the refusal
-    scores read, and teacher-forces its response after those probes.
+    ``settings`` says how (batch size, length, positions, formats, ``prompt_end_tokens``,
+    ``include_bos``); ``base``: in the base model's formats (``settings.base_formats``). Sorting
+    by length keeps padding (computed and thrown away, at the cost of a real token) small.
+    Padding is on the right, which leaves every real token's position unchanged. ``order``
+    (record indices) imposes another preparation's batches, so that two formats of the same
+    probes pair batch by batch. ``include_bos`` reads position 0 (the attention sink) despite
+    ``conventions.skip_first``. ``refusal`` says which categories' tokens the refusal scores
+    read, and teacher-forces its response after those probes.
     """
     conv = conventions or TokenConventions()
-    if include_bos:
+    if settings.include_bos:
         conv = replace(conv, skip_first=False)
-    format_for = format_for or (lambda c: "chat")
+    max_length, prompt_end_tokens = settings.max_length, settings.prompt_end_tokens
+    selector_for = settings.selector_for
+
+    def format_for(category: str) -> str:
+        return settings.format_for(category, base=base)
+
     pad_id = ensure_pad_token(tokenizer)
     cats = list(categories) if categories is not None else probe_set.categories
-    _check_selectors(probe_set, selector_for)
+    _check_selectors(probe_set, settings)
     refusal = refusal or RefusalProbing()
     items = [tokenize_probe(tokenizer, r, max_length, format_for(r.category), conv,
                             forced=refusal.forced_for(r.category)) for r in probe_set.records]
@@ -443,8 +451,8 @@ def prepare_probes(
     post = [_positions(it, "prompt_end", None, conv, special) if it.record.category in refusal.categories else []
             for it in items]
     batches = []
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    for start in range(0, len(order), settings.batch_size):
+        idx = order[start:start + settings.batch_size]
         batches.append(_make_batch([items[i] for i in idx], [sel[i] for i in idx], [ref[i] for i in idx],
                                    [post[i] for i in idx], idx, cats, pad_id))
     empty = [it.record.id for it, s in zip(items, sel) if not s]
@@ -456,9 +464,8 @@ def prepare_probes(
     return PreparedProbes(probe_set, cats, items, batches, _hash(items, sel, settings, ref, post), settings, order)
 
 
-def _check_selectors(probe_set: ProbeSet, selector_for: Any) -> None:
-    owner = getattr(selector_for, "__self__", None)
-    positions = getattr(owner, "positions", None)
+def _check_selectors(probe_set: ProbeSet, settings: ProbeSettings) -> None:
+    positions = settings.positions
     if isinstance(positions, Mapping):
         unknown = sorted(set(positions) - set(probe_set.categories))
         if unknown:
@@ -467,7 +474,7 @@ def _check_selectors(probe_set: ProbeSet, selector_for: Any) -> None:
                 f"the probe set has categories {probe_set.categories}"
             )
     for r in probe_set.records:
-        if selector_for(r.category) == "response" and r.response is None:
+        if settings.selector_for(r.category) == "response" and r.response is None:
             raise ProbeError(
                 f"probe {r.id!r} (category {r.category!r}) uses the 'response' selector but has no response; "
                 "add a 'response' field or choose 'all'/'prompt_end' for that category"
@@ -497,7 +504,7 @@ def _positions(item: TokenizedProbe, selector: str, k: int | None, conv: TokenCo
             if end <= start:  # a template with nothing after the user's words
                 start = end - 1
         else:
-            start, end = item.prompt_len - (k or 4), item.prompt_len
+            start, end = item.prompt_len - (k or PLAIN_PROMPT_END_TOKENS), item.prompt_len
     else:  # response
         start, end = item.response if item.response is not None else (item.prompt_len, n)
     start = max(0, start, 1 if conv.skip_first else 0)

@@ -9,7 +9,8 @@ Each state is declared once, in ``STATES`` (torchmetrics' ``add_state``): its na
 dtype and reduction drive ``HookStats`` initialisation, ``merge``, ``all_reduce``,
 ``state_dict``/``load_state_dict`` and ``STATE_LAYOUT``. A new statistic is one more row
 there plus the lines of ``update`` that accumulate it. The metrics computed from a current
-and a base ``HookStats`` are a pure function, ``drift_monitor.probe.compare.compare``.
+and a base ``HookStats`` are a pure function, ``drift_monitor.probe.compare.compare``, one layer
+up: it reads these statistics, they never call it (no import cycle).
 
 Outside the table, on purpose:
 
@@ -33,12 +34,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..config import MetricSettings
-from ..records import HookResult
 from . import metrics as M
-from .compare import compare
 from .dist import is_distributed
-from .residual import ResidualReader, accumulate, sketch_matrix, sketch_width
+from .residual import accumulate, sketch_matrix, sketch_width
 
 
 @dataclass
@@ -321,12 +319,3 @@ class HookStats:
         if "_omega" not in self.__dict__:
             self._omega = sketch_matrix(self.d, self.device)
         return self._omega
-
-    # ------------------------------------------------------------------ results
-    def compute(self, base: HookStats, hook: str, settings: MetricSettings,
-                directions: Mapping[str, torch.Tensor] | None = None,
-                refusal: tuple[HookStats, HookStats] | None = None,
-                reader: ResidualReader | None = None,
-                post: tuple[HookStats, HookStats] | None = None) -> HookResult:
-        """The metrics of this (current) model against ``base``: ``compare.compare``, which see."""
-        return compare(self, base, hook, settings, directions, refusal, reader, post)

@@ -51,7 +51,7 @@ The package imports only the standard library, NumPy, pandas, pyarrow, DuckDB an
 
 from __future__ import annotations
 
-from drift_monitor.records import FEATURE_COLUMNS
+from drift_monitor.records import FEATURE_COLUMNS, RUN_STATUSES, RunStatus
 
 from .errors import (
     SchemaVersionError,
@@ -74,9 +74,9 @@ from .schema import (
     Migration,
     create_schema,
 )
-from .spool import QUARANTINE_HINT, SpoolState, spool_state
+from .spool import QUARANTINE_HINT, SpoolNotice, SpoolState, replay_command, spool_state
 from .tables import alert_id, build_feature_stats_table
-from .writer import REFUSAL_TOP_N, RUN_STATUSES, RunStatus, Store, WriteOutcome, replay_command
+from .writer import REFUSAL_TOP_N, Store, WriteOutcome
 
 __all__ = [
     "COLUMNS",
@@ -94,6 +94,7 @@ __all__ = [
     "Migration",
     "RunStatus",
     "SchemaVersionError",
+    "SpoolNotice",
     "SpoolState",
     "Store",
     "StoreEmpty",

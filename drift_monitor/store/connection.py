@@ -2,7 +2,7 @@
 
 Why: DuckDB lets either one read-write process *or* many read-only processes open a file,
 never both, so "the file is busy" is a normal state, not a failure. Every opener (the writer,
-each reader call) goes through :func:`_connect`, which tells a lock from a real error, retries
+each reader call) goes through :func:`connect_file`, which tells a lock from a real error, retries
 a lock with jittered backoff for a bounded time and then raises :class:`StoreLocked`, leaving
 the caller to decide what busy means for it (the writer spools, a reader reports).
 """
@@ -40,7 +40,7 @@ def _is_lock_error(exc: BaseException) -> bool:
     return any(marker in msg for marker in _LOCK_MARKERS)
 
 
-def _connect(
+def connect_file(
     path: Path,
     read_only: bool,
     timeout_s: float,
@@ -102,7 +102,7 @@ def _translate_open_error(path: Path, exc: Exception) -> Exception:
 
 
 @contextlib.contextmanager
-def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     """BEGIN ... COMMIT, or ROLLBACK and re-raise: a failed write leaves no trace."""
     con.execute("BEGIN TRANSACTION")
     try:
@@ -120,7 +120,7 @@ _PATH_LOCKS: dict[str, threading.RLock] = {}
 _PATH_LOCKS_GUARD = threading.Lock()
 
 
-def _path_lock(path: Path) -> threading.RLock:
+def path_lock(path: Path) -> threading.RLock:
     key = str(path.resolve())
     with _PATH_LOCKS_GUARD:
         return _PATH_LOCKS.setdefault(key, threading.RLock())

@@ -9,7 +9,7 @@ root reads it through :func:`connect`: an in-memory DuckDB with one view per sto
 
 Why the views look the way they do:
 
-* **Each view starts from the table's empty stand-in** (the store's own DDL, :func:`~.many._ddl_of`,
+* **Each view starts from the table's empty stand-in** (the store's own DDL, :func:`~.many.ddl_of`,
   in a schema of its own) ``UNION ALL BY NAME`` the Parquet files: column order and types come
   out as in a store file, a column a dataset lacks reads NULL, a table it lacks reads empty.
 * **``run_id`` is the folder's ``run=`` value** (read back as VARCHAR, never cast: a run named
@@ -43,8 +43,8 @@ import duckdb
 from drift_monitor.errors import first_line
 
 from .errors import StoreEmpty, StoreError, StoreNotFound
-from .many import _ddl_of, _quoted
-from .schema import COLUMNS, SCHEMA_VERSION, _check_version
+from .many import ddl_of, quoted
+from .schema import COLUMNS, SCHEMA_VERSION, check_schema_version
 
 #: The folder prefix of each table in a dataset.
 TABLE_DIR = "table="
@@ -133,7 +133,7 @@ def connect(path: str | os.PathLike[str], check_version: bool = True) -> duckdb.
         cursor = held[1].cursor()  # a connection of its own to the same views: one per call and thread
     if check_version:
         try:
-            _check_version(root, held[2])  # root, not a Path: a URL keeps its //
+            check_schema_version(root, held[2])  # root, not a Path: a URL keeps its //
         except BaseException:
             cursor.close()
             raise
@@ -163,8 +163,8 @@ def _open(root: str) -> duckdb.DuckDBPyConnection:
             if not is_remote(root):
                 raise
             raise DatasetError(f"{root}: cannot read the dataset ({first_line(e)}); check the URL, and that DuckDB "
-                               "has credentials for it (CREATE PERSISTENT SECRET, see the README's Store "
-                               "section)") from None
+                               "has credentials for it (CREATE PERSISTENT SECRET, see docs/store.md, "
+                               "\"Reading a dataset back\")") from None
     except BaseException:
         con.close()
         raise
@@ -197,13 +197,13 @@ def _files(con: duckdb.DuckDBPyConnection, root: str, table: str) -> str | None:
 def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> None:
     meta = _files(con, root, "meta")
     if meta is not None:
-        con.execute(f"CREATE VIEW meta AS SELECT key, value FROM read_parquet({_quoted(meta)})")
+        con.execute(f"CREATE VIEW meta AS SELECT key, value FROM read_parquet({quoted(meta)})")
     else:  # a dataset exported before the version was written: the views give the current layout
         con.execute(f"CREATE VIEW meta AS SELECT 'schema_version' AS key, '{SCHEMA_VERSION}' AS value")
     con.execute("CREATE SCHEMA layout")
     con.execute("USE layout")
     for table in COLUMNS:
-        con.execute(_ddl_of(table))
+        con.execute(ddl_of(table))
     con.execute("USE memory.main")
     any_files = False
     for table, cols in COLUMNS.items():
@@ -213,7 +213,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: str) -> None:
             any_files = True
             sql += " UNION ALL BY NAME " + _parquet_select(pattern, cols)
         if table == "runs":
-            sql = f"SELECT *, {_quoted(root)} AS store_file FROM ({sql})"
+            sql = f"SELECT *, {quoted(root)} AS store_file FROM ({sql})"
         con.execute(f"CREATE VIEW {table} AS {sql}")
     if not any_files:
         raise StoreEmpty(f"{root}: a dataset folder without Parquet files: export runs into it with "
@@ -224,8 +224,8 @@ def _parquet_select(pattern: str, cols: tuple[str, ...]) -> str:
     """The store columns of a table's Parquet files (hive columns of the root's own path left out),
     ``run_id`` from the ``run=`` folder where the table is per run."""
     per_run = "run_id" in cols
-    keep = ", ".join(_quoted(c) for c in cols if not (per_run and c == "run_id"))
+    keep = ", ".join(quoted(c) for c in cols if not (per_run and c == "run_id"))
     options = "hive_partitioning = true, hive_types = {'run': VARCHAR}, " if per_run else \
         "hive_partitioning = false, "
     return (f"SELECT COLUMNS(lambda c: list_contains([{keep}], c)){', run AS run_id' if per_run else ''} "
-            f"FROM read_parquet({_quoted(pattern)}, {options}union_by_name = false)")
+            f"FROM read_parquet({quoted(pattern)}, {options}union_by_name = false)")

@@ -34,9 +34,11 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from drift_monitor.records import RUN_STATUSES, RunStatus
+
 from .connection import retry_locked
 from .errors import StoreEmpty, StoreNotFound
-from .schema import COLUMNS, MIGRATIONS, V1_DDL, _check_version
+from .schema import COLUMNS, MIGRATIONS, V1_DDL, check_schema_version
 
 #: The suffix of a store file inside a store directory.
 SUFFIX = ".duckdb"
@@ -137,7 +139,7 @@ def no_files(path: str | os.PathLike[str]) -> StoreNotFound:
                          f"store directory of <run>{SUFFIX} files, or a glob that matches them")
 
 
-def _ddl_of(table: str) -> str:
+def ddl_of(table: str) -> str:
     """The CREATE statement of ``table`` in the current layout (an empty stand-in)."""
     for sql in (*V1_DDL, *(s for m in MIGRATIONS for s in m.statements)):
         if re.search(rf"CREATE TABLE IF NOT EXISTS {table}\b", sql):
@@ -145,7 +147,7 @@ def _ddl_of(table: str) -> str:
     raise KeyError(table)
 
 
-def _quoted(value: str | os.PathLike[str]) -> str:
+def quoted(value: str | os.PathLike[str]) -> str:
     """A SQL string literal (file paths and prefixes come from the file system, never from a query)."""
     return "'" + str(value).replace("'", "''") + "'"
 
@@ -181,7 +183,7 @@ def attach(con: duckdb.DuckDBPyConnection, files: Sequence[Path], timeout_s: flo
     out = []
     for f in files:
         alias = f"s{len(out)}"
-        sql = f"ATTACH {_quoted(f)} AS {alias} (READ_ONLY)"
+        sql = f"ATTACH {quoted(f)} AS {alias} (READ_ONLY)"
         retry_locked(lambda sql=sql: con.execute(sql), str(f), timeout_s, retries)
         out.append((alias, Path(f)))
     return out
@@ -191,7 +193,7 @@ def scan(con: duckdb.DuckDBPyConnection, attached: Sequence[tuple[str, Path]]) -
     """What each attached file holds: one query per fact over all files (see the module docstring)."""
     if not attached:
         return []
-    names = ", ".join(_quoted(a) for a, _ in attached)
+    names = ", ".join(quoted(a) for a, _ in attached)
     tables: dict[str, set[str]] = {a: set() for a, _ in attached}
     n_labels: dict[str, int] = {}
     for db, table, rows in con.execute("SELECT database_name, table_name, estimated_size FROM duckdb_tables() "
@@ -229,7 +231,7 @@ def scan(con: duckdb.DuckDBPyConnection, attached: Sequence[tuple[str, Path]]) -
 def _union(aliases: Sequence[str], sql: str) -> str:
     """``sql`` (with ``{a}``: the alias, ``{q}``: it quoted) for every alias, as one query (by
     name: an older file's runs table may order its columns differently)."""
-    return " UNION ALL BY NAME ".join(sql.format(a=a, q=_quoted(a)) for a in aliases)
+    return " UNION ALL BY NAME ".join(sql.format(a=a, q=quoted(a)) for a in aliases)
 
 
 def prefixes(infos: Sequence[FileInfo]) -> dict[Path, str]:
@@ -250,6 +252,13 @@ def prefixes(infos: Sequence[FileInfo]) -> dict[Path, str]:
     return out
 
 
+#: How the shards' statuses make a sharded run's: the first of these any shard has, else
+#: ``finished`` (the one status left out). Every other status must be ranked here.
+WORST_FIRST: tuple[RunStatus, ...] = ("running", "failed", "preempted", "interrupted")
+if set(RUN_STATUSES) - set(WORST_FIRST) != {"finished"}:
+    raise ValueError("drift_monitor.store.many: WORST_FIRST must rank every run status but 'finished'")
+
+
 def runs_merged(source: str, extra: str = "") -> str:
     """One row per run of ``source`` (runs columns, ``k``/``n``: the shard number and count,
     ``store_file``): the shard files of one run hold a runs row each. Name, model, config and
@@ -257,8 +266,7 @@ def runs_merged(source: str, extra: str = "") -> str:
     status is 'running' while any shard runs or has not written its file yet, else the first of
     failed/preempted/interrupted any shard has, else 'finished'.
     ``extra``: more aggregate columns (``, expr AS name``)."""
-    worst = " ".join(f"WHEN bool_or(status = '{s}') THEN '{s}'" for s in ("running", "failed", "preempted",
-                                                                           "interrupted"))
+    worst = " ".join(f"WHEN bool_or(status = '{s}') THEN '{s}'" for s in WORST_FIRST)
     agg = {"run_id": "run_id", "created_at": "min(created_at)", "updated_at": "max(updated_at)",
            "status": f"CASE WHEN count(DISTINCT k) < max(n) THEN 'running' WHEN count(*) = 1 THEN first(status) "
                      f"{worst} ELSE 'finished' END",
@@ -295,7 +303,7 @@ def build_views(con: duckdb.DuckDBPyConnection, parts: Sequence[tuple[str, FileI
     data = [i for i in every if i.version is not None]
     if check_version:
         for i in data:
-            _check_version(i.path, i.version)
+            check_schema_version(i.path, i.version)
     if not data:
         raise StoreEmpty(f"{where}: no store file there holds drift-monitor data yet")
     prefix = prefixes(every)
@@ -303,14 +311,14 @@ def build_views(con: duckdb.DuckDBPyConnection, parts: Sequence[tuple[str, FileI
     for table, cols in COLUMNS.items():
         have = [(a, i) for a, i in parts if table in i.tables]
         if not have:
-            con.execute(_ddl_of(table))
+            con.execute(ddl_of(table))
             if table == "runs":
                 con.execute("ALTER TABLE runs ADD COLUMN store_file VARCHAR")
             continue
         sql = " UNION ALL BY NAME ".join(_select(a, table, cols, prefix[i.path]) for a, i in have)
         if table == "runs":
             sql = runs_merged("(" + " UNION ALL BY NAME ".join(
-                f"SELECT *, {shard_number(i.path)} AS k, {shard_count(i.path)} AS n, {_quoted(i.path)} AS store_file "
+                f"SELECT *, {shard_number(i.path)} AS k, {shard_count(i.path)} AS n, {quoted(i.path)} AS store_file "
                 f"FROM ({_select(a, table, cols, prefix[i.path])})" for a, i in have) + ")")
         con.execute(f"CREATE VIEW {table} AS {sql}")
     # the oldest file's version: what every query may rely on (later tables are empty stand-ins)
@@ -322,5 +330,5 @@ def _select(alias: str, table: str, cols: Sequence[str], prefix: str) -> str:
     the file's ids collide."""
     if not prefix or "run_id" not in cols:
         return f"SELECT * FROM {alias}.{table}"
-    ids = ", ".join(f"{_quoted(prefix)} || {c} AS {c}" for c in ("run_id", "alert_id") if c in cols)
+    ids = ", ".join(f"{quoted(prefix)} || {c} AS {c}" for c in ("run_id", "alert_id") if c in cols)
     return f"SELECT * REPLACE ({ids}) FROM {alias}.{table}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import duckdb
 
 from .errors import StoreError
-from .many import _quoted, attach_files, is_many, run_file, store_files
+from .many import attach_files, is_many, quoted, run_file, store_files
 from .schema import COLUMNS, SCHEMA_VERSION, create_schema
 
 #: The tables a merge and a dataset carry (all but the labels, which are per hook, not per run).
@@ -70,7 +70,7 @@ def _copy(con: duckdb.DuckDBPyConnection, target: Path, run_ids: list[str] | Non
     with duckdb.connect(str(target)) as dst:
         create_schema(dst)
     try:
-        con.execute(f"ATTACH {_quoted(target)} AS dst")
+        con.execute(f"ATTACH {quoted(target)} AS dst")
         try:
             con.execute("BEGIN")
             for table, cols in COLUMNS.items():
@@ -105,7 +105,7 @@ def export_dataset(sources: Sequence[str | os.PathLike[str]], out: str | os.Path
                 continue
             target = out / f"table={table}"
             cols = ", ".join(f'"{c}"' for c in COLUMNS[table])
-            con.execute(f"COPY (SELECT {cols}, run_id AS run FROM {table}) TO {_quoted(target)} "
+            con.execute(f"COPY (SELECT {cols}, run_id AS run FROM {table}) TO {quoted(target)} "
                         "(FORMAT PARQUET, PARTITION_BY (run))")
             written.append(target)
         # labels (per hook) and the layout's version, unpartitioned: a reader of the dataset
@@ -114,7 +114,7 @@ def export_dataset(sources: Sequence[str | os.PathLike[str]], out: str | os.Path
                               ("meta", f"SELECT 'schema_version' AS key, '{SCHEMA_VERSION}' AS value")):
             target = out / f"table={table}"
             target.mkdir()
-            con.execute(f"COPY ({select}) TO {_quoted(target / 'data_0.parquet')} (FORMAT PARQUET)")
+            con.execute(f"COPY ({select}) TO {quoted(target / 'data_0.parquet')} (FORMAT PARQUET)")
             written.append(target)
     finally:
         con.close()

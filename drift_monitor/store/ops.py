@@ -1,8 +1,8 @@
-"""What a write *is*, as data (:class:`_Op`), and how each kind is applied inside a transaction.
+"""What a write *is*, as data (:class:`Op`), and how each kind is applied inside a transaction.
 
 Why writes are records: the writer must be able to apply a write now or, if the file is busy,
 serialise it to the spool and apply it later in another process, with the same effect. So every
-public write becomes an :class:`_Op` (JSON-able parameters plus Arrow tables of rows), and one
+public write becomes an :class:`Op` (JSON-able parameters plus Arrow tables of rows), and one
 ``_apply_<kind>`` function per kind turns it into SQL on an open connection. The caller owns the
 transaction; the functions here never commit.
 
@@ -24,14 +24,14 @@ import pyarrow as pa
 
 from .errors import LabelError
 from .schema import COLUMNS, VERIFICATIONS_DDL
-from .tables import _ts
+from .tables import to_timestamp
 
 #: Tables whose rows belong to one (run, step, hook) and are replaced on re-write.
 _SNAPSHOT_TABLES = ("feature_stats", "metrics", "refusal_features", "residual_directions", "snapshots")
 
 
 @dataclass
-class _Op:
+class Op:
     """One write operation: JSON-able parameters plus Arrow tables of rows to insert."""
 
     kind: str
@@ -55,9 +55,9 @@ def _insert_arrow(con: duckdb.DuckDBPyConnection, table_name: str, table: pa.Tab
         con.unregister(view)
 
 
-def _apply_start_run(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_start_run(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     p = op.payload
-    t = _ts(p["t"])
+    t = to_timestamp(p["t"])
     con.execute(
         """INSERT INTO runs (run_id, name, created_at, updated_at, model, config_json, probe_hash, status, last_step)
            VALUES (?, ?, ?, ?, ?, ?, ?, 'running', NULL)
@@ -72,7 +72,7 @@ def _apply_start_run(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
 
 def _ensure_run(con: duckdb.DuckDBPyConnection, run_id: str, epoch_s: float) -> None:
     """A write for a run nobody started (e.g. ``Store(run_id=...)`` only) creates its row."""
-    t = _ts(epoch_s)
+    t = to_timestamp(epoch_s)
     con.execute(
         "INSERT INTO runs (run_id, name, created_at, updated_at, status) VALUES (?, ?, ?, ?, 'running') "
         "ON CONFLICT (run_id) DO NOTHING",
@@ -80,7 +80,7 @@ def _ensure_run(con: duckdb.DuckDBPyConnection, run_id: str, epoch_s: float) -> 
     ).fetchall()
 
 
-def _apply_snapshot(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_snapshot(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     p = op.payload
     run_id, step = p["run_id"], int(p["step"])
     _ensure_run(con, run_id, p["t"])
@@ -98,7 +98,7 @@ def _apply_snapshot(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
     con.execute(
         "UPDATE runs SET last_step = greatest(coalesce(last_step, ?), ?), updated_at = ?, "
         "probe_hash = coalesce(probe_hash, ?) WHERE run_id = ?",
-        [step, step, _ts(p["t"]), p["probe_hash"], run_id],
+        [step, step, to_timestamp(p["t"]), p["probe_hash"], run_id],
     ).fetchall()
 
 
@@ -128,7 +128,7 @@ def _apply_alert(con: duckdb.DuckDBPyConnection, a: Mapping[str, Any]) -> None:
         closed = con.execute(
             "UPDATE alerts SET status = 'resolved', resolved_step = ?, resolved_at = ? "
             "WHERE run_id = ? AND hook = ? AND rule = ? AND status = 'active' AND step <= ?",
-            [a["step"], _ts(a["created_at"]), a["run_id"], a["hook"], a["rule"], a["step"]],
+            [a["step"], to_timestamp(a["created_at"]), a["run_id"], a["hook"], a["rule"], a["step"]],
         ).fetchall()[0][0]
         if closed:
             return
@@ -147,30 +147,31 @@ def _apply_alert(con: duckdb.DuckDBPyConnection, a: Mapping[str, Any]) -> None:
              value = excluded.value, threshold = excluded.threshold""",
         [
             a["alert_id"], a["run_id"], a["step"], a["hook"], a["rule"], a["severity"], a["message"],
-            a["value"], a["threshold"], a["status"], _ts(a["created_at"]),
-            a["step"] if resolved else None, _ts(a["created_at"]) if resolved else None,
+            a["value"], a["threshold"], a["status"], to_timestamp(a["created_at"]),
+            a["step"] if resolved else None, to_timestamp(a["created_at"]) if resolved else None,
         ],
     ).fetchall()
 
 
-def _apply_finish_run(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_finish_run(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     p = op.payload
     _ensure_run(con, p["run_id"], p["t"])
     con.execute(
-        "UPDATE runs SET status = ?, updated_at = ? WHERE run_id = ?", [p["status"], _ts(p["t"]), p["run_id"]]
+        "UPDATE runs SET status = ?, updated_at = ? WHERE run_id = ?", [p["status"], to_timestamp(p["t"]), p["run_id"]]
     ).fetchall()
 
 
-def _apply_ack_alert(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_ack_alert(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     p = op.payload
     n = con.execute(
-        "UPDATE alerts SET acknowledged = true, acknowledged_at = ? WHERE alert_id = ?", [_ts(p["t"]), p["alert_id"]]
+        "UPDATE alerts SET acknowledged = true, acknowledged_at = ? WHERE alert_id = ?",
+        [to_timestamp(p["t"]), p["alert_id"]]
     ).fetchall()[0][0]
     if not n:
         raise KeyError(f"no alert with id {p['alert_id']!r}")
 
 
-def _apply_labels(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_labels(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     """Replace the labels of these features; ids beyond the hook's SAE (its ``d_sae`` in the
     stored snapshots, when there are any) are refused whole, in the same transaction."""
     table = op.tables["feature_labels"]
@@ -193,13 +194,13 @@ def _apply_labels(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
     _insert_arrow(con, "feature_labels", table)
 
 
-def _apply_alerts(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_alerts(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     _ensure_run(con, op.payload["run_id"], op.payload["t"])
     for alert in op.payload["alerts"]:
         _apply_alert(con, alert)
 
 
-def _apply_verification(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_verification(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     p = op.payload
     # Migration 2 creates the table when the writer opens the file; re-stating it (a no-op
     # catalog check) keeps a verify write working on a file whose table was dropped by hand.
@@ -210,7 +211,7 @@ def _apply_verification(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
     _insert_arrow(con, "verifications", op.tables["verifications"])
 
 
-def _apply_notifications(con: duckdb.DuckDBPyConnection, op: _Op) -> None:
+def _apply_notifications(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     """Upsert notification rows by id. A delivery is never undone by an older state written
     later (a spooled write applied after a newer one): ``notified_at`` once set stays, and
     ``attempts`` only grows."""
@@ -226,7 +227,7 @@ def _upsert_notifications(con: duckdb.DuckDBPyConnection, rows: list[Mapping[str
         return
     cols = COLUMNS["notifications"]
     times = ("created_at", "notified_at")
-    table = pa.table({c: pa.array([_ts(r[c]) if c in times else r[c] for r in rows],
+    table = pa.table({c: pa.array([to_timestamp(r[c]) if c in times else r[c] for r in rows],
                                   type=pa.timestamp("us") if c in times else None) for c in cols})
     con.register("_dm_in_notifications", table)
     try:
@@ -241,7 +242,7 @@ def _upsert_notifications(con: duckdb.DuckDBPyConnection, rows: list[Mapping[str
         con.unregister("_dm_in_notifications")
 
 
-def _apply_once(con: duckdb.DuckDBPyConnection, op: _Op) -> bool:
+def apply_once(con: duckdb.DuckDBPyConnection, op: Op) -> bool:
     """Apply a write that may have been applied before (a spool or dump file: the process may
     have died between the commit and the file's delete). Its id is recorded in the same
     transaction, so it takes effect exactly once. The caller owns the transaction. Returns
@@ -249,13 +250,13 @@ def _apply_once(con: duckdb.DuckDBPyConnection, op: _Op) -> bool:
     done = con.execute("SELECT count(*) FROM _spool_applied WHERE op_id = ?", [op.op_id]).fetchall()
     if done[0][0]:
         return False
-    _APPLY[op.kind](con, op)
-    con.execute("INSERT INTO _spool_applied VALUES (?, ?)", [op.op_id, _ts(time.time())]).fetchall()
+    APPLY[op.kind](con, op)
+    con.execute("INSERT INTO _spool_applied VALUES (?, ?)", [op.op_id, to_timestamp(time.time())]).fetchall()
     return True
 
 
 #: How each kind of write is applied (also the kinds a spool file may hold).
-_APPLY: dict[str, Callable[[duckdb.DuckDBPyConnection, _Op], None]] = {
+APPLY: dict[str, Callable[[duckdb.DuckDBPyConnection, Op], None]] = {
     "verification": _apply_verification,
     "start_run": _apply_start_run,
     "snapshot": _apply_snapshot,

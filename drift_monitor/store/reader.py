@@ -29,16 +29,16 @@ import pandas as pd
 from drift_monitor.records import ALL, FEATURE_COLUMNS, PROJECTION, PROJECTION_DELTA
 
 from . import dataset, routing
-from .connection import _connect
+from .connection import connect_file
 from .errors import StoreEmpty, StoreError, StoreNotFound
 from .many import is_many
 from .schema import (
     NOTIFICATION_COLUMNS,
     RESIDUAL_COLUMNS,
     VERIFICATION_COLUMNS,
-    _as_int,
-    _check_version,
-    _stored_schema_version,
+    as_int,
+    check_schema_version,
+    stored_schema_version,
 )
 from .spool import SpoolState, spool_state
 
@@ -85,13 +85,13 @@ class StoreReader:
             return
         if not self.path.exists():
             raise StoreNotFound(f"no drift-monitor store at {self.path} (the file does not exist)")
-        con = _connect(self.path, read_only=True, timeout_s=self.retry_timeout_s, max_attempts=self.retries)
+        con = connect_file(self.path, read_only=True, timeout_s=self.retry_timeout_s, max_attempts=self.retries)
         try:
-            found = _stored_schema_version(con)
+            found = stored_schema_version(con)
             if found is None:
                 raise StoreEmpty(f"{self.path} is a DuckDB file but holds no drift-monitor data yet")
             if check_version:
-                _check_version(self.path, found)
+                check_schema_version(self.path, found)
             yield con
         finally:
             con.close()
@@ -111,7 +111,7 @@ class StoreReader:
     def schema_version(self) -> int:
         """The schema version recorded in the file (not checked against this code's)."""
         with self._connection(check_version=False, run_ids=()) as con:  # many files: meta is every file's
-            return _as_int(_stored_schema_version(con), -1)
+            return as_int(stored_schema_version(con), -1)
 
     def spool_state(self) -> SpoolState:
         """Writes that wait outside the database (spool, dump files beside it) and quarantined

@@ -2,7 +2,7 @@
 
 Why a command of its own: when a run ends while its database cannot be written (a full disk,
 a read-only file system), :meth:`Store.close <drift_monitor.store.Store.close>` dumps what
-still waits in memory to a file and logs the exact command (:func:`~.writer.replay_command`)::
+still waits in memory to a file and logs the exact command (:func:`~.spool.replay_command`)::
 
     python -m drift_monitor.store.replay /out/drift.duckdb.<run>-<time>.unsaved.zip --db /data/drift.duckdb
 

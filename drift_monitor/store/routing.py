@@ -84,9 +84,9 @@ class _Entry:
     racy: bool
 
 
-class Catalog:
+class FileFacts:
     """What each store file holds (:class:`~.many.FileInfo`), per file path and stat key; one
-    per process (:data:`CATALOG`), shared by every reader and thread."""
+    per process (:data:`FILE_FACTS`), shared by every reader and thread."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
@@ -125,8 +125,8 @@ class Catalog:
             return [e.info for f in files if (e := self._entries.get(str(f))) is not None]
 
 
-#: The process's catalog.
-CATALOG = Catalog()
+#: The process's facts of every store file read so far.
+FILE_FACTS = FileFacts()
 
 #: Threads reading many new files at once (each its own connection; DuckDB works outside the
 #: GIL): most of a cold read is DuckDB opening each file, so two halve it on two idle cores.
@@ -158,7 +158,7 @@ def connect(path: str | os.PathLike[str], check_version: bool = True, run_ids: S
     files = store_files(path)
     if not files:
         raise no_files(path)
-    every = CATALOG.infos(files, timeout_s, retries)
+    every = FILE_FACTS.infos(files, timeout_s, retries)
     parts = [i for i in every if i.version is not None]
     if run_ids is not None and parts:
         wanted, prefix = set(run_ids), prefixes(every)
@@ -198,7 +198,7 @@ def union_query(path: str | os.PathLike[str], sql: str, params: Sequence[object]
     files = store_files(path)
     if not files:
         raise no_files(path)
-    entries = CATALOG.entries(files, timeout_s, retries)
+    entries = FILE_FACTS.entries(files, timeout_s, retries)
     every = [e.info for e in entries]
     prefix = prefixes(every)
     recent: set[tuple[str, ...]] = set()
@@ -246,7 +246,7 @@ def runs_rows(path: str | os.PathLike[str], timeout_s: float = 5.0, retries: int
     files = store_files(path)
     if not files:
         raise no_files(path)
-    every = CATALOG.infos(files, timeout_s, retries)
+    every = FILE_FACTS.infos(files, timeout_s, retries)
     data = [i for i in every if i.version is not None and i.summary is not None]
     con = duckdb.connect(":memory:")
     try:
@@ -287,7 +287,7 @@ def spool_state_of(path: str | os.PathLike[str]) -> SpoolState:
         dumps = [n for n in names if n.endswith(DUMP_SUFFIX)]
         busy |= {f for f in files if f.parent == folder and (f.name in spools or any(d.startswith(f.name)
                                                                                       for d in dumps))}
-    prefix = prefixes(CATALOG.cached(files))  # as runs() just read them; a file not read yet: no prefix
+    prefix = prefixes(FILE_FACTS.cached(files))  # as runs() just read them; a file not read yet: no prefix
     total = SpoolState(Path(path))
     for f in sorted(busy):
         s = spool_state(f)
@@ -304,7 +304,7 @@ def alert_file(path: str | os.PathLike[str], run_id: str, alert_id: str, timeout
     """(store file, alert id inside it) of an alert of ``run_id`` as the reader shows both: the
     file an acknowledgement must go to (a sharded run's alerts may be in any shard's file), under
     the id that file knows (without a colliding unit's prefix). KeyError when no file holds it."""
-    every = CATALOG.infos(store_files(path), timeout_s, retries)
+    every = FILE_FACTS.infos(store_files(path), timeout_s, retries)
     prefix = prefixes(every)
     mine = [i for i in every if i.version is not None and any(prefix[i.path] + r == run_id for r in i.run_ids)]
     con = duckdb.connect(":memory:")

@@ -8,7 +8,7 @@ Why migrations: adding a table must not strand the files written before it. The 
 version-1 DDL (:data:`V1_DDL`) followed by :data:`MIGRATIONS`, an ordered list in which the
 migration to version *n* holds the statements that turn a version *n-1* file into a version *n*
 one. The writer opens a file read-write, so it applies the pending migrations in order, in one
-transaction together with the version bump (:func:`_upgrade_schema`). Readers open the file
+transaction together with the version bump (:func:`upgrade_schema`). Readers open the file
 read-only and cannot migrate: they accept every version from :data:`OLDEST_VERSION` to
 :data:`SCHEMA_VERSION` and treat a table added by a later migration as empty. A fresh file is
 built from the same statements (:func:`create_schema`), so a new file and a migrated one cannot
@@ -33,7 +33,7 @@ import duckdb
 
 from drift_monitor.records import FEATURE_COLUMNS, REFUSAL_COLUMNS
 
-from .connection import _transaction
+from .connection import transaction
 from .errors import SchemaVersionError
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,9 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create every table and record :data:`SCHEMA_VERSION` (idempotent, one transaction).
 
     A file that already records a version keeps it: bringing it up to date is
-    :func:`_upgrade_schema`'s job.
+    :func:`upgrade_schema`'s job.
     """
-    with _transaction(con):
+    with transaction(con):
         for ddl in (*V1_DDL, *(sql for m in MIGRATIONS for sql in m.statements)):
             con.execute(ddl)
         con.execute(
@@ -164,14 +164,14 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
         )
 
 
-def _as_int(value: Any, default: int) -> int:
+def as_int(value: Any, default: int) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
         return default
 
 
-def _stored_schema_version(con: duckdb.DuckDBPyConnection) -> str | None:
+def stored_schema_version(con: duckdb.DuckDBPyConnection) -> str | None:
     """The schema version recorded in the file, or None if it has no drift-monitor schema."""
     try:
         rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
@@ -180,10 +180,10 @@ def _stored_schema_version(con: duckdb.DuckDBPyConnection) -> str | None:
     return rows[0][0] if rows else None
 
 
-def _check_version(path: Path, found: str) -> int:
+def check_schema_version(path: Path, found: str) -> int:
     """The file's version as a number if this code can read (and migrate) it, else raise
     :class:`SchemaVersionError` naming the fix."""
-    version = _as_int(found, -1)
+    version = as_int(found, -1)
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(path, found, SCHEMA_VERSION, "upgrade drift-monitor")
     if version < OLDEST_VERSION:
@@ -193,19 +193,19 @@ def _check_version(path: Path, found: str) -> int:
     return version
 
 
-def _upgrade_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+def upgrade_schema(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     """Make the schema of a file open read-write current: create it in a file that has none,
     apply the pending migrations (in order, one transaction with the version bump) to an older
     one, and refuse a version this code cannot handle."""
-    found = _stored_schema_version(con)
+    found = stored_schema_version(con)
     if found is None:
         create_schema(con)
         return
-    version = _check_version(path, found)
+    version = check_schema_version(path, found)
     pending = [m for m in MIGRATIONS if m.version > version]
     if not pending:
         return
-    with _transaction(con):
+    with transaction(con):
         for migration in pending:
             for sql in migration.statements:
                 con.execute(sql)

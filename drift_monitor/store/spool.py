@@ -2,7 +2,7 @@
 
 Why: a training step must never block for long on a dashboard that happens to be reading, and
 must never lose a snapshot either, not even on a full disk. When the writer cannot write the
-file (busy beyond its retry budget, disk full, I/O error) it serialises the :class:`~.ops._Op`
+file (busy beyond its retry budget, disk full, I/O error) it serialises the :class:`~.ops.Op`
 to one self-contained file here (atomically: temp file, fsync, rename) and carries on; the next
 write applies the queue first, in order. Exactly-once application is the writer's job (it
 records each op id in the same transaction); this module only stores, loads and quarantines
@@ -17,21 +17,24 @@ import io
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import StoreError
-from .ops import _APPLY, _Op
+from .ops import APPLY, Op
 
 log = logging.getLogger(__name__)
 
 
-class _Spool:
+class Spool:
     """A directory of pending writes, applied in file-name (= creation) order.
 
     Each file is a zip (stored, not compressed) of ``op.json`` and one Parquet file per table:
@@ -61,7 +64,7 @@ class _Spool:
         trip. Files another process spools later are found by the next write's listing."""
         return self._seen_waiting
 
-    def put(self, op: _Op) -> Path:
+    def put(self, op: Op) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         name = f"{time.time_ns():020d}-{os.getpid():07d}-{self._seq:06d}-{op.op_id[:8]}.zip"
@@ -71,7 +74,7 @@ class _Spool:
         return final
 
     @staticmethod
-    def load(path: Path) -> _Op:
+    def load(path: Path) -> Op:
         return op_from_bytes(path.read_bytes(), str(path))
 
     def quarantine(self, path: Path, why: BaseException) -> None:
@@ -92,12 +95,12 @@ QUARANTINE_HINT = ("Quarantined files are unreadable (truncated, corrupt) or rej
                    "retries them: inspect them, then delete them")
 
 
-def op_bytes(op: _Op) -> bytes:
+def op_bytes(op: Op) -> bytes:
     """One write as a self-contained zip (stored, not compressed): ``op.json`` and one Parquet
     file per table. The format of spool files, and of each entry of a dump file."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        meta = {"format": _Spool.FORMAT, "kind": op.kind, "op_id": op.op_id, "payload": op.payload}
+        meta = {"format": Spool.FORMAT, "kind": op.kind, "op_id": op.op_id, "payload": op.payload}
         zf.writestr("op.json", json.dumps(meta))
         for tname, table in op.tables.items():
             tbuf = io.BytesIO()
@@ -106,16 +109,16 @@ def op_bytes(op: _Op) -> bytes:
     return buf.getvalue()
 
 
-def op_from_bytes(data: bytes, where: str) -> _Op:
+def op_from_bytes(data: bytes, where: str) -> Op:
     """The inverse of :func:`op_bytes`; raises :class:`CorruptSpoolFile` for anything unreadable."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             meta = json.loads(zf.read("op.json"))
-            if meta.get("format") != _Spool.FORMAT or meta.get("kind") not in _APPLY:
+            if meta.get("format") != Spool.FORMAT or meta.get("kind") not in APPLY:
                 raise ValueError(f"unknown spool format/kind {meta.get('format')}/{meta.get('kind')}")
             tables = {n[: -len(".parquet")]: pq.read_table(io.BytesIO(zf.read(n)))
                       for n in zf.namelist() if n.endswith(".parquet")}
-            return _Op(meta["kind"], meta["payload"], tables, op_id=meta["op_id"])
+            return Op(meta["kind"], meta["payload"], tables, op_id=meta["op_id"])
     except (zipfile.BadZipFile, zipfile.LargeZipFile, json.JSONDecodeError, UnicodeDecodeError, KeyError,
             ValueError, TypeError, EOFError, pa.ArrowException) as exc:
         raise CorruptSpoolFile(f"{where}: {type(exc).__name__}: {exc}") from exc
@@ -131,7 +134,7 @@ class CorruptSpoolFile(StoreError, ValueError):
 DUMP_SUFFIX = ".unsaved.zip"
 
 
-def write_dump(path: Path, ops: list[_Op]) -> Path:
+def write_dump(path: Path, ops: list[Op]) -> Path:
     """Write ``ops`` (in order) to one file: a zip whose entries are spool files, named so that
     they sort in the order they must be applied. Atomic (temp file, fsync, rename)."""
     buf = io.BytesIO()
@@ -143,7 +146,7 @@ def write_dump(path: Path, ops: list[_Op]) -> Path:
     return path
 
 
-def read_dump(path: Path) -> list[_Op]:
+def read_dump(path: Path) -> list[Op]:
     """The writes of a dump file, in order (:class:`CorruptSpoolFile` if it cannot be read)."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -151,6 +154,14 @@ def read_dump(path: Path) -> list[_Op]:
             return [op_from_bytes(zf.read(n), f"{path}:{n}") for n in entries]
     except (zipfile.BadZipFile, EOFError) as exc:
         raise CorruptSpoolFile(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SpoolNotice:
+    """One line of :meth:`SpoolState.notices`: ``level`` says how loud (a dashboard box colour)."""
+
+    level: Literal["warning", "error"]
+    text: str
 
 
 @dataclass
@@ -167,6 +178,33 @@ class SpoolState:
     def n_pending(self) -> int:
         return sum(self.pending.values())
 
+    def notices(self, db: str | os.PathLike[str], *, markdown: bool = False) -> list[SpoolNotice]:
+        """What to tell the user about this state, with the fix: the waiting writes and the
+        commands that load them (a ``warning``), the quarantined files (an ``error``); none when
+        nothing waits. One text for ``drift-monitor runs`` and the dashboard's Runs page, so the
+        two never say different things; ``markdown`` sets paths and commands as code."""
+        def code(text: object) -> str:
+            return f"`{text}`" if markdown else str(text)
+
+        out: list[SpoolNotice] = []
+        if self.n_pending:
+            beside = f" and {len(self.dumps)} dump files beside it" if self.dumps else ""
+            commands = "".join(f"\n{'- ' if markdown else '  '}{code(replay_command(db, dump))}"
+                               for dump in self.dumps or [None])
+            out.append(SpoolNotice("warning", f"{self.n_pending} writes are not in the database yet (in "
+                                              f"{code(self.spool_dir)}{beside}); load them with:{commands}"))
+        if self.quarantined:
+            out.append(SpoolNotice("error", f"{len(self.quarantined)} quarantined spool files in "
+                                            f"{code(self.quarantined[0].parent)}: "
+                                            f"{', '.join(p.name for p in self.quarantined)}.\n{QUARANTINE_HINT}."))
+        return out
+
+
+def replay_command(db: str | os.PathLike[str], dump: str | os.PathLike[str] | None = None) -> str:
+    """The shell command that loads ``dump`` (or, without it, the spool) into ``db``."""
+    parts = [sys.executable, "-m", "drift_monitor.store.replay", *([str(dump)] if dump else []), "--db", str(db)]
+    return " ".join(shlex.quote(p) for p in parts)
+
 
 #: A store file's spool folder is the file's name plus this (:func:`spool_dir_of`).
 SPOOL_SUFFIX = ".spool"
@@ -179,7 +217,7 @@ def spool_dir_of(db: str | os.PathLike[str]) -> Path:
 
 def spool_state(db: str | os.PathLike[str], spool_dir: str | os.PathLike[str] | None = None) -> SpoolState:
     """Read the spool of ``db`` (default :func:`spool_dir_of`) and the dump files beside ``db``."""
-    spool = _Spool(Path(spool_dir) if spool_dir is not None else spool_dir_of(db))
+    spool = Spool(Path(spool_dir) if spool_dir is not None else spool_dir_of(db))
     state = SpoolState(spool.dir, quarantined=spool.quarantined())
     dumps = sorted(Path(db).parent.glob(f"{Path(db).name}*{DUMP_SUFFIX}"))
     state.dumps = dumps

@@ -37,7 +37,7 @@ from .errors import LabelError
 from .schema import VERIFICATION_COLUMNS
 
 
-def _ts(epoch_s: float | None) -> dt.datetime | None:
+def to_timestamp(epoch_s: float | None) -> dt.datetime | None:
     """Epoch seconds -> naive UTC datetime (the ``TIMESTAMP`` columns hold UTC)."""
     if epoch_s is None or (isinstance(epoch_s, float) and math.isnan(epoch_s)):
         return None
@@ -153,7 +153,7 @@ def build_feature_stats_table(
     )
 
 
-def _metrics_table(snapshot: Snapshot, run_id: str) -> pa.Table:
+def metrics_table(snapshot: Snapshot, run_id: str) -> pa.Table:
     """Long-format metrics; ``None`` becomes NaN so the column stays numeric."""
     rows = [(hook, name, _float(v)) for hook, r in snapshot.hooks.items() for name, v in r.metrics.items()]
     n = len(rows)
@@ -223,7 +223,7 @@ def _refusal_rows(result: HookResult, top_n: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _refusal_table(snapshot: Snapshot, run_id: str, top_n: int) -> pa.Table:
+def refusal_table(snapshot: Snapshot, run_id: str, top_n: int) -> pa.Table:
     parts: list[tuple[str, dict[str, np.ndarray]]] = [
         (hook, _refusal_rows(r, top_n)) for hook, r in snapshot.hooks.items() if r.refusal is not None
     ]
@@ -246,7 +246,7 @@ def _refusal_table(snapshot: Snapshot, run_id: str, top_n: int) -> pa.Table:
     )
 
 
-def _residual_table(snapshot: Snapshot, run_id: str) -> pa.Table:
+def residual_table(snapshot: Snapshot, run_id: str) -> pa.Table:
     """One row per direction of new SAE error (``HookResult.residual``), every hook."""
     rows = [(h, d) for h, r in snapshot.hooks.items() for d in r.residual]
     cols = {
@@ -266,7 +266,7 @@ def _residual_table(snapshot: Snapshot, run_id: str) -> pa.Table:
     return pa.table(cols)
 
 
-def _snapshots_table(
+def snapshots_table(
     snapshot: Snapshot, run_id: str, feature_stats: pa.Table, metrics: pa.Table, refusal: pa.Table
 ) -> pa.Table:
     """One ``snapshots`` row per hook, with the row counts written (a completeness check)."""
@@ -282,7 +282,7 @@ def _snapshots_table(
             "run_id": pa.array([run_id] * n, pa.string()),
             "step": pa.array([snapshot.step] * n, pa.int64()),
             "hook": pa.array(hooks, pa.string()),
-            "created_at": pa.array([_ts(snapshot.created_at)] * n, pa.timestamp("us")),
+            "created_at": pa.array([to_timestamp(snapshot.created_at)] * n, pa.timestamp("us")),
             "n_tokens": pa.array([int(snapshot.n_tokens)] * n, pa.int64()),
             "duration_s": pa.array([float(snapshot.duration_s)] * n, pa.float64()),
             "probe_hash": pa.array([snapshot.probe_hash] * n, pa.string()),
@@ -327,7 +327,7 @@ def alert_id(run_id: str, alert: Alert) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def _alert_payload(run_id: str, alert: Alert) -> dict[str, Any]:
+def alert_payload(run_id: str, alert: Alert) -> dict[str, Any]:
     if alert.status not in ("active", "resolved"):
         raise ValueError(f"alert status must be 'active' or 'resolved', got {alert.status!r}")
     return {
@@ -337,7 +337,7 @@ def _alert_payload(run_id: str, alert: Alert) -> dict[str, Any]:
     }
 
 
-def _verification_table(res: VerifyResult) -> pa.Table:
+def verification_table(res: VerifyResult) -> pa.Table:
     """A ``drift-monitor verify`` result, one row per condition; ``draw`` numbers repeats of one
     condition (the random draws), and the whole result's summary rides along as JSON."""
     summary = json.dumps({
@@ -355,7 +355,7 @@ def _verification_table(res: VerifyResult) -> pa.Table:
     for c in res.conditions:
         draw = draws.get(c.condition, 0)
         draws[c.condition] = draw + 1
-        values = (res.verify_id, res.run_id, res.step, res.hook, _ts(res.created_at), c.condition, draw,
+        values = (res.verify_id, res.run_id, res.step, res.hook, to_timestamp(res.created_at), c.condition, draw,
                   feature_label(c), len(c.features), c.alpha, c.seed, c.harmful_refusal_rate,
                   c.harmless_refusal_rate, c.kl_harmless, c.n_harmful, c.n_harmless, json.dumps(c.examples), summary)
         for col, v in zip(VERIFICATION_COLUMNS, values):
@@ -368,7 +368,7 @@ def _verification_table(res: VerifyResult) -> pa.Table:
 
 
 
-def _labels_table(hook: str, labels: Mapping[int, str] | pd.DataFrame, source: str) -> pa.Table:
+def labels_table(hook: str, labels: Mapping[int, str] | pd.DataFrame, source: str) -> pa.Table:
     """The ``feature_labels`` rows of ``{feature: label}`` or a DataFrame with ``feature`` and
     ``label`` columns (the last label of a repeated feature wins)."""
     if isinstance(labels, pd.DataFrame):

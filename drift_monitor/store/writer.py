@@ -15,8 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
-import sys
 import tempfile
 import threading
 import time
@@ -31,23 +29,23 @@ import pandas as pd
 import pyarrow as pa
 
 from drift_monitor.errors import first_line
-from drift_monitor.records import Alert, Snapshot, VerifyResult
+from drift_monitor.records import RUN_STATUSES, Alert, RunStatus, Snapshot, VerifyResult
 
-from .connection import _connect, _path_lock, _transaction
+from .connection import connect_file, path_lock, transaction
 from .dataset import refuse_write
 from .errors import StoreLocked, StoreUnwritable, is_transient
-from .ops import _APPLY, _apply_once, _Op
-from .schema import _upgrade_schema
-from .spool import DUMP_SUFFIX, CorruptSpoolFile, _Spool, spool_dir_of, write_dump
+from .ops import APPLY, Op, apply_once
+from .schema import upgrade_schema
+from .spool import DUMP_SUFFIX, CorruptSpoolFile, Spool, replay_command, spool_dir_of, write_dump
 from .tables import (
-    _alert_payload,
-    _labels_table,
-    _metrics_table,
-    _refusal_table,
-    _residual_table,
-    _snapshots_table,
-    _verification_table,
+    alert_payload,
     build_feature_stats_table,
+    labels_table,
+    metrics_table,
+    refusal_table,
+    residual_table,
+    snapshots_table,
+    verification_table,
 )
 
 if TYPE_CHECKING:
@@ -58,10 +56,6 @@ log = logging.getLogger(__name__)
 #: Default number of refusal features stored per (step, hook), besides every emerging one.
 REFUSAL_TOP_N = 200
 
-#: A run's state: ``failed`` (training or the scan raised), ``interrupted`` (KeyboardInterrupt),
-#: ``preempted`` (SIGTERM: a scheduler took the job back).
-RunStatus = Literal["running", "finished", "failed", "interrupted", "preempted"]
-RUN_STATUSES: tuple[str, ...] = ("running", "finished", "failed", "interrupted", "preempted")
 #: ``committed``: in the database. ``spooled``: on disk in the spool, applied by the next write.
 #: ``queued``: in memory only (the database and the spool both failed); retried at every later
 #: write, and dumped to a file by :meth:`Store.close` if it still cannot be written.
@@ -70,12 +64,6 @@ WriteOutcome = Literal["committed", "spooled", "queued"]
 #: Default bound of the in-memory queue (bytes of Arrow tables); beyond it the oldest writes
 #: are dumped to a file at once.
 MAX_QUEUE_BYTES = 256 << 20
-
-
-def replay_command(db: str | os.PathLike[str], dump: str | os.PathLike[str] | None = None) -> str:
-    """The shell command that loads ``dump`` (or, without it, the spool) into ``db``."""
-    parts = [sys.executable, "-m", "drift_monitor.store.replay", *([str(dump)] if dump else []), "--db", str(db)]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 class _Opening:
@@ -162,11 +150,11 @@ class Store:
         self.retry_timeout_s = float(retry_timeout_s)
         self.store_dead_features = store_dead_features
         self.refusal_top_n = int(refusal_top_n)
-        self.spool = _Spool(Path(spool_dir) if spool_dir is not None else spool_dir_of(self.path))
-        self._lock = _path_lock(self.path)
+        self.spool = Spool(Path(spool_dir) if spool_dir is not None else spool_dir_of(self.path))
+        self._lock = path_lock(self.path)
         self.max_queue_bytes = int(max_queue_bytes)
         self.fallback_dirs = [Path(d) for d in fallback_dirs]
-        self._queue: deque[_Op] = deque()  # writes neither in the database nor on disk, in order
+        self._queue: deque[Op] = deque()  # writes neither in the database nor on disk, in order
         self.failure: BaseException | None = None
         self.unsaved: list[Path] = []
         self.lost = 0
@@ -196,14 +184,14 @@ class Store:
             "config_json": json.dumps(dict(config), sort_keys=True, default=str) if config is not None else None,
             "probe_hash": probe_hash, "t": time.time(),
         }
-        self._submit(_Op("start_run", payload), strict=True)
+        self._submit(Op("start_run", payload), strict=True)
         return rid
 
     def finish_run(self, status: RunStatus = "finished", run_id: str | None = None) -> WriteOutcome:
         """Record the run's end state, so the dashboard can tell live runs from dead ones."""
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
-        return self._submit(_Op("finish_run", {"run_id": self._run(run_id), "status": status, "t": time.time()}))
+        return self._submit(Op("finish_run", {"run_id": self._run(run_id), "status": status, "t": time.time()}))
 
     # -- snapshots and alerts ------------------------------------------------------------------
 
@@ -223,45 +211,45 @@ class Store:
         return self._submit(lambda: self._snapshot_op(snapshot, alerts, rid, rows))
 
     def _snapshot_op(self, snapshot: Snapshot, alerts: Iterable[Alert], run_id: str,
-                     notifications: list[dict[str, Any]] | None = None) -> _Op:
+                     notifications: list[dict[str, Any]] | None = None) -> Op:
         features = build_feature_stats_table(snapshot, run_id, self.store_dead_features)
-        metrics = _metrics_table(snapshot, run_id)
-        refusal = _refusal_table(snapshot, run_id, self.refusal_top_n)
-        snaps = _snapshots_table(snapshot, run_id, features, metrics, refusal)
+        metrics = metrics_table(snapshot, run_id)
+        refusal = refusal_table(snapshot, run_id, self.refusal_top_n)
+        snaps = snapshots_table(snapshot, run_id, features, metrics, refusal)
         payload = {
             "run_id": run_id, "step": int(snapshot.step), "hooks": list(snapshot.hooks),
             "probe_hash": snapshot.probe_hash, "t": time.time(),
-            "alerts": [_alert_payload(run_id, a) for a in alerts],
+            "alerts": [alert_payload(run_id, a) for a in alerts],
         }
         if notifications:
             payload["notifications"] = notifications
         tables = {"feature_stats": features, "metrics": metrics, "refusal_features": refusal, "snapshots": snaps,
-                  "residual_directions": _residual_table(snapshot, run_id)}
-        return _Op("snapshot", payload, tables)
+                  "residual_directions": residual_table(snapshot, run_id)}
+        return Op("snapshot", payload, tables)
 
     def write_alerts(self, alerts: Iterable[Alert], run_id: str | None = None) -> WriteOutcome:
         """Store alerts that come with no snapshot (e.g. a monitor error), in one transaction."""
         rid = self._run(run_id)
-        return self._submit(_Op("alerts", {"run_id": rid, "t": time.time(),
-                                           "alerts": [_alert_payload(rid, a) for a in alerts]}))
+        return self._submit(Op("alerts", {"run_id": rid, "t": time.time(),
+                                           "alerts": [alert_payload(rid, a) for a in alerts]}))
 
     def write_notifications(self, rows: Iterable[Mapping[str, Any]], run_id: str | None = None) -> WriteOutcome:
         """Store the delivery state of alert notifications (``Notification.row()`` dicts), upserted
         by id (drift_monitor.notify)."""
         rid = self._run(run_id)
-        return self._submit(_Op("notifications", {"run_id": rid, "t": time.time(), "rows": [dict(r) for r in rows]}))
+        return self._submit(Op("notifications", {"run_id": rid, "t": time.time(), "rows": [dict(r) for r in rows]}))
 
     def acknowledge_alert(self, alert_id: str) -> WriteOutcome:
         """Mark an alert acknowledged (it stays active until its rule resolves it).
 
         Raises ``KeyError`` for an unknown id when applied at once.
         """
-        return self._submit(_Op("ack_alert", {"alert_id": alert_id, "t": time.time()}))
+        return self._submit(Op("ack_alert", {"alert_id": alert_id, "t": time.time()}))
 
     def write_verification(self, result: VerifyResult) -> WriteOutcome:
         """Store a ``drift-monitor verify`` results table (one transaction; re-writing replaces it)."""
         payload = {"verify_id": result.verify_id, "run_id": result.run_id, "t": time.time()}
-        return self._submit(_Op("verification", payload, {"verifications": _verification_table(result)}))
+        return self._submit(Op("verification", payload, {"verifications": verification_table(result)}))
 
     # -- labels ------------------------------------------------------------------------------
 
@@ -270,8 +258,8 @@ class Store:
     ) -> WriteOutcome:
         """Set feature explanations for ``hook``: ``{feature: label}`` or a DataFrame with
         ``feature`` and ``label`` columns. Replaces existing labels of those features only."""
-        table = _labels_table(hook, labels, source)
-        return self._submit(_Op("labels", {"hook": hook, "source": source}, {"feature_labels": table}))
+        table = labels_table(hook, labels, source)
+        return self._submit(Op("labels", {"hook": hook, "source": source}, {"feature_labels": table}))
 
     # -- spool and lifecycle --------------------------------------------------------------------
 
@@ -342,15 +330,15 @@ class Store:
         """Open read-write with retry and make the schema current: created in a new file,
         migrated in an older one, refused (:class:`SchemaVersionError`) in one too new."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = _connect(self.path, read_only=False, timeout_s=timeout_s)
+        con = connect_file(self.path, read_only=False, timeout_s=timeout_s)
         try:
-            _upgrade_schema(con, self.path)
+            upgrade_schema(con, self.path)
         except BaseException:
             con.close()
             raise
         return con
 
-    def _submit(self, op_or_builder: _Op | Callable[[], _Op], strict: bool = False) -> WriteOutcome:
+    def _submit(self, op_or_builder: Op | Callable[[], Op], strict: bool = False) -> WriteOutcome:
         """Apply one write now (after what waits), else spool or queue it (class docstring).
 
         A snapshot's Arrow tables are built (``op_or_builder`` callable) while the file is being
@@ -379,8 +367,8 @@ class Store:
                 except Exception as exc:  # noqa: BLE001 - as above
                     return self._defer(op, exc, strict=False)
                 try:
-                    with _transaction(con):
-                        _APPLY[op.kind](con, op)
+                    with transaction(con):
+                        APPLY[op.kind](con, op)
                 except Exception as exc:  # noqa: BLE001 - as above
                     return self._defer(op, exc, strict)
             finally:
@@ -388,7 +376,7 @@ class Store:
             self.failure = None
             return "committed"
 
-    def _defer(self, op: _Op, exc: Exception, strict: bool) -> WriteOutcome:
+    def _defer(self, op: Op, exc: Exception, strict: bool) -> WriteOutcome:
         """Keep ``op`` for later after ``exc``: in the spool if it can take it (and nothing older
         waits in memory), else in memory. Raises what retrying cannot fix."""
         if not is_transient(exc):
@@ -432,7 +420,7 @@ class Store:
 
     def _bound_queue(self) -> None:
         size = sum(_op_bytes(o) for o in self._queue)
-        spill: list[_Op] = []
+        spill: list[Op] = []
         while self._queue and size > self.max_queue_bytes:
             spill.append(self._queue.popleft())
             size -= _op_bytes(spill[-1])
@@ -441,7 +429,7 @@ class Store:
                       self.max_queue_bytes, len(spill))
             self._dump(spill)
 
-    def _dump(self, ops: list[_Op]) -> Path | None:
+    def _dump(self, ops: list[Op]) -> Path | None:
         """Write ``ops`` to a dump file beside the database, else in a fallback folder; log the
         command that loads it. If no folder takes it, the writes are lost: say so, loudly."""
         run = next((o.payload.get("run_id") for o in ops if o.payload.get("run_id")), None) or "store"
@@ -498,7 +486,7 @@ class Store:
         return applied
 
 
-def _op_bytes(op: _Op) -> int:
+def _op_bytes(op: Op) -> int:
     return sum(t.nbytes for t in op.tables.values()) + 1024
 
 
@@ -511,13 +499,13 @@ def _close(con: duckdb.DuckDBPyConnection) -> None:
         log.debug("drift-monitor: closing the store: %s", exc)
 
 
-def _applied(con: duckdb.DuckDBPyConnection, op: _Op, reject) -> bool:
+def _applied(con: duckdb.DuckDBPyConnection, op: Op, reject) -> bool:
     """Apply ``op`` in one transaction. A transient error (busy, full, I/O) or a bug raises, so the
     write stays where it waits; one the database rejects (a constraint, a malformed table) is
     handed to ``reject`` (quarantined: kept, not retried) and False returned."""
     try:
-        with _transaction(con):
-            _apply_once(con, op)
+        with transaction(con):
+            apply_once(con, op)
     except Exception as exc:
         if is_transient(exc) or not isinstance(exc, (duckdb.Error, ValueError, KeyError, pa.ArrowException)):
             raise

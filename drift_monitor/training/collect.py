@@ -28,11 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DriftMonitorError
 from ..probe.capture import ActivationCapture, model_device, resolve_module
 from ..probe.probes import chat_prompt
 from ..probe.tokens import TokenConventions, first_position_mask, keep_from_norms
 from ..progress import bar as progress_bar
 from .sae_data import Document
+
+
+class TrainSAEError(DriftMonitorError, ValueError):
+    """Bad train-sae input, with the fix in the message. Declared here, the first stage that
+    raises it, so that :mod:`.train_sae` (which re-exports it) and this module need not import
+    each other."""
+
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +278,6 @@ class Stored:
     @classmethod
     def load(cls, work: Path, hook_dirs: dict[str, Path], key: dict[str, Any]) -> Stored | None:
         """The saved collection of the same settings, None if there is none; a different one raises."""
-        from .train_sae import TrainSAEError
-
         path = work / META
         if not path.is_file():
             return None

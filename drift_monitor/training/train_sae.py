@@ -47,10 +47,17 @@ from typing import Any
 
 import torch
 
-from ..errors import DriftMonitorError
 from ..probe.capture import expand_auto, resolve_module
 from ..probe.tokens import TokenConventions
-from .collect import Activations, Stored, collect_activations, default_documents, generate_answers, tokenize_documents
+from .collect import (
+    Activations,
+    Stored,
+    TrainSAEError,
+    collect_activations,
+    default_documents,
+    generate_answers,
+    tokenize_documents,
+)
 from .sae_data import Document, load_documents, mix_chat
 
 __all__ = ["Activations", "TrainReport", "TrainSAEError", "TrainSAESettings", "TrainSummary", "evaluate_sae",
@@ -61,10 +68,6 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "standard")
 PARTIAL = ".partial"
 REPORT = "train_report.json"
-
-
-class TrainSAEError(DriftMonitorError, ValueError):
-    """Bad train-sae input, with the fix in the message."""
 
 
 @dataclass

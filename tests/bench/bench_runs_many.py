@@ -30,7 +30,7 @@ from pathlib import Path
 from bench_dashboard import HOOK, build, build_files
 
 from drift_monitor.store import StoreReader
-from drift_monitor.store.routing import CATALOG
+from drift_monitor.store.routing import FILE_FACTS
 
 
 def _best(fn, repeats: int, before=None) -> float:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     print(f"{'':<28} {'directory s':>12} {'one file s':>11} {'ratio':>7}   ({args.files} runs; best of "
           f"{args.repeats})")
     for name, fn, before in (
-        ("runs() cold", lambda r: r.runs(), CATALOG.clear),
+        ("runs() cold", lambda r: r.runs(), FILE_FACTS.clear),
         ("runs() warm", lambda r: r.runs(), None),
         ("runs() after a file changed", lambda r: r.runs(), "touch"),
         ("metric_series (one run)", lambda r: r.metric_series(rid, hook=HOOK), None),

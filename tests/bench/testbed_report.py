@@ -3,7 +3,9 @@
     python tests/bench/testbed_report.py [--verify] [--repeats 3]
     python tests/bench/testbed_report.py --residual
 
-Prints: the probe pass against the forward cut after the hooked layer (the same batches), the
+Prints: the base SAE's train-sae report (held-out EV, L0, dead/dense fractions, throughput, the EV
+curve by tokens seen) and the cold build's stage timings, the probe pass against the forward cut
+after the hooked layer (the same batches), the
 callback's share of training time, base EV on the probes under the old and the new token
 selection, emerging refusal features and alerts of the refusal and control runs, and with
 --verify the causal check (`drift-monitor verify`) on the refusal run's emerging features.
@@ -134,10 +136,11 @@ def residual_figures(tb, runs) -> dict:
 
 
 def verify_figures(tb, runs) -> dict:
-    from drift_monitor.offline.verify import result_json, run_verify
+    from drift_monitor.offline.verify import result_json
+    from drift_monitor.offline.verify_run import VerifyOptions, run_verify
 
-    res = run_verify(str(tb.model_dir), None, "emerging", adapter=str(runs.adapter("refusal")), db=str(runs.db),
-                     run=runs.run_ids["refusal"], progress=False)
+    res = run_verify(VerifyOptions(str(tb.model_dir), None, "emerging", adapter=str(runs.adapter("refusal")),
+                                   db=str(runs.db), run=runs.run_ids["refusal"]), progress=False)
     j = result_json(res)
     return {k: j[k] for k in ("features", "rates", "ablation_relative_drop", "random_relative_drop", "verdict")}
 
@@ -160,7 +163,9 @@ def main() -> None:
         return
     report = {"sae": {k: tb.sae_report()[k] for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction",
                                                        "collect_seconds", "train_seconds", "collect_tokens_per_s",
-                                                       "forward_tokens_per_s", "seconds_per_million")},
+                                                       "forward_tokens_per_s", "seconds_per_million",
+                                                       "ev_curve")},
+              "build_timings": tb.timings,
               "probe_pass": probe_pass_ratio(tb, args.repeats), "base_ev_by_selection": selection_ev(tb),
               "runs": run_figures(runs)}
     if args.verify:
