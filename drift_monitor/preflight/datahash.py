@@ -29,6 +29,6 @@ def data_hash(sources: Sequence[str | Path]) -> str:
         for f in files:
             h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
             with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023 (read at once)
+                for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
     return h.hexdigest()[:16]
