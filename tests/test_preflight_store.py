@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from store_fixtures import preflight_result
+from test_store import _hold, _release
 
 from drift_monitor.config import MonitorConfig
 from drift_monitor.preflight.datahash import data_hash
@@ -75,6 +76,22 @@ def test_a_malformed_result_raises_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="not an ISO 8601 time"):
         s.write_preflight(preflight_result(created_at="yesterday"))
     assert not db.exists() and s.pending() == 0
+
+
+def test_a_result_written_while_the_file_is_held_is_spooled_and_applied_once(tmp_path):
+    db = tmp_path / "pf.duckdb"
+    s = Store(db, retry_timeout_s=0.3)
+    s.write_preflight(preflight_result("other"))
+    proc = _hold(db, None, "rw")
+    try:
+        assert s.write_preflight(preflight_result("pf1", score=0.1)) == "spooled"
+        assert s.write_preflight(preflight_result("pf1", score=0.2)) == "spooled"  # the later one must win
+        assert s.pending() == 2
+    finally:
+        _release(proc)
+    assert s.flush_spool() == 2 and s.pending() == 0
+    rows = StoreReader(db).preflights().set_index("preflight_id")
+    assert sorted(rows.index) == ["other", "pf1"] and rows.loc["pf1", "score"] == 0.2
 
 
 def _version_4_file(db: Path) -> None:
