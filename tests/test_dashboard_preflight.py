@@ -20,6 +20,7 @@ from test_dashboard import PAGES, app, no_errors
 from drift_monitor.dashboard.preflight import verdict
 from drift_monitor.preflight.datahash import data_hash
 from drift_monitor.store import Store, StoreReader
+from drift_monitor.store.many import preflight_file
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 
@@ -83,6 +84,18 @@ def test_a_store_of_preflights_only_opens_on_every_page(only_preflights, page):
     assert at.info  # a message: no runs yet (no alerts, on the Alerts page)
     if page == "Runs":  # the first page says where the results are
         assert any("2 pre-flight results" in m.value and "Pre-flight page" in m.value for m in at.info)
+
+
+def test_a_store_directory_with_only_its_preflight_file_opens(tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    Store(preflight_file(folder)).write_preflight(preflight_result("pf1"))
+    at = app(folder, "Pre-flight")
+    no_errors(at)
+    assert _frames(at)[0].preflight_id.tolist() == ["pf1"]
+    at = app(folder, "Runs")
+    no_errors(at)
+    assert any("1 pre-flight result:" in m.value for m in at.info)
 
 
 def _run_store(tmp_path: Path, outputs: dict, results=()) -> Path:
