@@ -31,16 +31,15 @@ def _num(v: float | None, fmt: str = "+.3f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def direction(score: float) -> str:
-    """The verdict of a score (PreflightResult.direction), NaN as 'not measured'."""
-    if isinstance(score, float) and math.isnan(score):
-        return "not measured"
-    return "raises refusal" if score > 0 else "erodes refusal" if score < 0 else "neutral"
+def direction(res: PreflightResult) -> str:
+    """The result's verdict (``PreflightResult.direction``); a NaN score (no example could be
+    read) is 'not measured', not 'neutral'."""
+    return "not measured" if math.isnan(res.score) else res.direction
 
 
 def verdict(res: PreflightResult) -> str:
     """The one line a run shows: what the data would do to the start model's refusal."""
-    return (f"Pre-flight: {res.dataset} scored {_num(res.score)} ({direction(res.score)}) against "
+    return (f"Pre-flight: {res.dataset} scored {_num(res.score)} ({direction(res)}) against "
             f"{res.model or res.model_fingerprint or 'the start model'}")
 
 
@@ -119,5 +118,5 @@ def run_section(r: StoreReader, run: pd.Series) -> None:
 
 def results_table(df: pd.DataFrame) -> pd.DataFrame:
     """Every result in the store, newest first, with its verdict."""
-    out = df.assign(direction=[direction(float(s)) for s in df["score"]])
+    out = df.assign(direction=[direction(result_of(row)) for _, row in df.iterrows()])
     return out[list(LIST_COLUMNS)].reset_index(drop=True)

@@ -163,3 +163,10 @@ def test_run_detail_of_a_run_naming_no_data_points_to_the_page(tmp_path):
     at = app(_run_store(tmp_path / "bare", {}), "Run detail", run="r1")
     no_errors(at)
     assert not any("pre-flight" in c.value.lower() for c in at.caption)
+
+
+def test_a_result_without_a_score_reads_not_measured():
+    res = preflight_result(score=float("nan"))
+    assert res.direction == "neutral"  # the record's own word, for a NaN score
+    assert verdict(res) == "Pre-flight: data/train.jsonl scored - (not measured) against tiny-chat"
+    assert verdict(preflight_result(score=-0.5)).endswith("scored -0.500 (erodes refusal) against tiny-chat")

@@ -28,15 +28,14 @@ import duckdb
 
 from .errors import StoreError
 from .many import _quoted, attach_files, is_many, preflight_file, run_file, store_files
-from .schema import COLUMNS, SCHEMA_VERSION, create_schema
+from .schema import COLUMNS, PREFLIGHT_NEWEST, SCHEMA_VERSION, create_schema
 
 #: The tables whose rows belong to no run: labels (a hook's) and pre-flight results (a dataset's).
 SHARED_TABLES = tuple(t for t, cols in COLUMNS.items() if "run_id" not in cols)
 #: The tables a merge into a directory and a dataset carry per run (every other one).
 RUN_TABLES = tuple(t for t in COLUMNS if t not in SHARED_TABLES)
 #: Pre-flight rows, one per id (the newest): a result copied into several sources is one result.
-PREFLIGHT_ROWS = ("SELECT * FROM preflight "
-                  "QUALIFY row_number() OVER (PARTITION BY preflight_id ORDER BY created_at DESC) = 1")
+PREFLIGHT_ROWS = f"SELECT * FROM preflight {PREFLIGHT_NEWEST}"
 
 
 def _sources_connection(sources: Sequence[str | os.PathLike[str]]) -> duckdb.DuckDBPyConnection:

@@ -35,6 +35,7 @@ from .many import is_many
 from .schema import (
     NOTIFICATION_COLUMNS,
     PREFLIGHT_COLUMNS,
+    PREFLIGHT_NEWEST,
     RESIDUAL_COLUMNS,
     VERIFICATION_COLUMNS,
     _as_int,
@@ -397,8 +398,7 @@ class StoreReader:
         if self._many():
             return routing.union_query(
                 self.path, f"SELECT * FROM preflight {where}", params,
-                f"SELECT * FROM u QUALIFY row_number() OVER (PARTITION BY preflight_id ORDER BY created_at DESC) = 1 "
-                f"{order}", self.retry_timeout_s, self.retries)
+                f"SELECT * FROM u {PREFLIGHT_NEWEST} {order}", self.retry_timeout_s, self.retries)
         with self._connection(run_ids=()) as con:
             if not _has_table(con, "preflight"):
                 return pd.DataFrame(columns=list(PREFLIGHT_COLUMNS))

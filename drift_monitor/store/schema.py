@@ -144,6 +144,10 @@ PREFLIGHT_DDL = """CREATE TABLE IF NOT EXISTS preflight (
         per_layer_json VARCHAR, data_refusal_share DOUBLE, own_refusal_share DOUBLE, raises_json VARCHAR,
         erodes_json VARCHAR, settings_json VARCHAR)"""
 
+#: Keeps one row per pre-flight result where several files hold it (a merge's sources, a store
+#: directory): the newest. Appended to a query over ``preflight`` rows.
+PREFLIGHT_NEWEST = "QUALIFY row_number() OVER (PARTITION BY preflight_id ORDER BY created_at DESC) = 1"
+
 
 @dataclass(frozen=True)
 class Migration:
