@@ -4,7 +4,8 @@ results, and the table of every result in the store (the Pre-flight page, views/
 
 Why a module and not a page: the run-detail page and the Pre-flight page show a result the same
 way. Texts from the data (prompts, responses, the model's own answers) are shown in dataframes
-only, which render plain text: never markdown, never HTML.
+only, which render plain text; paths and model names inside markdown go through
+:func:`~drift_monitor.dashboard.common.plain`: never markup, never HTML.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from drift_monitor.dashboard.common import plain
 from drift_monitor.preflight.result import ExampleScore, PreflightResult
 from drift_monitor.store import StoreReader
 from drift_monitor.store.preflights import result_of, run_preflights
@@ -38,9 +40,10 @@ def direction(res: PreflightResult) -> str:
 
 
 def verdict(res: PreflightResult) -> str:
-    """The one line a run shows: what the data would do to the start model's refusal."""
-    return (f"Pre-flight: {res.dataset} scored {_num(res.score)} ({direction(res)}) against "
-            f"{res.model or res.model_fingerprint or 'the start model'}")
+    """The one line a run shows: what the data would do to the start model's refusal (markdown:
+    the dataset path and model name as plain text)."""
+    return (f"Pre-flight: {plain(res.dataset)} scored {_num(res.score)} ({direction(res)}) against "
+            f"{plain(res.model or res.model_fingerprint or 'the start model')}")
 
 
 def layer_chart(res: PreflightResult) -> alt.LayerChart:
@@ -73,8 +76,9 @@ def show_result(res: PreflightResult, key: str) -> None:
     c[1].metric("examples", f"{res.n_examples:,}")
     c[2].metric("refusals in the data", _num(res.data_refusal_share, ".1%"))
     c[3].metric("refusals in its own answers", _num(res.own_refusal_share, ".1%"))
-    st.caption(f"Model {res.model or '-'} (fingerprint {res.model_fingerprint or '-'}), data hash {res.data_hash}, "
-               f"own answers {res.mode}, score over layers {_layers(res.layers)}, checked {res.created_at}.")
+    st.caption(f"Model {plain(res.model or '-')} (fingerprint {plain(res.model_fingerprint or '-')}), data hash "
+               f"{plain(res.data_hash)}, own answers {res.mode}, score over layers {_layers(res.layers)}, checked "
+               f"{res.created_at}.")
     if res.per_layer:
         st.altair_chart(layer_chart(res), width="stretch", key=f"{key}_layers")
     for title, rows, which in (("Examples that raise refusal most", res.raises, "raises"),
@@ -104,14 +108,14 @@ def run_section(r: StoreReader, run: pd.Series) -> None:
         return
     if found.rows.empty:
         how = f"data hash {found.data_hash}" if found.by == "data_hash" else "that path (the file is not readable here)"
-        st.caption(f"No pre-flight result for this run's training data {found.train_data} ({how}).")
+        st.caption(f"No pre-flight result for this run's training data {plain(found.train_data)} ({how}).")
         return
     res = result_of(found.rows.iloc[0])
     how = "matched by the file's hash" if found.by == "data_hash" else \
         "matched by its path: the file is not readable here, so whether it changed since is unknown"
     st.info(verdict(res), icon=":material/flight_takeoff:")
     more = f"; {len(found.rows) - 1} earlier on this data on the Pre-flight page" if len(found.rows) > 1 else ""
-    st.caption(f"Training data {found.train_data}, {how}{more}.")
+    st.caption(f"Training data {plain(found.train_data)}, {how}{more}.")
     with st.expander("Pre-flight details", expanded=False):
         show_result(res, key="run_preflight")
 

@@ -17,6 +17,7 @@ import pytest
 from store_fixtures import HOOK, make_snapshot, preflight_result
 from test_dashboard import PAGES, app, no_errors
 
+from drift_monitor.dashboard.common import plain
 from drift_monitor.dashboard.preflight import verdict
 from drift_monitor.preflight.datahash import data_hash
 from drift_monitor.store import Store, StoreReader
@@ -124,7 +125,7 @@ def test_run_detail_shows_the_result_of_the_runs_training_data(tmp_path):
     shown = [m.value for m in at.info]
     assert verdict(mine) in shown  # the newest result on this data, not the newer one on other data
     captions = " ".join(c.value for c in at.caption)
-    assert f"Training data {data}, matched by the file's hash; 1 earlier on this data" in captions
+    assert f"Training data {plain(str(data))}, matched by the file's hash; 1 earlier on this data" in captions
     # the details: per-layer scores and both example tables, next to the run's metric charts
     figures = _figures(at)
     per_layer = [d for s, d in figures if s.get("layer", [{}])[0].get("title") == "Score per layer"]
@@ -141,8 +142,8 @@ def test_run_detail_says_why_no_result_is_shown(tmp_path):
     at = app(db, "Run detail", run="r1")
     no_errors(at)
     assert not any(m.value.startswith("Pre-flight:") for m in at.info)
-    assert any(f"No pre-flight result for this run's training data {data} (data hash {data_hash([data])})"
-               in c.value for c in at.caption)
+    assert any(f"No pre-flight result for this run's training data {plain(str(data))} (data hash "
+               f"{data_hash([data])})" in c.value for c in at.caption)
     # the same store read where the file is gone: its recorded path matches, and the page says how
     data.unlink()
     at = app(db, "Run detail", run="r1")
@@ -163,6 +164,11 @@ def test_run_detail_of_a_run_naming_no_data_points_to_the_page(tmp_path):
     at = app(_run_store(tmp_path / "bare", {}), "Run detail", run="r1")
     no_errors(at)
     assert not any("pre-flight" in c.value.lower() for c in at.caption)
+
+
+def test_paths_and_names_from_the_data_are_plain_text_in_markdown():
+    res = preflight_result(dataset="my_data/*train*.jsonl", model="<b>m</b>")
+    assert verdict(res) == r"Pre-flight: my\_data/\*train\*.jsonl scored +0.420 (raises refusal) against \<b\>m\</b\>"
 
 
 def test_a_result_without_a_score_reads_not_measured():
