@@ -9,8 +9,8 @@ from pathlib import Path
 from .result import ExampleScore, PreflightResult
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
         "preflight", help="before training: which way a dataset pushes the start model's refusal, and which examples",
         description="Read a fine-tuning dataset against the start model, before training: each example's response "
                     "on the start model's refusal direction at every layer, minus the model's own answer "
@@ -40,7 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
     return p
 
 

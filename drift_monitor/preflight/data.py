@@ -9,12 +9,12 @@ model without a chat template would be read in a format it will not be trained i
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..training.sae_data import DataError, iter_documents
+from .datahash import data_hash as _data_hash
 from .engine import Example
 
 
@@ -45,17 +45,10 @@ def iter_examples(sources: Sequence[str | Path], tokenizer: Any) -> Iterator[Exa
 
 
 def data_hash(sources: Sequence[str | Path]) -> str:
-    """The bytes of every source file (a folder: every file in it, by relative path), hashed in
-    blocks: the identity that keys the cache and that the dashboard matches runs by."""
-    h = hashlib.sha256()
-    for src in sources:
-        path = Path(src).expanduser()
-        if not path.exists():
-            raise PreflightDataError(f"--data {src}: no such file or folder")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023 (read at once)
-                    h.update(block)
-    return h.hexdigest()[:16]
+    """:func:`.datahash.data_hash` (the dataset's identity), a missing or unreadable source
+    raised as :class:`PreflightDataError` like every other problem with the data."""
+    try:
+        return _data_hash(sources)
+    except OSError as e:
+        raise PreflightDataError(str(e) if isinstance(e, FileNotFoundError) else
+                                 f"--data {', '.join(map(str, sources))}: cannot read it ({e})") from None
