@@ -175,3 +175,28 @@ def test_scores_are_pure_and_signed():
     m = SC.fit_own_model(np.array([[0.0], [1.0], [2.0]]), np.array([[1.0], [3.0], [5.0]]))
     np.testing.assert_allclose(m.predict(np.array([[3.0]])), [[7.0]])
     assert SC.auroc([3, 4], [1, 2]) == 1.0 and SC.auroc([1], [1]) == 0.5
+
+
+def test_cli_prints_stores_and_writes_json(tiny, data, tmp_path, capsys, monkeypatch):
+    from drift_monitor.cli import main
+    from drift_monitor.store import StoreReader
+    from drift_monitor.store.preflights import result_of
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the result cache lands in this test's folder
+    model, tok = tiny
+    folder = tmp_path / "start"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    db, out = tmp_path / "pf.duckdb", tmp_path / "pf.json"
+    assert main(["preflight", "--model", str(folder), "--data", str(data), "--db", str(db), "--json", str(out),
+                 "--top", "2", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "dataset score" in text and f"({len(ROWS)} examples)" in text and "stored in" in text
+    stored = result_of(StoreReader(str(db)).preflights().iloc[0])
+    written = PreflightResult.from_dict(json.loads(out.read_text()))
+    assert stored.preflight_id == written.preflight_id and stored.score == pytest.approx(written.score)
+    assert stored.data_hash == data_hash([data]) and len(stored.raises) == 2
+    # a mistyped layer list: exit 2, one line that names the fix
+    assert main(["preflight", "--model", str(folder), "--data", str(data), "--layers", "a,b", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--layers" in err[0] and "10,16,22" in err[0]

@@ -18,7 +18,7 @@ import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,7 @@ def _compute(model: Any, tok: Any, sources: Sequence[str | Path], s: PreflightSe
         per_layer = {layer: float(layer_sum[i] / layer_n[i]) if layer_n[i] else float("nan")
                      for i, layer in enumerate(ref.layers)}
     return PreflightResult(
-        preflight_id=uuid.uuid4().hex[:12], created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        preflight_id=uuid.uuid4().hex[:12], created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         model="", model_fingerprint="", dataset=", ".join(map(str, sources)), data_hash="", n_examples=n,
         mode="generated" if s.generate else "predicted", layers=scored if scored is not None else list(ref.layers),
         score=SC.dataset_score(all_scores), per_layer=per_layer, data_refusal_share=data_refusals / n,

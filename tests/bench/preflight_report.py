@@ -201,8 +201,8 @@ def main() -> int:
         delta = b[max(b)]["harmful_refusal_rate"] - b[0]["harmful_refusal_rate"]
         runs.append((s, d, delta))
     report: dict = {"runs": {}, "choice": {}, "correlation": {}, "mix": {}, "benign": {}}
-    print(f"{'run':22s} {'split':11s} {'Δrefusal':>9s}  " + "  ".join(f"{m[:3]}:{b:6s}" for m in ("generated", "predicted")
-                                                              for b in BANDS))
+    heads = [f"{m[:3]}:{b:6s}" for m in ("generated", "predicted") for b in BANDS]
+    print(f"{'run':22s} {'split':11s} {'Δrefusal':>9s}  " + "  ".join(heads))
     for s, d, delta in runs:
         vals = {f"{m}:{b}": SC.dataset_score(band_score(per_example(d, m, fits[s.start]), b))
                 for m in ("generated", "predicted") for b in BANDS}
@@ -242,9 +242,8 @@ def main() -> int:
             # a benign dataset against the controls of the same start
             d = rd.dataset(f"mix-held-benign-{start}", start, mx["held-benign"])
             score = SC.dataset_score(band_score(per_example(d, mode, fits[start]), band))
-            ctrl = [r["scores"][f"{mode}:{band}"] for r in report["runs"].values()
-                    if r["start"] == start and S.scenario(n).intent == "control"
-                    for n in [next(k for k, v in report["runs"].items() if v is r)]]
+            ctrl = [r["scores"][f"{mode}:{band}"] for name, r in report["runs"].items()
+                    if r["start"] == start and S.scenario(name).intent == "control"]
             inside = min(ctrl) <= score <= max(ctrl) if ctrl else None
             report["benign"][f"{mode}:{start}"] = {"score": score, "controls": [min(ctrl), max(ctrl)], "inside": inside}
             print(f"  benign arithmetic from the {start} start: score {score:+.3f}; controls {min(ctrl):+.3f}.."
