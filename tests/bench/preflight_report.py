@@ -125,7 +125,8 @@ class Reader:
 
         dest = raw_dir(self.tb) / f"{name}.npz"
         if dest.is_file():
-            d = dict(np.load(dest))
+            z = np.load(dest)
+            d = {k: z[k] for k in ("train", "post", "own", "counts")}
             if len(d["train"]) == len(rows):
                 return d
         m, ref, _ = self.start(start)
