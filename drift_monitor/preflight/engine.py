@@ -16,7 +16,8 @@ is what the example would teach.
   are the input, teacher-forced or generated alike), per layer.
 * One forward per example (the teacher-forced response; the prompt's post-instruction projection
   comes with it), and with ``generate`` one generation whose own forward passes are read by the
-  same hooks: no extra forward for the model's answer.
+  same hooks: no extra forward for the model's answer. SAE features (``features``), when asked
+  for, are encoded by hooks in these same forwards.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..probe.capture import layer_output
 from ..probe.probes import chat_prompt, ensure_pad_token
+from .stop import Barrier, StopForward
 
 if TYPE_CHECKING:
     from .features import FeatureReader
@@ -84,23 +86,6 @@ def start_reference(model: nn.Module, tok: Any, harmful: Sequence[str], harmless
     return Reference(chosen, (r / gap[:, None]).float().cpu(), gap.float().cpu())
 
 
-class Barrier:
-    """Stops a forward (raises ``_Stop``) once every hook named in ``keys`` has run in it: the
-    projections' deepest layer and each SAE's module, whichever comes last. ``keys`` empty: never."""
-
-    def __init__(self, keys: set[str]):
-        self.keys = set(keys)
-        self.fired: set[str] = set()
-
-    def reset(self) -> None:
-        self.fired.clear()
-
-    def fire(self, key: str) -> None:
-        self.fired.add(key)
-        if self.keys and self.keys <= self.fired:
-            raise _Stop
-
-
 class _Projector:
     """Forward hooks that project each chosen layer's output on its direction ([B, T] per layer),
     so no [L, B, T, d] stack is kept; with a ``barrier`` the forward stops once the deepest layer
@@ -138,10 +123,6 @@ class _Projector:
     def stacked(self) -> torch.Tensor:
         """[L, B, T] of the last forward."""
         return torch.stack([v for v in self.values if v is not None])
-
-
-class _Stop(Exception):
-    pass
 
 
 def _layer_modules(model: nn.Module, layers: Sequence[int]) -> list[nn.Module]:
@@ -210,7 +191,7 @@ def read_examples(model: nn.Module, tok: Any, examples: Sequence[Example], ref: 
                 features.reset_rows(len(chunk))
             try:
                 model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
             if features is not None and feature_rows is not None:
                 for arr, m in zip(feature_rows, features.row_means()):

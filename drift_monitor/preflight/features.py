@@ -28,7 +28,7 @@ from torch import nn
 
 from ..probe.capture import hidden_size, layer_output, resolve_module
 from ..probe.saes import HookedSAE, bind_sae, check_d_in
-from .engine import Barrier
+from .stop import Barrier, StopForward
 
 #: Tokens encoded at once: bounds the [tokens, d_sae] code buffer (64 MB at d_sae = 16k, float32).
 TOKENS_PER_ENCODE = 1024
@@ -180,7 +180,6 @@ def refusal_features(model: nn.Module, tok: Any, saes: Sequence[BoundSae], harmf
     from ..offline.directions_ablation import post_instruction_tokens, post_mask
     from ..probe.generate import batches
     from ..records import VerifySettings
-    from .engine import _Stop
 
     device = next(model.parameters()).device
     n_post = post_instruction_tokens(tok)
@@ -194,7 +193,7 @@ def refusal_features(model: nn.Module, tok: Any, saes: Sequence[BoundSae], harmf
                 barrier.reset()
                 try:
                     model(**enc, use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
         means.append(reader.mean_codes())
     for s, harm, safe in zip(saes, *means):

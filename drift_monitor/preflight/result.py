@@ -32,8 +32,9 @@ class ExampleScore:
 @dataclass
 class FeaturePush:
     """One SAE feature the data's responses push: its mean code over the data's response tokens,
-    over the model's own answers' tokens, and their difference (``push``); ``refusal``: one of
-    the start's refusal features."""
+    over the model's own answers' tokens (generated for the data's prompts, or without
+    ``--generate`` its answers to the probe prompts), and their difference (``push``);
+    ``refusal``: one of the start's refusal features."""
 
     feature: int
     data_mean: float
