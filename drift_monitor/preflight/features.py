@@ -137,10 +137,11 @@ class FeatureReader:
         def hook(_m: nn.Module, _inp: object, out: object) -> None:
             h = layer_output(out)
             if self.mask is not None:
-                rows = self.mask.nonzero()[:, 0]
-                x = h[self.mask]
+                mask = self.mask.to(h.device)  # a sharded model's layer may sit on another device
+                rows = mask.nonzero()[:, 0]
+                x = h[mask]
             elif self._valid is not None:
-                rows = self._valid.nonzero()[:, 0]
+                rows = self._valid.to(h.device).nonzero()[:, 0]
                 x = h[rows, -1]
             else:
                 rows, x = None, None
@@ -153,14 +154,14 @@ class FeatureReader:
 
     def _encode(self, i: int, s: BoundSae, x: torch.Tensor, rows: torch.Tensor) -> None:
         sae = s.hsae.sae
-        dtype = sae.W_enc.dtype
+        w = sae.W_enc
         for lo in range(0, x.shape[0], TOKENS_PER_ENCODE):  # chunks of tokens, a handful per batch
-            codes = sae.encode(x[lo:lo + TOKENS_PER_ENCODE].to(dtype)).float()  # [n, d_sae]
-            self.code_sum[i] += codes.sum(0, dtype=torch.float64)
+            codes = sae.encode(x[lo:lo + TOKENS_PER_ENCODE].to(device=w.device, dtype=w.dtype)).float()  # [n, d_sae]
+            self.code_sum[i] += codes.sum(0, dtype=torch.float64).to(self.device)
             self.tokens[i] += int(codes.shape[0])
             if s.features is not None and self.row_sum:
                 r = rows[lo:lo + TOKENS_PER_ENCODE].to(self.device)
-                act = codes[:, s.features].sum(-1, dtype=torch.float64)
+                act = codes[:, s.features.to(codes.device)].sum(-1, dtype=torch.float64).to(self.device)
                 self.row_sum[i].index_add_(0, r, act)
                 self.row_n[i].index_add_(0, r, torch.ones_like(act))
 
