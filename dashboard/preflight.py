@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from drift_monitor.dashboard.common import plain
-from drift_monitor.preflight.result import ExampleScore, PreflightResult
+from drift_monitor.preflight.result import ExampleScore, FeaturePush, PreflightResult
 from drift_monitor.store import StoreReader
 from drift_monitor.store.preflights import result_of, run_preflights
 
@@ -88,6 +88,50 @@ def show_result(res: PreflightResult, key: str) -> None:
             st.dataframe(examples_table(rows), hide_index=True, width="stretch", key=f"{key}_{which}")
         else:
             st.caption("none listed")
+    if res.feature_score is not None or res.sae_features:
+        show_features(res, key)
+
+
+def feature_examples_table(examples: list[ExampleScore]) -> pd.DataFrame:
+    """Top examples by the refusal-feature score: the data's response's activity on the start's
+    refusal features, the model's own answer's, and their difference."""
+    return pd.DataFrame({
+        "index": [e.index for e in examples], "feature_score": [e.feature_score for e in examples],
+        "data": [e.response_features for e in examples], "own": [e.own_features for e in examples],
+        "prompt": [e.prompt or "" for e in examples], "response": [e.response for e in examples],
+    })
+
+
+def pushes_table(pushes: list[FeaturePush]) -> pd.DataFrame:
+    """The features one SAE says the data's responses push most, refusal features marked."""
+    return pd.DataFrame({
+        "feature": [f.feature for f in pushes], "push": [f.push for f in pushes],
+        "data_mean": [f.data_mean for f in pushes], "own_mean": [f.own_mean for f in pushes],
+        "refusal_feature": [f.refusal for f in pushes],
+    })
+
+
+def show_features(res: PreflightResult, key: str) -> None:
+    """With SAEs: the refusal-feature score, the examples that push the start's refusal features
+    most each way, and per SAE the features the data's responses push most."""
+    st.markdown("**SAE features**")
+    k = ", ".join(f"{plain(h)}: {len(f)}" for h, f in res.refusal_features.items()) or "-"
+    st.caption(f"Refusal-feature score {_num(res.feature_score)}: per example, the mean over response tokens of "
+               f"the start's refusal features' summed codes, data minus the model's own answer (refusal features "
+               f"per SAE: {k}).")
+    for title, rows, which in (("Examples that raise the refusal features most", res.feature_raises, "f_raises"),
+                               ("Examples that lower the refusal features most", res.feature_erodes, "f_erodes")):
+        st.markdown(f"*{title}*")
+        if rows:
+            st.dataframe(feature_examples_table(rows), hide_index=True, width="stretch", key=f"{key}_{which}")
+        else:
+            st.caption("none listed")
+    for i, (hook, pushes) in enumerate(res.sae_features.items()):
+        st.markdown(f"*Features the data pushes most at {plain(hook)}*")
+        if pushes:
+            st.dataframe(pushes_table(pushes), hide_index=True, width="stretch", key=f"{key}_push_{i}")
+        else:
+            st.caption("none above the model's own answers")
 
 
 def _layers(layers: list[int]) -> str:

@@ -176,3 +176,21 @@ def test_a_result_without_a_score_reads_not_measured():
     assert res.direction == "neutral"  # the record's own word, for a NaN score
     assert verdict(res) == "Pre-flight: data/train.jsonl scored - (not measured) against tiny-chat"
     assert verdict(preflight_result(score=-0.5)).endswith("scored -0.500 (erodes refusal) against tiny-chat")
+
+
+def test_a_result_with_sae_signals_shows_its_features(tmp_path):
+    """With SAEs, the detail adds the top examples by the refusal-feature score and, per SAE, the
+    features the data pushes most; a result without them shows none of it (the tests above)."""
+    db = tmp_path / "pf.duckdb"
+    res = preflight_result("sae", sae=True)
+    Store(db).write_preflight(res)
+    at = app(db, "Pre-flight")
+    no_errors(at)
+    frames = _frames(at)
+    assert len(frames) == 1 + 2 + 2 + 1  # the list, the examples each way, by feature score each way, one SAE
+    f_up, f_down, pushes = frames[3:]
+    assert f_up.feature_score.tolist() == [0.7] and f_up.response.tolist() == ["Sure, here is the code"]
+    assert f_down.feature_score.tolist() == [-0.4] and f_down.own.tolist() == [0.5]
+    assert pushes.feature.tolist() == [9, 40] and pushes.refusal_feature.tolist() == [True, False]
+    assert pushes.push.tolist() == [0.2, 0.1]
+    assert any("Refusal-feature score +0.120" in c.value and "model.layers.1: 2" in c.value for c in at.caption)

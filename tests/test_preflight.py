@@ -200,3 +200,187 @@ def test_cli_prints_stores_and_writes_json(tiny, data, tmp_path, capsys, monkeyp
     assert main(["preflight", "--model", str(folder), "--data", str(data), "--layers", "a,b", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--layers" in err[0] and "10,16,22" in err[0]
+
+
+# ---------------------------------------------------------------- SAE signals (--sae)
+
+SAE_HOOK = "model.layers.1"
+
+
+def _layer_out(model, ids, layer=1):
+    """[T, d] decoder layer ``layer``'s output for one unpadded sequence (its own output: no final norm)."""
+    from drift_monitor.offline.directions_ablation import decoder_layers
+    from drift_monitor.probe.capture import ActivationCapture
+
+    with torch.no_grad(), ActivationCapture({"x": decoder_layers(model)[layer]}) as cap:
+        return cap.run(lambda: model(input_ids=torch.tensor([ids])))["x"][0]
+
+
+def _codes(sae, x):
+    with torch.no_grad():
+        return sae.encode(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tiny):
+    """A sparse SAE on layer 1, calibrated on the probe prompts' activations (~20% density)."""
+    from drift_monitor.demo.tiny import build_sae
+    from drift_monitor.probe.probes import chat_prompt
+
+    model, tok = tiny
+    acts = torch.cat([_layer_out(model, tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"])
+                      for p in HARMFUL + HARMLESS + [p for p, _ in ROWS[:4]]])
+    return build_sae(32, 96, seed=1, calibrate=acts, target_density=0.2)
+
+
+def _bound(model, tok, sae, top_k=6):
+    from drift_monitor.preflight.features import bind_saes, refusal_features
+
+    bound = bind_saes(model, {SAE_HOOK: sae}, "cpu")
+    refusal_features(model, tok, bound, HARMFUL, HARMLESS, top_k=top_k, batch_size=5, max_length=256)
+    return bound
+
+
+def test_refusal_features_are_the_top_harmful_minus_harmless_codes_at_the_post_tokens(tiny, tiny_sae):
+    from drift_monitor.offline.directions_ablation import post_instruction_tokens
+    from drift_monitor.probe.generate import formatted
+
+    model, tok = tiny
+    b, = _bound(model, tok, tiny_sae, top_k=6)
+    n_post = post_instruction_tokens(tok)
+
+    def mean_code(prompts):  # one prompt at a time, no padding: its last n_post tokens
+        codes = [_codes(tiny_sae, _layer_out(model, tok(t, add_special_tokens=False)["input_ids"])[-n_post:])
+                 for t in formatted(tok, prompts)]
+        return torch.cat(codes).double().mean(0)
+
+    diff = mean_code(HARMFUL) - mean_code(HARMLESS)
+    assert int((diff > 0).sum()) > 6  # enough candidates that the choice is a real top-k
+    want = torch.topk(diff, 6).indices
+    assert b.features.tolist() == want.tolist()
+    np.testing.assert_allclose(b.contrast, diff[want].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_responses_feature_activity_is_a_direct_encode_of_its_tokens(tiny, tiny_sae):
+    """Teacher-forced (in the batched forward of read_examples) and generated (during generation)
+    alike: the mean over the response's tokens of the refusal features' summed codes."""
+    from drift_monitor.preflight.engine import _encode
+    from drift_monitor.preflight.features import FeatureReader
+    from drift_monitor.probe.probes import chat_prompt
+
+    model, tok = tiny
+    b, = _bound(model, tok, tiny_sae)
+    ref = start_reference(model, tok, HARMFUL, HARMLESS, None)
+    ex = [Example(r, p) for p, r in ROWS[:4]] + [Example("Plain text, no prompt at all.")]
+    rows = [np.full(len(ex), np.nan)]
+    reader = FeatureReader([b], torch.device("cpu"))
+    with reader:
+        read_examples(model, tok, ex, ref, n_post=2, batch_size=3, features=reader, feature_rows=rows)
+    want, total, n_tok = [], torch.zeros(96, dtype=torch.float64), 0
+    for e in ex:
+        ids, a, z = _encode(tok, e, 256)
+        codes = _codes(tiny_sae, _layer_out(model, ids)[a:z]).double()
+        want.append(float(codes[:, b.features].sum(-1).mean()))
+        total += codes.sum(0)
+        n_tok += z - a
+    np.testing.assert_allclose(rows[0], want, rtol=1e-4, atol=1e-6)
+    assert reader.tokens == [n_tok]
+    np.testing.assert_allclose(reader.mean_codes()[0].numpy(), (total / n_tok).numpy(), rtol=1e-4, atol=1e-6)
+    assert max(want) > 0  # the refusal features fire on some response
+
+    # the model's own answers: read during generation, equal to the generated tokens teacher-forced
+    own_rows = [np.full(2, np.nan)]
+    greader = FeatureReader([b], torch.device("cpu"), eos=tok.eos_token_id, embeddings=model.get_input_embeddings())
+    prompts = [Example("", p) for p, _ in ROWS[:2]]
+    with greader:
+        _, _, texts = own_responses(model, tok, prompts, ref, n_post=2, max_new_tokens=6, batch_size=2,
+                                    features=greader, feature_rows=own_rows)
+    for j, (p, _) in enumerate(ROWS[:2]):
+        pre = tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"]
+        gen = model.generate(input_ids=torch.tensor([pre]), max_new_tokens=6, do_sample=False)[0, len(pre):].tolist()
+        if tok.eos_token_id in gen:
+            gen = gen[:gen.index(tok.eos_token_id) + 1]
+        fed = gen[:-1]  # every generated token but the last is fed back, and read
+        if tok.eos_token_id in fed:
+            fed = fed[:fed.index(tok.eos_token_id)]
+        if not fed:
+            assert np.isnan(own_rows[0][j])
+            continue
+        codes = _codes(tiny_sae, _layer_out(model, pre + fed)[len(pre):]).double()
+        assert own_rows[0][j] == pytest.approx(float(codes[:, b.features].sum(-1).mean()), rel=1e-3, abs=1e-5)
+
+
+def test_sae_signals_are_identical_across_streamed_chunks_and_cached_by_sae(tiny, tiny_sae, data, tmp_path):
+    from drift_monitor.demo.tiny import build_sae
+
+    model, tok = tiny
+    saes = {SAE_HOOK: tiny_sae}
+    runs = [preflight(model, tok, [data], settings=PreflightSettings(chunk=c, top=3, refusal_top_k=6, generate=g,
+                                                                     max_new_tokens=4),
+                      saes=saes, use_cache=False, progress=False) for g in (False, True) for c in (3, 1000)]
+    for one, big in (runs[:2], runs[2:]):
+        assert one.feature_score == pytest.approx(big.feature_score, abs=1e-6)
+        assert [e.index for e in one.feature_raises] == [e.index for e in big.feature_raises]
+        assert [e.index for e in one.feature_erodes] == [e.index for e in big.feature_erodes]
+        assert one.refusal_features == big.refusal_features and len(one.refusal_features[SAE_HOOK]) == 6
+        a, b = one.sae_features[SAE_HOOK], big.sae_features[SAE_HOOK]
+        assert [f.feature for f in a] == [f.feature for f in b] and a
+        np.testing.assert_allclose([f.push for f in a], [f.push for f in b], rtol=1e-5, atol=1e-8)
+        assert all(f.push == pytest.approx(f.data_mean - f.own_mean) for f in a)
+        assert [f.push for f in a] == sorted((f.push for f in a), reverse=True)
+        ex = one.feature_raises[0]
+        assert ex.feature_score == pytest.approx(ex.response_features - ex.own_features)
+    predicted, generated = runs[0], runs[2]
+    # predicted: every chat example's own answer is the start's mean over its probe answers
+    assert len({e.own_features for e in predicted.feature_raises + predicted.feature_erodes}) == 1
+    assert len({e.own_features for e in generated.feature_raises + generated.feature_erodes}) > 1
+    assert predicted.settings["saes"] == {SAE_HOOK: repr_source(tiny_sae)}
+    # the cache: the same SAE reads the cached result, another SAE is a new one
+    s = PreflightSettings(top=2, refusal_top_k=6)
+    first = preflight(model, tok, [data], settings=s, saes=saes, cache_dir=tmp_path / "c", progress=False)
+    again = preflight(model, tok, [data], settings=s, saes=saes, cache_dir=tmp_path / "c", progress=False)
+    other = preflight(model, tok, [data], settings=s, saes={SAE_HOOK: build_sae(32, 96, seed=2)},
+                      cache_dir=tmp_path / "c", progress=False)
+    none = preflight(model, tok, [data], settings=s, cache_dir=tmp_path / "c", progress=False)
+    assert first.preflight_id == again.preflight_id != other.preflight_id
+    assert none.feature_score is None and none.sae_features == {} and len(list((tmp_path / "c").iterdir())) == 3
+    assert PreflightResult.from_dict(json.loads(json.dumps(first.to_dict()))) == first
+
+
+def repr_source(sae):
+    from drift_monitor.probe.saes import _describe
+
+    return _describe(sae)
+
+
+def test_cli_with_an_sae_prints_its_features_and_names_a_wrong_one(tiny, tiny_sae, data, tmp_path, capsys,
+                                                                    monkeypatch):
+    from drift_monitor.cli import main
+    from drift_monitor.demo.tiny import build_sae
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model, tok = tiny
+    folder, sae_dir, narrow = tmp_path / "start", tmp_path / "sae", tmp_path / "narrow"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    tiny_sae.save_model(str(sae_dir))
+    build_sae(16, 64).save_model(str(narrow))
+    base = ["preflight", "--model", str(folder), "--data", str(data), "--top", "2", "--no-progress"]
+    assert main(base + ["--sae", f"{SAE_HOOK}={sae_dir}", "--refusal-top-k", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "refusal-feature score" in text and f"{SAE_HOOK} 6" in text
+    assert f"features the data pushes most at {SAE_HOOK}" in text
+    assert "examples that raise the refusal features most:" in text or \
+        "examples that lower the refusal features most:" in text
+    # an unknown hook: one line naming the model's layer names; an SAE of another width: one line
+    assert main(base + ["--sae", f"model.layers.9.nope={sae_dir}"]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "model.layers.9.nope" in err[0] and "model.layers.N" in err[0]
+    assert main(base + ["--sae", f"{SAE_HOOK}={narrow}"]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "d_in=16" in err[0] and "32" in err[0]
+
+
+def _errors(capsys) -> list[str]:
+    """stderr's lines but transformers' weight-loading bar (the model loads before the SAE is bound)."""
+    return [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("Loading weights")]

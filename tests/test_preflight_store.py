@@ -12,12 +12,14 @@ import math
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 from store_fixtures import preflight_result
 from test_store import _hold, _release
 
 from drift_monitor.config import MonitorConfig
 from drift_monitor.preflight.datahash import data_hash
+from drift_monitor.preflight.result import PreflightResult
 from drift_monitor.store import PREFLIGHT_COLUMNS, SCHEMA_VERSION, Store, StoreReader, export_run
 from drift_monitor.store import schema as sch
 from drift_monitor.store.many import PREFLIGHT_FILE, run_file
@@ -57,6 +59,32 @@ def test_nan_scores_and_no_own_answers_read_back(tmp_path):
     back = result_of(StoreReader(db).preflights().iloc[0])
     assert math.isnan(back.score) and math.isnan(back.per_layer[1]) and back.per_layer[0] == 0.1
     assert back.own_refusal_share is None and all(e.own_text is None for e in back.raises + back.erodes)
+
+
+def test_sae_signals_round_trip_and_a_result_without_them_stores_none(tmp_path):
+    db = tmp_path / "pf.duckdb"
+    with Store(db) as s:
+        s.write_preflight(preflight_result("with", sae=True))
+        s.write_preflight(preflight_result("without"))
+    rows = StoreReader(db).preflights().set_index("preflight_id", drop=False)
+    back = result_of(rows.loc["with"])
+    assert back == preflight_result("with", sae=True)  # feature score, examples, refusal features, pushes
+    assert back.sae_features["model.layers.1"][0].refusal and back.feature_raises[0].own_features == 0.5
+    assert pd.isna(rows.loc["without"].sae_json)  # NULL in the file
+    plain = result_of(rows.loc["without"])
+    assert plain.feature_score is None and plain.sae_features == {} and plain.feature_raises == []
+
+
+def test_a_result_written_before_the_sae_signals_reads_back():
+    """Results are cached and stored as JSON: one without the SAE fields still reads."""
+    d = preflight_result("old").to_dict()
+    for k in ("feature_score", "feature_raises", "feature_erodes", "refusal_features", "sae_features"):
+        d.pop(k)
+    for e in d["raises"] + d["erodes"]:
+        for k in ("feature_score", "response_features", "own_features"):
+            e.pop(k)
+    back = PreflightResult.from_dict(d)
+    assert back == preflight_result("old") and back.feature_score is None
 
 
 def test_rewriting_an_id_replaces_it(tmp_path):

@@ -7,9 +7,9 @@ check itself (``run.preflight``) is imported on first use.
 
 from typing import Any
 
-from .result import ExampleScore, PreflightResult
+from .result import ExampleScore, FeaturePush, PreflightResult
 
-__all__ = ["ExampleScore", "PreflightError", "PreflightResult", "PreflightSettings", "preflight"]
+__all__ = ["ExampleScore", "FeaturePush", "PreflightError", "PreflightResult", "PreflightSettings", "preflight"]
 
 
 def __getattr__(name: str) -> Any:

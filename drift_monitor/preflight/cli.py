@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .result import ExampleScore, PreflightResult
+from .result import ExampleScore, FeaturePush, PreflightResult
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -22,6 +22,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data", required=True, action="append", metavar="PATH",
                    help="training data: JSONL (messages, prompt/response or text), text files, a datasets folder; "
                         "repeat for several")
+    p.add_argument("--sae", action="append", default=[], metavar="HOOK=DIR",
+                   help="an SAE of the start model at HOOK (e.g. model.layers.12=path/to/sae_dir; repeatable): "
+                        "also read each response's activity on the start's refusal features, and list the "
+                        "features the data pushes most")
+    p.add_argument("--refusal-top-k", type=int, default=20,
+                   help="the start's refusal features per SAE (default 20, as the monitor's refusal_top_k)")
     p.add_argument("--generate", action="store_true",
                    help="generate the model's own answer to every prompt (one generation per example) instead of "
                         "predicting it from the prompt's post-instruction projection")
@@ -56,9 +62,11 @@ def _layers(spec: str | None) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cli.common import parse_saes
     from ..offline.loading import load_pair
     from .run import PreflightSettings, preflight
 
+    saes = parse_saes(args.sae)
     probes, cats = None, {}
     if args.config:
         from ..config import MonitorConfig
@@ -67,11 +75,12 @@ def run(args: argparse.Namespace) -> int:
         probes = cfg.probes.source
         cats = {"harmful_category": cfg.metrics.harmful_category, "harmless_category": cfg.metrics.harmless_category}
     settings = PreflightSettings(layers=_layers(args.layers), generate=args.generate, top=args.top,
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, **cats)
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                 refusal_top_k=args.refusal_top_k, **cats)
     tok, model, _, _ = load_pair(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype,
                                  trust_remote_code=args.trust_remote_code)
     name = args.model if not args.adapter else f"{args.model} + {args.adapter}"
-    res = preflight(model, tok, args.data, settings=settings, probes=probes, model_name=name,
+    res = preflight(model, tok, args.data, settings=settings, probes=probes, model_name=name, saes=saes,
                     use_cache=not args.no_cache, progress=not args.no_progress)
     print(format_result(res))
     if args.db:
@@ -120,7 +129,47 @@ def format_result(res: PreflightResult) -> str:
     ]
     lines += _rows("examples that raise refusal most:", [e for e in res.raises if e.score > 0])
     lines += _rows("examples that erode refusal most:", [e for e in res.erodes if e.score < 0])
-    return "\n".join(lines)
+    return "\n".join(lines + _feature_lines(res))
+
+
+def _feature_lines(res: PreflightResult) -> list[str]:
+    """With SAEs: the refusal-feature score, the examples that push the start's refusal features
+    most each way, and per SAE the features the data's responses push most."""
+    if res.feature_score is None and not res.sae_features:
+        return []
+    k = {h: len(f) for h, f in res.refusal_features.items()}
+    lines = [f"  refusal-feature score {_num(res.feature_score)} (the start's refusal features per SAE: "
+             + ", ".join(f"{h} {n}" for h, n in k.items()) + "; mean code summed over them, data − own answer)"]
+    lines += _feature_rows("examples that raise the refusal features most:",
+                           [e for e in res.feature_raises if (e.feature_score or 0) > 0])
+    lines += _feature_rows("examples that lower the refusal features most:",
+                           [e for e in res.feature_erodes if (e.feature_score or 0) < 0])
+    for hook, pushes in res.sae_features.items():
+        lines.append(f"features the data pushes most at {hook} (* = a refusal feature):")
+        lines += _push_rows(pushes) if pushes else ["  none above the model's own answers"]
+    return lines
+
+
+def _num(v: float | None, fmt: str = "+.3f") -> str:
+    return "-" if v is None or v != v else format(v, fmt)
+
+
+def _feature_rows(title: str, items: list[ExampleScore]) -> list[str]:
+    if not items:
+        return []
+    out = [title, f"  {'#':>6}  {'score':>7}  {'data':>7}  {'own':>7}  prompt → response"]
+    for e in items:
+        out.append(f"  {e.index:>6}  {_num(e.feature_score):>7}  {_num(e.response_features, '.3f'):>7}  "
+                   f"{_num(e.own_features, '.3f'):>7}  {_clip(e.prompt, 40)} → {_clip(e.response, 50)}")
+    return out
+
+
+def _push_rows(pushes: list[FeaturePush]) -> list[str]:
+    out = [f"  {'feature':>8}  {'push':>8}  {'data':>8}  {'own':>8}"]
+    for f in pushes:
+        out.append(f"  {f.feature:>7}{'*' if f.refusal else ' '}  {f.push:>+8.4f}  {f.data_mean:>8.4f}  "
+                   f"{f.own_mean:>8.4f}")
+    return out
 
 
 def _span(layers: list[int]) -> str:

@@ -16,14 +16,15 @@ is what the example would teach.
   are the input, teacher-forced or generated alike), per layer.
 * One forward per example (the teacher-forced response; the prompt's post-instruction projection
   comes with it), and with ``generate`` one generation whose own forward passes are read by the
-  same hooks: no extra forward for the model's answer.
+  same hooks: no extra forward for the model's answer. SAE features (``features``), when asked
+  for, are encoded by hooks in these same forwards.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from torch import nn
 
 from ..probe.capture import layer_output
 from ..probe.probes import chat_prompt, ensure_pad_token
+from .stop import Barrier, StopForward
+
+if TYPE_CHECKING:
+    from .features import FeatureReader
 
 
 @dataclass(frozen=True)
@@ -83,13 +88,15 @@ def start_reference(model: nn.Module, tok: Any, harmful: Sequence[str], harmless
 
 class _Projector:
     """Forward hooks that project each chosen layer's output on its direction ([B, T] per layer),
-    so no [L, B, T, d] stack is kept; ``stop_after`` aborts the forward after the deepest layer."""
+    so no [L, B, T, d] stack is kept; with a ``barrier`` the forward stops once the deepest layer
+    (and whatever else the barrier waits for) has run."""
 
-    def __init__(self, layer_modules: list[nn.Module], ref: Reference, device: torch.device, stop: bool):
+    def __init__(self, layer_modules: list[nn.Module], ref: Reference, device: torch.device,
+                 barrier: Barrier | None):
         self.modules = layer_modules
         self.dirs = ref.directions.to(device)
         self.gap = ref.gap.to(device)
-        self.stop = stop
+        self.barrier = barrier
         self.values: list[torch.Tensor | None] = [None] * len(layer_modules)
         self.handles: list[Any] = []
 
@@ -108,18 +115,14 @@ class _Projector:
         def hook(_m: nn.Module, _inp: object, out: object) -> None:
             h = layer_output(out)
             self.values[i] = (h.float() @ self.dirs[i]) / self.gap[i]  # [B, T]
-            if self.stop and i == last:
-                raise _Stop
+            if self.barrier is not None and i == last:
+                self.barrier.fire("directions")
 
         return hook
 
     def stacked(self) -> torch.Tensor:
         """[L, B, T] of the last forward."""
         return torch.stack([v for v in self.values if v is not None])
-
-
-class _Stop(Exception):
-    pass
 
 
 def _layer_modules(model: nn.Module, layers: Sequence[int]) -> list[nn.Module]:
@@ -151,17 +154,24 @@ def batched(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any
 
 @torch.no_grad()
 def read_examples(model: nn.Module, tok: Any, examples: Sequence[Example], ref: Reference, *, n_post: int,
-                  batch_size: int = 16, max_length: int = 256,
-                  on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  batch_size: int = 16, max_length: int = 256, on_batch: Callable[[int], None] | None = None,
+                  features: FeatureReader | None = None, feature_rows: list[np.ndarray] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The teacher-forced readings: ``train`` [N, L], ``post`` [N, L], response token counts [N].
-    One forward per example (batched, right-padded), stopped after the deepest chosen layer."""
+    One forward per example (batched, right-padded), stopped after the deepest chosen layer (or
+    SAE module). With ``features`` (its hooks entered by the caller), the same forward encodes
+    the response tokens in each SAE: ``feature_rows`` (one [N] array per SAE) receives each
+    response's mean refusal-feature activity, and the reader keeps the dataset's code sums."""
     device = next(model.parameters()).device
     pad = ensure_pad_token(tok)
     L, N = len(ref.layers), len(examples)
     train = np.full((N, L), np.nan)
     post = np.full((N, L), np.nan)
     counts = np.zeros(N, dtype=np.int64)
-    with _Projector(_layer_modules(model, ref.layers), ref, device, stop=True) as proj:
+    barrier = Barrier({"directions"} | ({f"sae:{i}" for i in range(len(features.saes))} if features else set()))
+    if features is not None:
+        features.barrier = barrier
+    with _Projector(_layer_modules(model, ref.layers), ref, device, barrier) as proj:
         for lo, chunk in batched(examples, batch_size):
             enc = [_encode(tok, ex, max_length) for ex in chunk]
             T = max(len(ids) for ids, _, _ in enc)
@@ -175,10 +185,17 @@ def read_examples(model: nn.Module, tok: Any, examples: Sequence[Example], ref: 
                 resp[r, a:b] = True
                 if ex.chat and a > 0:
                     pmask[r, max(0, a - n_post):a] = True
+            barrier.reset()
+            if features is not None:
+                features.mask = resp.to(device)
+                features.reset_rows(len(chunk))
             try:
                 model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
+            if features is not None and feature_rows is not None:
+                for arr, m in zip(feature_rows, features.row_means()):
+                    arr[lo:lo + len(chunk)] = m.numpy()
             p = proj.stacked().double().cpu()  # [L, B, T]
             for mask, out in ((resp, train), (pmask, post)):
                 n = mask.sum(1)  # [B]
@@ -195,12 +212,17 @@ def read_examples(model: nn.Module, tok: Any, examples: Sequence[Example], ref: 
 @torch.no_grad()
 def own_responses(model: nn.Module, tok: Any, examples: Sequence[Example], ref: Reference, *, n_post: int,
                   max_new_tokens: int = 32, batch_size: int = 16, max_length: int = 256,
-                  on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+                  on_batch: Callable[[int], None] | None = None, features: FeatureReader | None = None,
+                  feature_rows: list[np.ndarray] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """The model's own greedy answer to each chat example's prompt, read on the same directions by
     the same hooks during generation (step s reads generated token s−1 as input, as teacher forcing
     reads a response token): ``own`` [N, L] (NaN for plain text), the prompts' post-instruction
     projections ``post`` [N, L] (from the generation's first forward: left padding puts every
-    prompt's last ``n_post`` tokens in the last columns) and the answers' text."""
+    prompt's last ``n_post`` tokens in the last columns) and the answers' text. With ``features``
+    (entered by the caller, built with the end tokens and the input embeddings), each SAE encodes
+    the same generated positions: ``feature_rows`` receives each answer's mean refusal-feature
+    activity (NaN for plain text), and the reader keeps the own answers' code sums."""
     device = next(model.parameters()).device
     pad = ensure_pad_token(tok)
     eos = tok.eos_token_id
@@ -212,7 +234,7 @@ def own_responses(model: nn.Module, tok: Any, examples: Sequence[Example], ref: 
     old_side = tok.padding_side, tok.truncation_side
     tok.padding_side = tok.truncation_side = "left"  # generation continues from the last column
     try:
-        with _Projector(_layer_modules(model, ref.layers), ref, device, stop=False) as proj:
+        with _Projector(_layer_modules(model, ref.layers), ref, device, None) as proj:
             steps: list[torch.Tensor] = []
             first: list[torch.Tensor] = []
 
@@ -226,6 +248,9 @@ def own_responses(model: nn.Module, tok: Any, examples: Sequence[Example], ref: 
             try:
                 for _, idx in batched(chat_idx, batch_size):
                     steps.clear()
+                    if features is not None:
+                        features.mask, features.barrier = None, None  # every step runs to the end
+                        features.reset_rows(len(idx))
                     prompts = [chat_prompt(tok, examples[i].prompt or "") for i in idx]
                     enc = tok(prompts, add_special_tokens=False, padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt").to(device)
@@ -242,6 +267,9 @@ def own_responses(model: nn.Module, tok: Any, examples: Sequence[Example], ref: 
                     mean = ((read * valid[None]).sum(-1) / n.clamp_min(1)[None]).T.numpy()  # [B, L]
                     mean[(n == 0).numpy()] = np.nan
                     own[idx] = mean
+                    if features is not None and feature_rows is not None:
+                        for arr, m in zip(feature_rows, features.row_means()):
+                            arr[idx] = m.numpy()
                     for r, i in enumerate(idx):
                         texts[i] = tok.decode(new[r], skip_special_tokens=True)
                     if on_batch:

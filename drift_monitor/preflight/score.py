@@ -79,3 +79,31 @@ def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
         return float("nan")
     greater = (p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()
     return float(greater / (p.size * n.size))
+
+
+def finite_mean(values: np.ndarray) -> float:
+    """The mean of the finite values, NaN when none (no warning)."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def sae_mean(per_sae: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """[n] the mean over SAEs of a per-example feature reading (each [n]), ignoring NaN; NaN
+    where no SAE read the example, or where there are no SAEs. Why a mean: one feature score
+    per example, whichever layers the SAEs read (with one SAE, its own reading)."""
+    if not per_sae:
+        return np.full(n, np.nan)
+    stack = np.stack([np.asarray(a, float) for a in per_sae])
+    ok = np.isfinite(stack)
+    k = ok.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k > 0, np.where(ok, stack, 0.0).sum(0) / k, np.nan)
+
+
+def feature_pushes(data_mean: np.ndarray, own_mean: np.ndarray, k: int) -> list[tuple[int, float, float, float]]:
+    """The ``k`` features the data's responses push most: (feature, data mean code, own-answer
+    mean code, push = data − own), largest positive push first; ties by feature id."""
+    push = np.asarray(data_mean, float) - np.asarray(own_mean, float)
+    idx = [i for i in top_indices(push, k) if push[i] > 0]
+    return [(int(i), float(data_mean[i]), float(own_mean[i]), float(push[i])) for i in idx]

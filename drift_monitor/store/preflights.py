@@ -48,7 +48,14 @@ def result_of(row: Mapping[str, Any] | pd.Series) -> PreflightResult:
         "own_refusal_share": None if own is None or (isinstance(own, float) and math.isnan(own)) else float(own),
         "raises": json.loads(row["raises_json"]), "erodes": json.loads(row["erodes_json"]),
         "settings": json.loads(row["settings_json"] or "{}"),
+        **_sae_signals(row),
     })
+
+
+def _sae_signals(row: Mapping[str, Any] | pd.Series) -> dict[str, Any]:
+    """The SAE signals a row keeps in ``sae_json`` (none: a check without SAEs)."""
+    raw = row.get("sae_json")
+    return json.loads(raw) if isinstance(raw, str) and raw else {}
 
 
 def _text(v: Any) -> str:

@@ -56,10 +56,12 @@ NOTIFICATION_COLUMNS = ("notification_id", "alert_id", "run_id", "target", "even
 #: Pre-flight results (drift_monitor.preflight.result.PreflightResult): one row per dataset read
 #: against a start model, before training. No run_id: a result belongs to a dataset, and a run
 #: finds its own by the data it names (``outputs.train_data``, drift_monitor.store.preflights).
-#: ``layers``, ``per_layer_json``, ``raises_json``, ``erodes_json``, ``settings_json``: JSON.
+#: ``layers``, ``per_layer_json``, ``raises_json``, ``erodes_json``, ``settings_json``: JSON;
+#: ``sae_json``: the SAE signals (``PreflightResult.sae_dict``: feature score, top examples by it,
+#: refusal features, the features the data pushes), empty for a check without SAEs.
 PREFLIGHT_COLUMNS = ("preflight_id", "created_at", "model", "model_fingerprint", "dataset", "data_hash",
                      "n_examples", "mode", "layers", "score", "per_layer_json", "data_refusal_share",
-                     "own_refusal_share", "raises_json", "erodes_json", "settings_json")
+                     "own_refusal_share", "raises_json", "erodes_json", "settings_json", "sae_json")
 
 #: Columns of each table in store order (the Arrow tables are inserted by these names).
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -142,7 +144,7 @@ PREFLIGHT_DDL = """CREATE TABLE IF NOT EXISTS preflight (
         preflight_id VARCHAR PRIMARY KEY, created_at TIMESTAMP, model VARCHAR, model_fingerprint VARCHAR,
         dataset VARCHAR, data_hash VARCHAR, n_examples BIGINT, mode VARCHAR, layers VARCHAR, score DOUBLE,
         per_layer_json VARCHAR, data_refusal_share DOUBLE, own_refusal_share DOUBLE, raises_json VARCHAR,
-        erodes_json VARCHAR, settings_json VARCHAR)"""
+        erodes_json VARCHAR, settings_json VARCHAR, sae_json VARCHAR)"""
 
 #: Keeps one row per pre-flight result where several files hold it (a merge's sources, a store
 #: directory): the newest. Appended to a query over ``preflight`` rows.

@@ -393,6 +393,7 @@ def preflight_table(res: PreflightResult) -> pa.Table:
         "own_refusal_share": None if res.own_refusal_share is None else float(res.own_refusal_share),
         "raises_json": json.dumps(d["raises"]), "erodes_json": json.dumps(d["erodes"]),
         "settings_json": json.dumps(d["settings"], default=str),
+        "sae_json": json.dumps(res.sae_dict()) if res.sae_features or res.feature_score is not None else None,
     }
     types = {"created_at": pa.timestamp("us"), "n_examples": pa.int64(), "score": pa.float64(),
              "data_refusal_share": pa.float64(), "own_refusal_share": pa.float64()}
