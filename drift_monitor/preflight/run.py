@@ -39,8 +39,9 @@ from .engine import Example, own_responses, read_examples, start_reference
 from .result import ExampleScore, FeaturePush, PreflightResult
 
 #: The decoder layers the dataset score averages over when none are named: every layer.
-#: Why every layer: on the detection suite's calibration half (tests/bench/preflight_report.py)
-#: (filled in below, from the calibration half only)
+#: Why every layer: of the bands all / 0-9 / 10-19 / 20-29 of SmolLM2's 30 layers, "all" correlated
+#: best with the change in refusal on the detection suite's calibration half in the default
+#: (predicted) mode, r = 0.93 (tests/bench/preflight_report.py; held-out figures in docs/preflight.md).
 DEFAULT_LAYERS: tuple[int, ...] | None = None
 #: Bump when what a cached result holds or how it is computed changes.
 CACHE_VERSION = "1"
