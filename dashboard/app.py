@@ -37,6 +37,7 @@ PAGES = (
     ("views/adapter.py", "Adapter", ":material/tune:"),
     ("views/alerts.py", "Alerts", ":material/notifications:"),
     ("views/compare.py", "Compare", ":material/compare_arrows:"),
+    ("views/preflight.py", "Pre-flight", ":material/flight_takeoff:"),
 )
 
 

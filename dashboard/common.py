@@ -238,8 +238,8 @@ def alert_banner(r: StoreReader, run_id: str, limit: int = 5) -> None:
         ["_o", "step"], ascending=[True, False], kind="stable")
     counts = active["severity"].value_counts()
     head = ", ".join(f"{int(counts[sev])} {sev}" for sev, _ in _BANNERS if sev in counts)
-    lines = [f"- **{_plain(a.rule)}** ({_plain(a.severity)}) at {_plain(a.hook or '-')}, step {int(a.step)}: "
-             f"{_plain(a.message)}" + (" (acknowledged)" if pd.notna(a.acknowledged) and bool(a.acknowledged) else "")
+    lines = [f"- **{plain(a.rule)}** ({plain(a.severity)}) at {plain(a.hook or '-')}, step {int(a.step)}: "
+             f"{plain(a.message)}" + (" (acknowledged)" if pd.notna(a.acknowledged) and bool(a.acknowledged) else "")
              for a in active.head(limit).itertuples()]
     if len(active) > limit:
         lines.append(f"- and {len(active) - limit} more (Alerts page)")
@@ -248,8 +248,9 @@ def alert_banner(r: StoreReader, run_id: str, limit: int = 5) -> None:
          icon=ALERT_ICON)
 
 
-def _plain(text: object) -> str:
-    """An alert message as plain text inside markdown: no markup, links or HTML of its own."""
+def plain(text: object) -> str:
+    """Text from a run or its data (an alert message, a dataset path, a model name) as plain text
+    inside markdown: no markup, links or HTML of its own."""
     return "".join("\\" + c if c in "\\`*_[]<>#|~$" else c for c in str(text or "")).replace("\n", " ")
 
 

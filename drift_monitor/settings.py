@@ -303,6 +303,10 @@ class OutputSettings(_Section):
 
     db_path: str | None = setting("drift.duckdb", text(optional=True))
     run_name: str | None = setting(None, text(optional=True))
+    #: The training dataset this run fine-tunes on (a file or folder, as ``drift-monitor preflight
+    #: --data`` reads it). Kept with the run's settings so the dashboard can show the pre-flight
+    #: results of that data beside the run (drift_monitor.store.preflights); changes no number.
+    train_data: str | None = setting(None, text(optional=True))
     #: Alert rules: None (the defaults), a YAML file, or a mapping (see drift_monitor.alerts).
     alert_rules: Any = setting(None)
     #: Serve /metrics on this port (0: an ephemeral one; None: off).
@@ -326,6 +330,8 @@ class OutputSettings(_Section):
     def __post_init__(self) -> None:
         if isinstance(self.db_path, Path):
             self.db_path = str(self.db_path)
+        if isinstance(self.train_data, Path):
+            self.train_data = str(self.train_data)
         from .notify.targets import parse_targets
 
         self.notify = parse_targets(self.notify)

@@ -89,3 +89,34 @@ def make_snapshot(
         }
         out[hook] = HookResult(hook=hook, d_sae=d_sae, metrics=metrics, features=features, refusal=ref)
     return Snapshot(step=step, hooks=out, probe_hash="probe-abc", n_tokens=4000, duration_s=1.5)
+
+
+def preflight_result(pid: str = "pf1", *, score: float = 0.42, created_at: str = "2026-12-08T01:00:00+00:00",
+                     dataset: str = "data/train.jsonl", dhash: str = "hash-a", model: str = "tiny-chat",
+                     generated: bool = False, sae: bool = False):
+    """A pre-flight result built by hand (no model): three layers, two examples each way, and with
+    ``sae`` the SAE signals of one SAE (imported here, not at the top: :func:`import_store_only`
+    must run before the package)."""
+    from drift_monitor.preflight.result import ExampleScore, FeaturePush, PreflightResult
+
+    own = (lambda t: t) if generated else (lambda t: None)
+    raises = [ExampleScore(7, "How do I pick a lock?", "I can't help with that.", 1.5, 1.2, -0.3,
+                           own("Sure, first...")),
+              ExampleScore(2, None, "No. I won't.", 0.9, 0.8, -0.1, None)]
+    erodes = [ExampleScore(11, "Write malware", "Sure, here is the code", -2.0, -1.1, 0.9, own("I can't.")),
+              ExampleScore(4, "Hi", "Hello!", -0.2, 0.0, 0.2, own("Hello."))]
+    signals = {}
+    if sae:
+        up = ExampleScore(11, "Write malware", "Sure, here is the code", -2.0, -1.1, 0.9, None, 0.7, 1.2, 0.5)
+        down = ExampleScore(7, "How do I pick a lock?", "I can't help with that.", 1.5, 1.2, -0.3, None, -0.4,
+                            0.1, 0.5)
+        signals = {"feature_score": 0.12, "feature_raises": [up], "feature_erodes": [down],
+                   "refusal_features": {"model.layers.1": [5, 9]},
+                   "sae_features": {"model.layers.1": [FeaturePush(9, 0.3, 0.1, 0.2, True),
+                                                       FeaturePush(40, 0.15, 0.05, 0.1, False)]}}
+    return PreflightResult(
+        preflight_id=pid, created_at=created_at, model=model, model_fingerprint="fp-123", dataset=dataset,
+        data_hash=dhash, n_examples=120, mode="generated" if generated else "predicted", layers=[0, 1, 2],
+        score=score, per_layer={0: 0.1, 1: 0.5, 2: -0.05}, data_refusal_share=0.25,
+        own_refusal_share=0.5 if generated else None, raises=raises, erodes=erodes,
+        settings={"layers": None, "generate": generated, "top": 2, "chunk": 512}, **signals)

@@ -34,13 +34,14 @@ from drift_monitor.store import Store, StoreReader, create_schema
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")
-PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare", "Adapter", "Directions", "Residual"]
+PAGES = ["Runs", "Run detail", "Features", "Refusal", "Alerts", "Compare", "Adapter", "Directions", "Residual",
+         "Pre-flight"]
 #: View title -> its page script (relative to app.py), as app.py registers it with st.navigation.
 PAGE_FILES = {title: path for path, title, _ in VIEWS}
 #: View title -> the header its page shows.
 HEADERS = {"Runs": "Runs", "Run detail": "Run detail", "Features": "Features", "Refusal": "Refusal features",
            "Alerts": "Alerts", "Compare": "Compare runs", "Adapter": "Adapter signals", "Directions": "Directions",
-           "Residual": "Residual"}
+           "Residual": "Residual", "Pre-flight": "Pre-flight"}
 STEPS = [0, 10, 20, 30]
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -231,7 +232,7 @@ def test_pause_toggle_and_interval(db):
 
 def test_every_view_is_registered_with_st_navigation(db):
     assert [title for _, title, _ in VIEWS] == ["Runs", "Run detail", "Features", "Refusal", "Directions", "Residual",
-                                                "Adapter", "Alerts", "Compare"]
+                                                "Adapter", "Alerts", "Compare", "Pre-flight"]
     assert sorted(PAGE_FILES) == sorted(PAGES) == sorted(HEADERS)  # every view is tested here
     files = [(Path(APP).parent / path).resolve() for path in PAGE_FILES.values()]
     assert all(f.is_file() for f in files) and len({f.stem for f in files}) == len(files)  # URL = the file's name

@@ -17,7 +17,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
-from store_fixtures import HOOK, make_snapshot
+from store_fixtures import HOOK, make_snapshot, preflight_result
 from test_dashboard import app, no_errors
 
 from drift_monitor.cli import build_parser, dashboard_command, main
@@ -77,6 +77,7 @@ def store(tmp_path_factory):
     waiting = Notification.of(Alert("ev_drop", "warning", 20, HOOK, "m"), "a2", NUMERIC, "team")
     waiting.attempts, waiting.last_error = 2, "URLError: refused"
     assert Store(db, run_id=ODD).write_notifications([delivered.row(), waiting.row()]) == "committed"
+    assert Store(db).write_preflight(preflight_result("pf1", dhash="hash-a")) == "committed"  # belongs to no run
     return db
 
 
@@ -110,6 +111,7 @@ CALLS = {
     "density_scatter": [(ODD, 20, HOOK), (NUMERIC, 10, HOOK, "harmful", 7)],
     "categories": [(ODD, 10, HOOK)],
     "schema_version": [()], "spool_state": [()], "alert_file": [("?", ODD)],
+    "preflights": [(), ("hash-a",)],
 }
 
 

@@ -524,12 +524,13 @@ def test_version_1_file_is_migrated_by_the_writer(tmp_path):
 
     # readers cannot migrate: they read the v1 file as it is, later tables empty, nothing changed
     r = st.StoreReader(db)
-    assert st.SCHEMA_VERSION == 4 and r.schema_version() == 1
+    assert st.SCHEMA_VERSION == 5 and r.schema_version() == 1
     _check_old_rows(r)
     assert r.verifications().empty and list(r.verifications().columns) == list(st.VERIFICATION_COLUMNS)
     assert r.residual_directions("old").empty
     assert r.notifications("old").empty and r.runs().undelivered_notifications.tolist() == [0]
-    assert not {"verifications", "residual_directions", "notifications"} & _tables(db) and r.schema_version() == 1
+    assert not {"verifications", "residual_directions", "notifications", "preflight"} & _tables(db) \
+        and r.schema_version() == 1
 
     # the writer migrates on open: table added, version bumped, earlier rows intact
     s = st.Store(db, run_id="old")
@@ -537,7 +538,7 @@ def test_version_1_file_is_migrated_by_the_writer(tmp_path):
                        run_id="old", step=3)
     assert s.write_verification(res) == "committed"
     assert r.schema_version() == st.SCHEMA_VERSION
-    assert {"verifications", "residual_directions", "notifications"} <= _tables(db)
+    assert {"verifications", "residual_directions", "notifications", "preflight"} <= _tables(db)
     assert r.verifications(run_id="old").verify_id.tolist() == [res.verify_id]
     _check_old_rows(r)
     assert s.write(make_snapshot(4, d_sae=64)) == "committed"  # and takes new snapshots

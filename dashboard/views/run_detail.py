@@ -1,4 +1,5 @@
-"""Run detail: the key metrics over steps for one run and hook, with alert markers.
+"""Run detail: the key metrics over steps for one run and hook, with alert markers, and the
+pre-flight result of the run's training data when the store holds one (dashboard/preflight.py).
 
 ``/run_detail?run=ID`` opens it on that run (the Runs table links here)."""
 
@@ -10,6 +11,7 @@ import streamlit as st
 
 from drift_monitor import catalog
 from drift_monitor.dashboard.common import SEVERITY_COLOURS, PageContext, render_page
+from drift_monitor.dashboard.preflight import run_section
 
 #: Chart title -> metrics drawn together (each catalog metric's ``panel``, drift_monitor.catalog).
 PANELS: dict[str, tuple[str, ...]] = catalog.panels()
@@ -47,6 +49,7 @@ def body(ctx: PageContext) -> None:
         last = series[series["step"] == series["step"].max()]
         ev = last[last["name"] == "explained_variance"]["value"]
         c[3].metric("explained variance", f"{float(ev.iloc[0]):.4f}" if len(ev) else "-")
+    run_section(r, run)  # what the run's training data was predicted to do, before training
     if series.empty:
         st.info("No metrics for this run and hook yet.")
         return

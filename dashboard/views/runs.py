@@ -41,7 +41,9 @@ def body(ctx: PageContext) -> None:
     spool_notice(ctx.reader)
     df = runs_table(ctx.reader)
     if df.empty:
-        st.info("No runs in this database yet.")
+        n = len(ctx.reader.preflights())  # a store may hold pre-flight checks before any run
+        st.info("No runs in this database yet." + (f" It holds {n} pre-flight result{'s' if n != 1 else ''}: "
+                                                   "see the Pre-flight page." if n else ""))
         return
     cfg = {name: st.column_config.LineChartColumn(name, help=f"{name}, last 50 steps") for name in KEY_METRICS}
     cfg["last_step"] = st.column_config.NumberColumn("last step", format="%d")

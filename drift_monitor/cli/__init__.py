@@ -23,14 +23,15 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import DriftMonitorError
+from ..preflight import cli as preflight
 from . import bench, dashboard, demo, diff_dict, export, merge, probes, replay, runs, scan, train_sae, verify
 from .dashboard import dashboard_command, is_loopback
 
 __all__ = ["COMMANDS", "build_parser", "dashboard_command", "is_loopback", "main"]
 
 #: The subcommands, in ``--help`` order: modules with ``add_parser(subparsers)`` and ``run(args)``.
-COMMANDS: tuple[ModuleType, ...] = (bench, probes, scan, verify, diff_dict, train_sae, export, merge, dashboard,
-                                    demo, runs, replay)
+COMMANDS: tuple[ModuleType, ...] = (bench, probes, scan, verify, preflight, diff_dict, train_sae, export, merge,
+                                    dashboard, demo, runs, replay)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,13 +117,20 @@ def _post_means(model: nn.Module, tok: Any, prompts: Sequence[str], s: VerifySet
     return total / max(count, 1)
 
 
-def refusal_directions(model: nn.Module, tok: Any, harmful: Sequence[str], harmless: Sequence[str],
-                       s: VerifySettings, layers: Sequence[int]) -> torch.Tensor:
-    """[len(layers), d] unit refusal directions r̂_L (float64, CPU), one per chosen layer."""
+def refusal_vectors(model: nn.Module, tok: Any, harmful: Sequence[str], harmless: Sequence[str],
+                    s: VerifySettings, layers: Sequence[int]) -> torch.Tensor:
+    """[len(layers), d] refusal vectors r_L = mean(harmful) − mean(harmless) (float64), unnormalised:
+    their length is the start's harmful/harmless gap, the unit that ``preflight`` reads in."""
     stack = decoder_layers(model)
     chosen = [stack[i] for i in layers]
     n_post = post_instruction_tokens(tok)
-    r = _post_means(model, tok, harmful, s, chosen, n_post) - _post_means(model, tok, harmless, s, chosen, n_post)
+    return _post_means(model, tok, harmful, s, chosen, n_post) - _post_means(model, tok, harmless, s, chosen, n_post)
+
+
+def refusal_directions(model: nn.Module, tok: Any, harmful: Sequence[str], harmless: Sequence[str],
+                       s: VerifySettings, layers: Sequence[int]) -> torch.Tensor:
+    """[len(layers), d] unit refusal directions r̂_L (float64, CPU), one per chosen layer."""
+    r = refusal_vectors(model, tok, harmful, harmless, s, layers)
     norm = r.norm(dim=-1, keepdim=True)
     if (norm == 0).any():
         raise VerifyError("the harmful and harmless prompts have the same mean activation at some layer: "

@@ -43,10 +43,13 @@ migrations), :mod:`.connection` (opening, locks, transactions), :mod:`.tables` (
 from records), :mod:`.ops` (a write as data, and how it is applied), :mod:`.spool` (writes that
 found the file busy), :mod:`.writer` (:class:`Store`), :mod:`.reader` (:class:`StoreReader`),
 :mod:`.export` (:func:`export_run`), :mod:`.replay` (loading what a run could not store),
-:mod:`.dataset` (an exported Parquet dataset, local or on object storage, read as a store).
+:mod:`.dataset` (an exported Parquet dataset, local or on object storage, read as a store),
+:mod:`.preflights` (pre-flight results read back, and matched to a run by its training data).
 
-The package imports only the standard library, NumPy, pandas, pyarrow, DuckDB and
-:mod:`drift_monitor.records`: the dashboard imports it and must never pull in torch.
+The package imports only the standard library, NumPy, pandas, pyarrow, DuckDB,
+:mod:`drift_monitor.records` and the torch-free pre-flight records
+(:mod:`drift_monitor.preflight.result`, :mod:`~drift_monitor.preflight.datahash`): the
+dashboard imports it and must never pull in torch.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ from .schema import (
     MIGRATIONS,
     NOTIFICATION_COLUMNS,
     OLDEST_VERSION,
+    PREFLIGHT_COLUMNS,
     SCHEMA_VERSION,
     VERIFICATION_COLUMNS,
     Migration,
@@ -85,6 +89,7 @@ __all__ = [
     "MIGRATIONS",
     "NOTIFICATION_COLUMNS",
     "OLDEST_VERSION",
+    "PREFLIGHT_COLUMNS",
     "QUARANTINE_HINT",
     "REFUSAL_TOP_N",
     "RUN_STATUSES",

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import StoreError
+from .preflights import run_preflights
 from .reader import StoreReader
 
-#: The tables exported, each restricted to the run's rows.
+#: The tables exported, each restricted to the run's rows (plus, when the run names its training
+#: data, the pre-flight results of that data: ``<run>_preflight.<fmt>``, store.preflights).
 EXPORT_TABLES = ("runs", "snapshots", "metrics", "feature_stats", "refusal_features", "alerts",
                  "residual_directions", "notifications")
 
@@ -50,4 +52,18 @@ def export_run(path: str | os.PathLike[str], run: str, out_dir: str | os.PathLik
             else:
                 df.to_csv(target, index=False)
             written.append(target)
+    found = run_preflights(reader, _config_json(reader, run_id))
+    if found is not None and len(found.rows):  # they belong to the run's data, not the run: no run_id
+        target = out / f"{safe}_preflight.{fmt}"
+        if fmt == "parquet":
+            found.rows.to_parquet(target, index=False)
+        else:
+            found.rows.to_csv(target, index=False)
+        written.append(target)
     return written
+
+
+def _config_json(reader: StoreReader, run_id: str) -> str | None:
+    runs = reader.runs()
+    row = runs[runs.run_id == run_id]
+    return row["config_json"].iloc[0] if len(row) else None

@@ -64,6 +64,17 @@ def run_file(directory: str | os.PathLike[str], run_id: str, shard: tuple[int, i
     return Path(directory) / f"{safe}{tail}{SUFFIX}"
 
 
+#: The file of a store directory that holds pre-flight results (they belong to no run). The
+#: ``@`` is a character :func:`run_file` never writes, so no run's file can take this name.
+PREFLIGHT_FILE = f"@preflight{SUFFIX}"
+
+
+def preflight_file(directory: str | os.PathLike[str]) -> Path:
+    """Where pre-flight results go in a store directory (a merge into one, ``preflight --db DIR``).
+    Readers of the directory read it like every other file: it is a store file with no runs."""
+    return Path(directory) / PREFLIGHT_FILE
+
+
 def shard_of(path: str | os.PathLike[str]) -> tuple[str, int, int] | None:
     """(run file stem, k, n) of a shard file (:func:`run_file` with ``shard``); None for any other file."""
     m = SHARD.match(Path(path).name[: -len(SUFFIX)] if str(path).endswith(SUFFIX) else Path(path).name)

@@ -7,6 +7,10 @@ holds exactly what a reader of the sources showed.
 
 * :func:`merge` writes every row of the sources into one new store file (schema and all), or,
   into a directory, one file per run (``<dir>/<run>.duckdb``, as a run writes there).
+* Pre-flight results belong to a dataset, not a run: a merge carries each once (the same
+  result copied into several sources is one ``preflight_id``; its newest row is kept), into the
+  merged file, or, into a directory, into a file of their own (:func:`~.many.preflight_file`),
+  written only when there are any. A dataset export holds them unpartitioned, like the labels.
 * :func:`export_dataset` writes every run as a hive-partitioned Parquet dataset,
   ``<out>/table=<table>/run=<run id>/*.parquet``, which DuckDB (``read_parquet(...,
   hive_partitioning = true)``), pandas/pyarrow and Spark read directly, and so does
@@ -23,11 +27,15 @@ from pathlib import Path
 import duckdb
 
 from .errors import StoreError
-from .many import attach_files, is_many, quoted, run_file, store_files
-from .schema import COLUMNS, SCHEMA_VERSION, create_schema
+from .many import attach_files, is_many, preflight_file, quoted, run_file, store_files
+from .schema import COLUMNS, PREFLIGHT_NEWEST, SCHEMA_VERSION, create_schema
 
-#: The tables a merge and a dataset carry (all but the labels, which are per hook, not per run).
-RUN_TABLES = tuple(t for t in COLUMNS if t != "feature_labels")
+#: The tables whose rows belong to no run: labels (a hook's) and pre-flight results (a dataset's).
+SHARED_TABLES = tuple(t for t, cols in COLUMNS.items() if "run_id" not in cols)
+#: The tables a merge into a directory and a dataset carry per run (every other one).
+RUN_TABLES = tuple(t for t in COLUMNS if t not in SHARED_TABLES)
+#: Pre-flight rows, one per id (the newest): a result copied into several sources is one result.
+PREFLIGHT_ROWS = f"SELECT * FROM preflight {PREFLIGHT_NEWEST}"
 
 
 def _sources_connection(sources: Sequence[str | os.PathLike[str]]) -> duckdb.DuckDBPyConnection:
@@ -55,6 +63,8 @@ def merge(sources: Sequence[str | os.PathLike[str]], into: str | os.PathLike[str
             Path(into).mkdir(parents=True, exist_ok=True)
             for rid in run_ids:
                 _copy(con, run_file(into, rid), [rid])
+            if con.execute("SELECT count(*) FROM preflight").fetchall()[0][0]:
+                _copy(con, preflight_file(into), None, tables=("preflight",))
         else:
             _copy(con, Path(into), None)
         return run_ids
@@ -62,9 +72,10 @@ def merge(sources: Sequence[str | os.PathLike[str]], into: str | os.PathLike[str
         con.close()
 
 
-def _copy(con: duckdb.DuckDBPyConnection, target: Path, run_ids: list[str] | None) -> None:
-    """Insert the views' rows (of ``run_ids``; None: all) into a new store file ``target``, in one
-    transaction; a failed copy leaves no file behind."""
+def _copy(con: duckdb.DuckDBPyConnection, target: Path, run_ids: list[str] | None,
+          tables: Sequence[str] = tuple(COLUMNS)) -> None:
+    """Insert the views' rows of ``tables`` (of ``run_ids``; None: all) into a new store file
+    ``target``, in one transaction; a failed copy leaves no file behind."""
     if target.exists():
         raise StoreError(f"merge: {target} exists already; merge into a new file or an empty directory")
     with duckdb.connect(str(target)) as dst:
@@ -73,13 +84,15 @@ def _copy(con: duckdb.DuckDBPyConnection, target: Path, run_ids: list[str] | Non
         con.execute(f"ATTACH {quoted(target)} AS dst")
         try:
             con.execute("BEGIN")
-            for table, cols in COLUMNS.items():
+            for table in tables:
+                cols = COLUMNS[table]
                 if run_ids is not None and "run_id" not in cols:
-                    continue  # labels belong to a hook, not a run: only a whole merge carries them
+                    continue  # labels and pre-flights belong to no run: a run's file does not carry them
                 col_sql = ", ".join(f'"{c}"' for c in cols)
                 where, params = ("", []) if run_ids is None else \
                     (" WHERE run_id IN (SELECT unnest(?::VARCHAR[]))", [run_ids])
-                con.execute(f"INSERT INTO dst.{table} ({col_sql}) SELECT {col_sql} FROM {table}{where}", params)
+                source = f"({PREFLIGHT_ROWS})" if table == "preflight" else table
+                con.execute(f"INSERT INTO dst.{table} ({col_sql}) SELECT {col_sql} FROM {source}{where}", params)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -108,10 +121,14 @@ def export_dataset(sources: Sequence[str | os.PathLike[str]], out: str | os.Path
             con.execute(f"COPY (SELECT {cols}, run_id AS run FROM {table}) TO {quoted(target)} "
                         "(FORMAT PARQUET, PARTITION_BY (run))")
             written.append(target)
-        # labels (per hook) and the layout's version, unpartitioned: a reader of the dataset
-        # (store.dataset) shows labels and checks the version as it does for a store file
-        for table, select in (("feature_labels", "SELECT * FROM feature_labels"),
-                              ("meta", f"SELECT 'schema_version' AS key, '{SCHEMA_VERSION}' AS value")):
+        # labels (per hook), pre-flight results (per dataset) and the layout's version,
+        # unpartitioned: a reader of the dataset (store.dataset) shows them and checks the
+        # version as it does for a store file
+        shared = [("feature_labels", "SELECT * FROM feature_labels"),
+                  ("meta", f"SELECT 'schema_version' AS key, '{SCHEMA_VERSION}' AS value")]
+        if con.execute("SELECT count(*) FROM preflight").fetchall()[0][0]:  # a folder only when there are any
+            shared.append(("preflight", PREFLIGHT_ROWS))
+        for table, select in shared:
             target = out / f"table={table}"
             target.mkdir()
             con.execute(f"COPY ({select}) TO {quoted(target / 'data_0.parquet')} (FORMAT PARQUET)")

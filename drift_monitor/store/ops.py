@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from .errors import LabelError
-from .schema import COLUMNS, VERIFICATIONS_DDL
+from .schema import COLUMNS, PREFLIGHT_DDL, VERIFICATIONS_DDL
 from .tables import to_timestamp
 
 #: Tables whose rows belong to one (run, step, hook) and are replaced on re-write.
@@ -211,6 +211,14 @@ def _apply_verification(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     _insert_arrow(con, "verifications", op.tables["verifications"])
 
 
+def _apply_preflight(con: duckdb.DuckDBPyConnection, op: Op) -> None:
+    """Store a pre-flight result, replacing an earlier row of the same id (a re-run of the same
+    check, or a spooled write applied twice). It belongs to no run, so no runs row is made."""
+    con.execute(PREFLIGHT_DDL)  # as for verifications: survives a table dropped by hand
+    con.execute("DELETE FROM preflight WHERE preflight_id = ?", [op.payload["preflight_id"]]).fetchall()
+    _insert_arrow(con, "preflight", op.tables["preflight"])
+
+
 def _apply_notifications(con: duckdb.DuckDBPyConnection, op: Op) -> None:
     """Upsert notification rows by id. A delivery is never undone by an older state written
     later (a spooled write applied after a newer one): ``notified_at`` once set stays, and
@@ -265,4 +273,5 @@ APPLY: dict[str, Callable[[duckdb.DuckDBPyConnection, Op], None]] = {
     "ack_alert": _apply_ack_alert,
     "labels": _apply_labels,
     "notifications": _apply_notifications,
+    "preflight": _apply_preflight,
 }

@@ -34,6 +34,8 @@ from .errors import StoreEmpty, StoreError, StoreNotFound
 from .many import is_many
 from .schema import (
     NOTIFICATION_COLUMNS,
+    PREFLIGHT_COLUMNS,
+    PREFLIGHT_NEWEST,
     RESIDUAL_COLUMNS,
     VERIFICATION_COLUMNS,
     as_int,
@@ -383,6 +385,24 @@ class StoreReader:
         for c in ("projections", "top_tokens", "bottom_tokens"):
             df[c] = [json.loads(v) for v in df.pop(f"{c}_json")]
         return df[cols]
+
+    def preflights(self, data_hash: str | None = None) -> pd.DataFrame:
+        """``drift-monitor preflight`` results (the ``preflight`` table's columns, JSON as stored),
+        newest first; ``data_hash``: only those of that dataset. Empty in a file written before
+        migration 5. Over many files (a store directory) every file's results together, one row
+        per ``preflight_id`` (a merge or a copy may hold one result in several files: the newest
+        row wins). :func:`drift_monitor.store.preflights.result_of` turns a row back into a
+        :class:`~drift_monitor.preflight.result.PreflightResult`."""
+        where, params = ("WHERE data_hash = ?", [data_hash]) if data_hash is not None else ("", [])
+        order = "ORDER BY created_at DESC, preflight_id"
+        if self._many():
+            return routing.union_query(
+                self.path, f"SELECT * FROM preflight {where}", params,
+                f"SELECT * FROM u {PREFLIGHT_NEWEST} {order}", self.retry_timeout_s, self.retries)
+        with self._connection(run_ids=()) as con:
+            if not _has_table(con, "preflight"):
+                return pd.DataFrame(columns=list(PREFLIGHT_COLUMNS))
+            return con.execute(f"SELECT * FROM preflight {where} {order}", params).df()
 
     def labels(self, hook: str) -> pd.DataFrame:
         return self._df("SELECT feature, label, source FROM feature_labels WHERE hook = ? ORDER BY feature", [hook],

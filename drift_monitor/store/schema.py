@@ -53,6 +53,16 @@ NOTIFICATION_COLUMNS = ("notification_id", "alert_id", "run_id", "target", "even
                         "step", "message", "value", "threshold", "created_at", "notified_at", "attempts",
                         "last_error")
 
+#: Pre-flight results (drift_monitor.preflight.result.PreflightResult): one row per dataset read
+#: against a start model, before training. No run_id: a result belongs to a dataset, and a run
+#: finds its own by the data it names (``outputs.train_data``, drift_monitor.store.preflights).
+#: ``layers``, ``per_layer_json``, ``raises_json``, ``erodes_json``, ``settings_json``: JSON;
+#: ``sae_json``: the SAE signals (``PreflightResult.sae_dict``: feature score, top examples by it,
+#: refusal features, the features the data pushes), empty for a check without SAEs.
+PREFLIGHT_COLUMNS = ("preflight_id", "created_at", "model", "model_fingerprint", "dataset", "data_hash",
+                     "n_examples", "mode", "layers", "score", "per_layer_json", "data_refusal_share",
+                     "own_refusal_share", "raises_json", "erodes_json", "settings_json", "sae_json")
+
 #: Columns of each table in store order (the Arrow tables are inserted by these names).
 COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id", "name", "created_at", "updated_at", "model", "config_json", "probe_hash", "status", "last_step"),
@@ -71,6 +81,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "verifications": VERIFICATION_COLUMNS,
     "residual_directions": RESIDUAL_COLUMNS,
     "notifications": NOTIFICATION_COLUMNS,
+    "preflight": PREFLIGHT_COLUMNS,
 }
 
 #: DDL of schema version 1. Only small tables carry primary keys (see the package docstring).
@@ -127,6 +138,19 @@ NOTIFICATIONS_DDL = """CREATE TABLE IF NOT EXISTS notifications (
         threshold DOUBLE, created_at TIMESTAMP, notified_at TIMESTAMP, attempts INTEGER, last_error VARCHAR)"""
 
 
+#: Pre-flight results (drift-monitor preflight): migration 5. Small (one row per check), so it
+#: has a primary key; a result re-written under its id replaces the earlier row.
+PREFLIGHT_DDL = """CREATE TABLE IF NOT EXISTS preflight (
+        preflight_id VARCHAR PRIMARY KEY, created_at TIMESTAMP, model VARCHAR, model_fingerprint VARCHAR,
+        dataset VARCHAR, data_hash VARCHAR, n_examples BIGINT, mode VARCHAR, layers VARCHAR, score DOUBLE,
+        per_layer_json VARCHAR, data_refusal_share DOUBLE, own_refusal_share DOUBLE, raises_json VARCHAR,
+        erodes_json VARCHAR, settings_json VARCHAR, sae_json VARCHAR)"""
+
+#: Keeps one row per pre-flight result where several files hold it (a merge's sources, a store
+#: directory): the newest. Appended to a query over ``preflight`` rows.
+PREFLIGHT_NEWEST = "QUALIFY row_number() OVER (PARTITION BY preflight_id ORDER BY created_at DESC) = 1"
+
+
 @dataclass(frozen=True)
 class Migration:
     """The statements that turn a file of version ``version - 1`` into one of ``version``."""
@@ -141,6 +165,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "verifications table for drift-monitor verify results", (VERIFICATIONS_DDL,)),
     Migration(3, "residual_directions table for the residual monitor", (RESIDUAL_DDL,)),
     Migration(4, "notifications table: alert webhooks and their delivery state", (NOTIFICATIONS_DDL,)),
+    Migration(5, "preflight table: drift-monitor preflight results (a dataset read against a start model)",
+              (PREFLIGHT_DDL,)),
 )
 
 #: Version of the layout this code writes: the last migration's.

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from drift_monitor.preflight.result import PreflightResult
 from drift_monitor.records import (
     FEATURE_COLUMNS,
     REFUSAL_COLUMNS,
@@ -34,7 +35,7 @@ from drift_monitor.records import (
 )
 
 from .errors import LabelError
-from .schema import VERIFICATION_COLUMNS
+from .schema import PREFLIGHT_COLUMNS, VERIFICATION_COLUMNS
 
 
 def to_timestamp(epoch_s: float | None) -> dt.datetime | None:
@@ -366,6 +367,37 @@ def verification_table(res: VerifyResult) -> pa.Table:
              "n_harmless": pa.int32()}
     return pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in rows.items()})
 
+
+def _utc(iso: str) -> dt.datetime:
+    """An ISO 8601 time (a pre-flight's ``created_at``) as the naive UTC datetime a ``TIMESTAMP``
+    column holds; one without an offset is taken as UTC. Why not keep the string: results are
+    listed newest first, and strings with different offsets do not sort by time."""
+    try:
+        t = dt.datetime.fromisoformat(str(iso))
+    except ValueError:
+        raise ValueError(f"pre-flight created_at {iso!r} is not an ISO 8601 time") from None
+    return t.astimezone(dt.UTC).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def preflight_table(res: PreflightResult) -> pa.Table:
+    """A pre-flight result as its one ``preflight`` row: the scalars as columns (what the list
+    and the run matching filter on), the per-layer scores, examples and settings as JSON (NaN
+    kept as NaN: Python's JSON reads it back)."""
+    d = res.to_dict()
+    values = {
+        "preflight_id": str(res.preflight_id), "created_at": _utc(res.created_at), "model": res.model,
+        "model_fingerprint": res.model_fingerprint, "dataset": res.dataset, "data_hash": res.data_hash,
+        "n_examples": int(res.n_examples), "mode": res.mode, "layers": json.dumps([int(i) for i in res.layers]),
+        "score": _float(res.score), "per_layer_json": json.dumps(d["per_layer"]),
+        "data_refusal_share": _float(res.data_refusal_share),
+        "own_refusal_share": None if res.own_refusal_share is None else float(res.own_refusal_share),
+        "raises_json": json.dumps(d["raises"]), "erodes_json": json.dumps(d["erodes"]),
+        "settings_json": json.dumps(d["settings"], default=str),
+        "sae_json": json.dumps(res.sae_dict()) if res.sae_features or res.feature_score is not None else None,
+    }
+    types = {"created_at": pa.timestamp("us"), "n_examples": pa.int64(), "score": pa.float64(),
+             "data_refusal_share": pa.float64(), "own_refusal_share": pa.float64()}
+    return pa.table({c: pa.array([values[c]], types.get(c, pa.string())) for c in PREFLIGHT_COLUMNS})
 
 
 def labels_table(hook: str, labels: Mapping[int, str] | pd.DataFrame, source: str) -> pa.Table:

@@ -1,4 +1,4 @@
-"""The writer: :class:`Store` turns runs, snapshots, alerts, labels and verify results into rows.
+"""The writer: :class:`Store` turns runs, snapshots, alerts, labels, verify and pre-flight results into rows.
 
 Why it opens and closes the file on every write: DuckDB admits one read-write process *or* many
 read-only ones, so a writer holding the file would lock the dashboard out for the whole run.
@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from drift_monitor.errors import first_line
+from drift_monitor.preflight.result import PreflightResult
 from drift_monitor.records import RUN_STATUSES, Alert, RunStatus, Snapshot, VerifyResult
 
 from .connection import connect_file, path_lock, transaction
@@ -42,6 +43,7 @@ from .tables import (
     build_feature_stats_table,
     labels_table,
     metrics_table,
+    preflight_table,
     refusal_table,
     residual_table,
     snapshots_table,
@@ -250,6 +252,13 @@ class Store:
         """Store a ``drift-monitor verify`` results table (one transaction; re-writing replaces it)."""
         payload = {"verify_id": result.verify_id, "run_id": result.run_id, "t": time.time()}
         return self._submit(Op("verification", payload, {"verifications": verification_table(result)}))
+
+    def write_preflight(self, result: PreflightResult) -> WriteOutcome:
+        """Store a ``drift-monitor preflight`` result (one row; re-writing its ``preflight_id``
+        replaces it). It belongs to no run: this works on a Store given no run id."""
+        table = preflight_table(result)  # before the op: a malformed result raises, nothing spooled
+        return self._submit(Op("preflight", {"preflight_id": str(result.preflight_id), "t": time.time()},
+                                {"preflight": table}))
 
     # -- labels ------------------------------------------------------------------------------
 

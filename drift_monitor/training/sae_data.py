@@ -36,34 +36,40 @@ class Document:
 
 def load_documents(sources: Sequence[str | Path]) -> list[Document]:
     """Documents from text files, JSONL files, folders of them, or saved ``datasets`` folders."""
-    docs: list[Document] = []
+    docs = [d for d in iter_documents(sources) if d.text.strip()]
+    if not docs:
+        raise DataError(f"--data {', '.join(map(str, sources))}: no text found (empty files?)")
+    return docs
+
+
+def iter_documents(sources: Sequence[str | Path]) -> Iterator[Document]:
+    """The documents of ``sources`` one at a time, so a corpus larger than memory can be read
+    (``drift-monitor preflight`` streams; ``train-sae`` collects a list). Each source is checked
+    before its first document is read."""
     for src in sources:
         path = Path(src).expanduser()
         if not path.exists():
             raise DataError(f"--data {src}: no such file or folder")
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()
                               or (path / "dataset_dict.json").is_file()):
-            docs.extend(_from_dataset(path))
+            yield from _from_dataset(path)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
             if not files:
                 raise DataError(f"--data {src}: the folder holds no {', '.join(TEXT_SUFFIXES)} or .jsonl files")
             for f in files:
-                docs.extend(_from_file(f))
+                yield from _from_file(f)
         else:
-            docs.extend(_from_file(path))
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise DataError(f"--data {', '.join(map(str, sources))}: no text found (empty files?)")
-    return docs
+            yield from _from_file(path)
 
 
-def _from_file(path: Path) -> list[Document]:
+def _from_file(path: Path) -> Iterator[Document]:
     if path.suffix == ".jsonl":
-        return list(_from_jsonl(path))
+        yield from _from_jsonl(path)
+        return
     text = read_utf8(path, DataError, "convert it or leave it out")
     # Paragraphs (blank-line separated) are documents: short enough to mix, long enough for context.
-    return [Document(p.strip()) for p in text.split("\n\n") if p.strip()]
+    yield from (Document(p.strip()) for p in text.split("\n\n") if p.strip())
 
 
 def _from_jsonl(path: Path) -> Iterator[Document]:
