@@ -15,6 +15,7 @@ import math
 import pytest
 
 from drift_monitor.demo import testbed as T
+from drift_monitor.demo import testbed_runs as R
 from drift_monitor.store import StoreReader
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def tb():
 
 @pytest.fixture(scope="module")
 def runs(tb):
-    return T.build_runs(tb, quiet=True)
+    return R.build_runs(tb, quiet=True)
 
 
 def _series(runs, kind, names):
@@ -70,13 +71,13 @@ def test_refusal_run_flags_emerging_features_and_control_does_not(runs):
     from drift_monitor.demo import suite as S
 
     tb_ = T.build_testbed(quiet=True)
-    replayed = {d.name: d.alerts for d in S.run_data([S.cached_run(tb_, S.scenario(n)) for n in T.SUITE_NAMES.values()],
+    replayed = {d.name: d.alerts for d in S.run_data([S.cached_run(tb_, S.scenario(n)) for n in R.SUITE_NAMES.values()],
                                                      runs.db)}
-    assert "emerging_refusal_features" in replayed[T.SUITE_NAMES["refusal"]]
+    assert "emerging_refusal_features" in replayed[R.SUITE_NAMES["refusal"]]
     # the refusal run turns the refusal direction (cosine 0.97 / 0.93 / 0.89 / 0.85 at steps 10-40,
     # cached run) below the shipped threshold; the control's lowest is 0.962
-    assert "refusal_direction" in replayed[T.SUITE_NAMES["refusal"]]
-    assert replayed[T.SUITE_NAMES["control"]] == {}, "the benign control raises no alert at all"
+    assert "refusal_direction" in replayed[R.SUITE_NAMES["refusal"]]
+    assert replayed[R.SUITE_NAMES["control"]] == {}, "the benign control raises no alert at all"
     assert set(reader.alerts(run_id=runs.run_ids["refusal"])["rule"]), "the callback stored the alerts it raised"
     assert ref["max_refusal_score"].iloc[-1] > ctl["max_refusal_score"].max()
 

@@ -18,7 +18,7 @@ and the log-probability of a refusal after the harmful probes) measured at every
 The split is part of each scenario's definition (``Scenario.split``). Which runs *changed* is
 measured, not assumed: a run whose harmful refusal rate moved by at least ``CHANGED_POINTS`` is a
 positive, whatever its scenario meant to do. ``gain-A-50`` and ``control-chat`` are the test bed's
-``refusal`` and ``control`` runs (``testbed.build_runs``), so CI builds them once.
+``refusal`` and ``control`` runs (``testbed_runs.build_runs``), so CI builds them once.
 
 Every run is cached under the test bed's folder by its definition (``Scenario.key``).
 """

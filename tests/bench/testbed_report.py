@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from drift_monitor.demo.testbed import build_runs, build_testbed
+    from drift_monitor.demo.testbed import build_testbed
+    from drift_monitor.demo.testbed_runs import build_runs
 
     t0 = time.perf_counter()
     tb = build_testbed()
