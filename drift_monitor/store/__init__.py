@@ -38,13 +38,7 @@ Why it looks the way it does:
   older file when it opens it, readers (who cannot) read every version from the oldest
   migratable one on (:mod:`.schema`).
 
-The modules, one job each: :mod:`.errors` (what can go wrong), :mod:`.schema` (tables, version,
-migrations), :mod:`.connection` (opening, locks, transactions), :mod:`.tables` (Arrow tables
-from records), :mod:`.ops` (a write as data, and how it is applied), :mod:`.spool` (writes that
-found the file busy), :mod:`.writer` (:class:`Store`), :mod:`.reader` (:class:`StoreReader`),
-:mod:`.export` (:func:`export_run`), :mod:`.replay` (loading what a run could not store),
-:mod:`.dataset` (an exported Parquet dataset, local or on object storage, read as a store),
-:mod:`.preflights` (pre-flight results read back, and matched to a run by its training data).
+Its modules, one job each, are listed once, in docs/design.md (§3, the layout).
 
 The package imports only the standard library, NumPy, pandas, pyarrow, DuckDB,
 :mod:`drift_monitor.records` and the torch-free pre-flight records
