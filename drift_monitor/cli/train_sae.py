@@ -6,6 +6,9 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..training.settings import ARCHITECTURES
+    from ..training.settings import TrainSAESettings as D  # the defaults' one home (torch-free)
+
     t = subparsers.add_parser(
         "train-sae", help="train a base-model SAE (sae-lens format) for a model that has none",
         description="Train a sparse autoencoder on a base model's activations at each --hook, with sae-lens's "
@@ -25,17 +28,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="training text: .txt/.md files, JSONL ('text', 'messages' or 'prompt'/'response'), folders "
                         "of them, or a saved datasets folder (repeatable). Default: the bundled probes with the "
                         "model's own answers (small: a weak SAE)")
-    t.add_argument("--tokens", type=int, default=200_000, help="activations to collect (default 200,000)")
+    t.add_argument("--tokens", type=int, default=D.tokens, help=f"activations to collect (default {D.tokens:,})")
     t.add_argument("--train-tokens", type=int, default=None,
                    help="tokens seen in training (default: 8 passes over the collected activations)")
-    t.add_argument("--architecture", choices=["topk", "batchtopk", "jumprelu", "standard"], default="topk")
+    t.add_argument("--architecture", choices=list(ARCHITECTURES), default=D.architecture)
     t.add_argument("--d-sae", type=int, default=None, help="features (default: the power of two nearest 8 x width)")
     t.add_argument("--k", type=int, default=None, help="active features per token, topk/batchtopk "
                                                          "(default: min(32, max(8, d_sae/64)))")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--batch-size", type=int, default=4096, help="tokens per training step")
-    t.add_argument("--context-size", type=int, default=128, help="tokens per sequence at collection")
-    t.add_argument("--chat-fraction", type=float, default=0.2,
+    t.add_argument("--lr", type=float, default=D.lr)
+    t.add_argument("--batch-size", type=int, default=D.batch_size, help="tokens per training step")
+    t.add_argument("--context-size", type=int, default=D.context_size, help="tokens per sequence at collection")
+    t.add_argument("--chat-fraction", type=float, default=D.chat_fraction,
                    help="share of plain documents wrapped in the chat template (the SAE learns its tokens)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -43,8 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     t.add_argument("--max-memory-gb", type=float, default=None,
                    help="past this, the activations (tokens x width x 4 bytes x hooks) are kept on disk in "
                         "OUT/.partial and read from there in training (default: a quarter of RAM)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=50, help="training steps between resumable checkpoints")
+    t.add_argument("--seed", type=int, default=D.seed)
+    t.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
+                   help="training steps between resumable checkpoints")
     t.add_argument("--force", action="store_true", help="replace an SAE already in --out")
     t.add_argument("--trust-remote-code", action="store_true")
     t.add_argument("--no-progress", action="store_true")

@@ -10,6 +10,8 @@ from .result import ExampleScore, FeaturePush, PreflightResult
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .settings import PreflightSettings as D  # the defaults' one home
+
     p = subparsers.add_parser(
         "preflight", help="before training: which way a dataset pushes the start model's refusal, and which examples",
         description="Read a fine-tuning dataset against the start model, before training: each example's response "
@@ -26,16 +28,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="an SAE of the start model at HOOK (e.g. model.layers.12=path/to/sae_dir; repeatable): "
                         "also read each response's activity on the start's refusal features, and list the "
                         "features the data pushes most")
-    p.add_argument("--refusal-top-k", type=int, default=20,
-                   help="the start's refusal features per SAE (default 20, as the monitor's refusal_top_k)")
+    p.add_argument("--refusal-top-k", type=int, default=D.refusal_top_k,
+                   help=f"the start's refusal features per SAE (default {D.refusal_top_k}, as the monitor's "
+                        "refusal_top_k)")
     p.add_argument("--generate", action="store_true",
                    help="generate the model's own answer to every prompt (one generation per example) instead of "
                         "predicting it from the prompt's post-instruction projection")
     p.add_argument("--layers", default=None,
                    help="decoder layers the score averages over, comma-separated (default: every layer)")
-    p.add_argument("--top", type=int, default=10, help="examples listed each way (default 10)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per answer (default 24)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--top", type=int, default=D.top, help=f"examples listed each way (default {D.top})")
+    p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens,
+                   help=f"tokens generated per answer (default {D.max_new_tokens})")
+    p.add_argument("--batch-size", type=int, default=D.batch_size)
     p.add_argument("--config", default=None, help="a monitor config (YAML/JSON): its probe set and categories "
                                                   "define the refusal direction, as in the monitor")
     p.add_argument("--db", default=None, help="also store the result in this drift-monitor DuckDB file "
@@ -50,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _layers(spec: str | None) -> tuple[int, ...] | None:
-    from .run import PreflightError
+    from .settings import PreflightError
 
     if spec is None:
         return None
@@ -64,7 +68,8 @@ def _layers(spec: str | None) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace) -> int:
     from ..cli.common import parse_saes
     from ..offline.loading import load_pair
-    from .run import PreflightSettings, preflight
+    from .run import preflight
+    from .settings import PreflightSettings
 
     saes = parse_saes(args.sae)
     probes, cats = None, {}

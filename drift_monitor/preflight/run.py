@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DriftMonitorError
-from ..records import DEFAULT_REFUSAL_PHRASES, normalize_text
 from . import score as SC
 from .data import PreflightDataError, data_hash, iter_examples
 from .engine import Example, own_responses, read_examples, start_reference
 from .result import ExampleScore, FeaturePush, PreflightResult
+from .settings import PreflightError, PreflightSettings
 
 #: The decoder layers the dataset score averages over when none are named: every layer.
 #: Why every layer: of the bands all / 0-9 / 10-19 / 20-29 of SmolLM2's 30 layers, "all" correlated
@@ -45,41 +44,6 @@ from .result import ExampleScore, FeaturePush, PreflightResult
 DEFAULT_LAYERS: tuple[int, ...] | None = None
 #: Bump when what a cached result holds or how it is computed changes.
 CACHE_VERSION = "1"
-
-
-class PreflightError(DriftMonitorError, ValueError):
-    """A pre-flight check that cannot run, with the fix in its message."""
-
-
-@dataclass(frozen=True)
-class PreflightSettings:
-    """Knobs of the check. ``layers``: decoder layer indices the score averages over (None:
-    ``DEFAULT_LAYERS``); ``generate``: measure each prompt's own answer by greedy generation
-    (``max_new_tokens``) instead of predicting it; ``top``: examples listed per direction."""
-
-    layers: tuple[int, ...] | None = None
-    generate: bool = False
-    max_new_tokens: int = 24
-    batch_size: int = 16
-    max_length: int = 256
-    chunk: int = 512  # examples read per streamed chunk
-    top: int = 10  # examples listed per direction and signal, and features listed per SAE
-    refusal_top_k: int = 20  # the start's refusal features per SAE (as MetricSettings.refusal_top_k)
-    harmful_category: str = "harmful"
-    harmless_category: str = "harmless"
-    refusal_phrases: tuple[str, ...] = DEFAULT_REFUSAL_PHRASES
-
-    def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size", "max_length", "chunk"):
-            if int(getattr(self, name)) < 1:
-                raise PreflightError(f"preflight {name} must be at least 1, got {getattr(self, name)!r}")
-        if int(self.refusal_top_k) < 1:
-            raise PreflightError(f"preflight refusal_top_k must be at least 1, got {self.refusal_top_k!r}")
-        if self.top < 0:
-            raise PreflightError(f"preflight top must be 0 or more, got {self.top!r}")
-        object.__setattr__(self, "refusal_phrases", tuple(normalize_text(p) for p in self.refusal_phrases))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
 
 
 @dataclass

@@ -28,19 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DriftMonitorError
 from ..probe.capture import ActivationCapture, model_device, resolve_module
 from ..probe.probes import chat_prompt
 from ..probe.tokens import TokenConventions, first_position_mask, keep_from_norms
 from ..progress import bar as progress_bar
 from .sae_data import Document
-
-
-class TrainSAEError(DriftMonitorError, ValueError):
-    """Bad train-sae input, with the fix in the message. Declared here, the first stage that
-    raises it, so that :mod:`.train_sae` (which re-exports it) and this module need not import
-    each other."""
-
+from .settings import TrainSAEError
 
 log = logging.getLogger(__name__)
 
