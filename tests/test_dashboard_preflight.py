@@ -23,8 +23,6 @@ from drift_monitor.preflight.datahash import data_hash
 from drift_monitor.store import Store, StoreReader
 from drift_monitor.store.many import preflight_file
 
-streamlit_testing = pytest.importorskip("streamlit.testing.v1")
-
 
 def _figures(at) -> list[tuple[dict, pd.DataFrame]]:
     """Each Vega-Lite figure: its spec and the rows of its first dataset (Altair's data, as Arrow)."""
