@@ -10,13 +10,14 @@ only, which render plain text; paths and model names inside markdown go through
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
 from drift_monitor.dashboard.common import plain
+from drift_monitor.preflight.format import layer_span, num
 from drift_monitor.preflight.result import ExampleScore, FeaturePush, PreflightResult
 from drift_monitor.store import StoreReader
 from drift_monitor.store.preflights import result_of, run_preflights
@@ -29,20 +30,16 @@ LIST_COLUMNS = ("created_at", "dataset", "model", "score", "direction", "n_examp
                 "data_refusal_share", "own_refusal_share", "data_hash", "preflight_id")
 
 
-def _num(v: float | None, fmt: str = "+.3f") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
 def direction(res: PreflightResult) -> str:
     """The result's verdict (``PreflightResult.direction``); a NaN score (no example could be
     read) is 'not measured', not 'neutral'."""
-    return "not measured" if math.isnan(res.score) else res.direction
+    return "not measured" if res.score != res.score else res.direction
 
 
 def verdict(res: PreflightResult) -> str:
     """The one line a run shows: what the data would do to the start model's refusal (markdown:
     the dataset path and model name as plain text)."""
-    return (f"Pre-flight: {plain(res.dataset)} scored {_num(res.score)} ({direction(res)}) against "
+    return (f"Pre-flight: {plain(res.dataset)} scored {num(res.score)} ({direction(res)}) against "
             f"{plain(res.model or res.model_fingerprint or 'the start model')}")
 
 
@@ -68,26 +65,32 @@ def examples_table(examples: list[ExampleScore]) -> pd.DataFrame:
     return df if any(e.own_text for e in examples) else df.drop(columns="own_answer")
 
 
+def example_tables(tables: tuple[tuple[str, list[ExampleScore], str], ...],
+                   frame: Callable[[list[ExampleScore]], pd.DataFrame], key: str, emphasis: str) -> None:
+    """Each (title, examples, key suffix) as a titled dataframe built by ``frame``, or 'none listed'."""
+    for title, rows, which in tables:
+        st.markdown(f"{emphasis}{title}{emphasis}")
+        if rows:
+            st.dataframe(frame(rows), hide_index=True, width="stretch", key=f"{key}_{which}")
+        else:
+            st.caption("none listed")
+
+
 def show_result(res: PreflightResult, key: str) -> None:
     """A result in full: its figures, the per-layer chart and the top examples each way."""
     c = st.columns(4)
-    c[0].metric("dataset score", _num(res.score), help="> 0: the data refuses more than the start model would "
+    c[0].metric("dataset score", num(res.score), help="> 0: the data refuses more than the start model would "
                 "(fine-tuning should raise refusal); < 0: less (it should erode refusal)")
     c[1].metric("examples", f"{res.n_examples:,}")
-    c[2].metric("refusals in the data", _num(res.data_refusal_share, ".1%"))
-    c[3].metric("refusals in its own answers", _num(res.own_refusal_share, ".1%"))
+    c[2].metric("refusals in the data", num(res.data_refusal_share, ".1%"))
+    c[3].metric("refusals in its own answers", num(res.own_refusal_share, ".1%"))
     st.caption(f"Model {plain(res.model or '-')} (fingerprint {plain(res.model_fingerprint or '-')}), data hash "
-               f"{plain(res.data_hash)}, own answers {res.mode}, score over layers {_layers(res.layers)}, checked "
+               f"{plain(res.data_hash)}, own answers {res.mode}, score over layers {layer_span(res.layers)}, checked "
                f"{res.created_at}.")
     if res.per_layer:
         st.altair_chart(layer_chart(res), width="stretch", key=f"{key}_layers")
-    for title, rows, which in (("Examples that raise refusal most", res.raises, "raises"),
-                               ("Examples that erode refusal most", res.erodes, "erodes")):
-        st.markdown(f"**{title}**")
-        if rows:
-            st.dataframe(examples_table(rows), hide_index=True, width="stretch", key=f"{key}_{which}")
-        else:
-            st.caption("none listed")
+    example_tables((("Examples that raise refusal most", res.raises, "raises"),
+                    ("Examples that erode refusal most", res.erodes, "erodes")), examples_table, key, "**")
     if res.feature_score is not None or res.sae_features:
         show_features(res, key)
 
@@ -116,28 +119,18 @@ def show_features(res: PreflightResult, key: str) -> None:
     most each way, and per SAE the features the data's responses push most."""
     st.markdown("**SAE features**")
     k = ", ".join(f"{plain(h)}: {len(f)}" for h, f in res.refusal_features.items()) or "-"
-    st.caption(f"Refusal-feature score {_num(res.feature_score)}: per example, the mean over response tokens of "
+    st.caption(f"Refusal-feature score {num(res.feature_score)}: per example, the mean over response tokens of "
                f"the start's refusal features' summed codes, data minus the model's own answer (refusal features "
                f"per SAE: {k}).")
-    for title, rows, which in (("Examples that raise the refusal features most", res.feature_raises, "f_raises"),
-                               ("Examples that lower the refusal features most", res.feature_erodes, "f_erodes")):
-        st.markdown(f"*{title}*")
-        if rows:
-            st.dataframe(feature_examples_table(rows), hide_index=True, width="stretch", key=f"{key}_{which}")
-        else:
-            st.caption("none listed")
+    example_tables((("Examples that raise the refusal features most", res.feature_raises, "f_raises"),
+                    ("Examples that lower the refusal features most", res.feature_erodes, "f_erodes")),
+                   feature_examples_table, key, "*")
     for i, (hook, pushes) in enumerate(res.sae_features.items()):
         st.markdown(f"*Features the data pushes most at {plain(hook)}*")
         if pushes:
             st.dataframe(pushes_table(pushes), hide_index=True, width="stretch", key=f"{key}_push_{i}")
         else:
             st.caption("none above the model's own answers")
-
-
-def _layers(layers: list[int]) -> str:
-    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
-        return f"{layers[0]}-{layers[-1]}"
-    return ", ".join(map(str, layers)) or "-"
 
 
 def run_section(r: StoreReader, run: pd.Series) -> None:

@@ -27,7 +27,7 @@ TORCH_FREE = ("drift_monitor.catalog", "drift_monitor.store", "drift_monitor.ale
               "drift_monitor.recorder", "drift_monitor.records", "drift_monitor.config", "drift_monitor.robust",
               "drift_monitor.notify", "drift_monitor.settings", "drift_monitor.errors", "drift_monitor.progress",
               "drift_monitor.textfiles", "drift_monitor.resume", "drift_monitor.preflight.result",
-              "drift_monitor.preflight.datahash", "drift_monitor.preflight.settings",
+              "drift_monitor.preflight.datahash", "drift_monitor.preflight.settings", "drift_monitor.preflight.format",
               "drift_monitor.training.settings")
 HEAVY = ("torch", "transformers", "sae_lens", "peft", "trl")
 #: What may import the demo and test builders: the CLI (it runs the demo) and the demo itself.

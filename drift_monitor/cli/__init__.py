@@ -23,8 +23,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import DriftMonitorError
-from ..preflight import cli as preflight
-from . import bench, dashboard, demo, diff_dict, export, merge, probes, replay, runs, scan, train_sae, verify
+from . import bench, dashboard, demo, diff_dict, export, merge, preflight, probes, replay, runs, scan, train_sae, verify
 from .dashboard import dashboard_command, is_loopback
 
 __all__ = ["COMMANDS", "build_parser", "dashboard_command", "is_loopback", "main"]
